@@ -1,0 +1,58 @@
+#include "cli/app.h"
+
+#include <CLI/CLI.hpp>
+
+#include "clone/version.h"
+#include "common/error.h"
+#include "common/log.h"
+
+namespace clonevm::cli {
+namespace {
+
+struct GlobalOptions {
+  std::string logLevel = "info";
+  bool logJson = false;
+};
+
+// CLI11 prints through its own formatter; route output to our streams for testability.
+int reportParseResult(CLI::App& app, const CLI::ParseError& error, Streams streams) {
+  std::ostringstream out;
+  std::ostringstream err;
+  int code = app.exit(error, out, err);
+  streams.out << out.str();
+  streams.err << err.str();
+  return code;
+}
+
+}  // namespace
+
+int runApp(const std::vector<std::string>& args, Streams streams) {
+  CLI::App app{"clone: fork warm KVM virtual machines like processes, every device in its own jail",
+               "clone"};
+  app.require_subcommand(1);
+  GlobalOptions global;
+  app.add_option("--log-level", global.logLevel, "trace|debug|info|warn|error|off")
+      ->capture_default_str();
+  app.add_flag("--log-json", global.logJson, "log one JSON object a line");
+
+  auto* version = app.add_subcommand("version", "print the version");
+  version->callback([&] { streams.out << "clone " << kVersion << "\n"; });
+
+  std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
+  try {
+    app.parse(reversed);
+  } catch (const CLI::ParseError& error) {
+    auto leftover = app.remaining();
+    if (!leftover.empty() && app.get_subcommands().empty()) {
+      streams.err << "clone: unknown verb '" << leftover.front() << "' (see clone --help)\n";
+      return 2;
+    }
+    return reportParseResult(app, error, streams);
+  } catch (const Error& error) {
+    streams.err << "clone: " << error.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace clonevm::cli

@@ -1,0 +1,59 @@
+#include "vmm-core/devices/bus.h"
+
+#include "common/error.h"
+
+namespace clonevm::vmm {
+
+void Bus::insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> device) {
+  require(length > 0 && base + length > base, "{} bus: bad range {:#x}+{:#x}", name_, base, length);
+  std::unique_lock lock(mutex_);
+  auto next = ranges_.lower_bound(base);
+  if (next != ranges_.end()) {
+    require(base + length <= next->first, "{} bus: range {:#x}+{:#x} overlaps {:#x}", name_,
+            base, length, next->first);
+  }
+  if (next != ranges_.begin()) {
+    auto prev = std::prev(next);
+    require(prev->first + prev->second.length <= base,
+            "{} bus: range {:#x}+{:#x} overlaps {:#x}", name_, base, length, prev->first);
+  }
+  ranges_.emplace(base, Range{length, std::move(device)});
+}
+
+const Bus::Range* Bus::find(uint64_t address, uint64_t size, uint64_t* base) const {
+  auto it = ranges_.upper_bound(address);
+  if (it == ranges_.begin()) return nullptr;
+  --it;
+  uint64_t offset = address - it->first;
+  if (offset >= it->second.length || size > it->second.length - offset) return nullptr;
+  *base = it->first;
+  return &it->second;
+}
+
+bool Bus::read(uint64_t address, std::span<uint8_t> data) const {
+  std::shared_ptr<BusDevice> device;
+  uint64_t base = 0;
+  {
+    std::shared_lock lock(mutex_);
+    const Range* range = find(address, data.size(), &base);
+    if (range == nullptr) return false;
+    device = range->device;
+  }
+  device->read(address - base, data);
+  return true;
+}
+
+bool Bus::write(uint64_t address, std::span<const uint8_t> data) const {
+  std::shared_ptr<BusDevice> device;
+  uint64_t base = 0;
+  {
+    std::shared_lock lock(mutex_);
+    const Range* range = find(address, data.size(), &base);
+    if (range == nullptr) return false;
+    device = range->device;
+  }
+  device->write(address - base, data);
+  return true;
+}
+
+}  // namespace clonevm::vmm

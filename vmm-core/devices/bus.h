@@ -1,0 +1,48 @@
+#pragma once
+// Port I/O and MMIO dispatch. vCPU threads call Bus::read/write on every exit that the
+// kernel did not handle; a device sees only offsets within its own range.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <span>
+#include <string>
+
+namespace clonevm::vmm {
+
+class BusDevice {
+ public:
+  virtual ~BusDevice() = default;
+  // `offset` is relative to the base the device was inserted at. Called from any vCPU thread:
+  // a device guards its own state.
+  virtual void read(uint64_t offset, std::span<uint8_t> data) = 0;
+  virtual void write(uint64_t offset, std::span<const uint8_t> data) = 0;
+};
+
+class Bus {
+ public:
+  explicit Bus(std::string name) : name_(std::move(name)) {}
+
+  // Throws clonevm::Error if [base, base+length) overlaps a range already inserted.
+  void insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> device);
+
+  // Returns false when no device claims `address` (the caller decides what that means).
+  // The access must lie inside one device's range.
+  bool read(uint64_t address, std::span<uint8_t> data) const;
+  bool write(uint64_t address, std::span<const uint8_t> data) const;
+
+ private:
+  struct Range {
+    uint64_t length;
+    std::shared_ptr<BusDevice> device;
+  };
+  const Range* find(uint64_t address, uint64_t size, uint64_t* base) const;
+
+  std::string name_;
+  mutable std::shared_mutex mutex_;
+  std::map<uint64_t, Range> ranges_;  // keyed by base
+};
+
+}  // namespace clonevm::vmm

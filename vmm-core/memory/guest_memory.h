@@ -1,0 +1,73 @@
+#pragma once
+// Guest RAM: one memfd mapped MAP_SHARED (device processes map the same fd), laid out as
+// up to two regions around the 32-bit PCI hole.
+//
+// This is the only way to touch guest memory from the core. Every guest-supplied address and
+// length is validated here, once: slice() refuses any range not wholly inside one region.
+
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/unique_fd.h"
+
+namespace clonevm::vmm {
+
+struct MemoryRegion {
+  uint64_t guestAddress;  // guest physical address of the first byte
+  uint64_t size;
+  uint64_t fdOffset;      // offset of the first byte within the memfd
+  uint8_t* host;          // host mapping of the first byte
+};
+
+class GuestMemory {
+ public:
+  // Creates `size` bytes of guest RAM (a multiple of 2 MiB; RAM above 3 GiB moves to 4 GiB).
+  static GuestMemory create(uint64_t size, const std::string& name = "clone-guest-ram");
+
+  GuestMemory(GuestMemory&&) noexcept;
+  GuestMemory& operator=(GuestMemory&&) noexcept;
+  GuestMemory(const GuestMemory&) = delete;
+  GuestMemory& operator=(const GuestMemory&) = delete;
+  ~GuestMemory();
+
+  uint64_t size() const { return size_; }
+  int fd() const { return fd_.get(); }
+  const std::vector<MemoryRegion>& regions() const { return regions_; }
+  // One past the highest guest physical address backed by RAM.
+  uint64_t endAddress() const;
+
+  // The host bytes of [address, address+length). Throws clonevm::Error unless the whole range
+  // lies inside one region.
+  std::span<uint8_t> slice(uint64_t address, uint64_t length) const;
+  bool contains(uint64_t address, uint64_t length) const;
+
+  void write(uint64_t address, std::span<const uint8_t> bytes) const;
+  void read(uint64_t address, std::span<uint8_t> bytes) const;
+
+  template <typename T>
+  void writeObject(uint64_t address, const T& value) const {
+    static_assert(std::is_trivially_copyable_v<T>);
+    std::memcpy(slice(address, sizeof(T)).data(), &value, sizeof(T));
+  }
+  template <typename T>
+  T readObject(uint64_t address) const {
+    static_assert(std::is_trivially_copyable_v<T>);
+    T value;
+    std::memcpy(&value, slice(address, sizeof(T)).data(), sizeof(T));
+    return value;
+  }
+
+ private:
+  GuestMemory() = default;
+
+  UniqueFd fd_;
+  uint64_t size_ = 0;
+  uint8_t* mapping_ = nullptr;
+  std::vector<MemoryRegion> regions_;
+};
+
+}  // namespace clonevm::vmm
