@@ -11,6 +11,7 @@ BUILD_PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev
   liburing-dev libcli11-dev nlohmann-json3-dev
   zlib1g-dev libzstd-dev
+  acpica-tools
 )
 LAB_PKGS=(
   qemu-system-x86 qemu-utils
