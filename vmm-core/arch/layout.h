@@ -11,8 +11,11 @@ inline constexpr uint64_t kMiB = 1024 * kKiB;
 inline constexpr uint64_t kGiB = 1024 * kMiB;
 
 // Low memory used by the boot path (all below the 640 KiB EBDA line).
+// GDT: null, null, code 0x10, data 0x18 (the selectors the Linux boot protocol names) and a
+// 16-byte TSS descriptor at 0x20, so 48 bytes; the empty IDT follows it.
 inline constexpr uint64_t kGdtAddr = 0x500;
-inline constexpr uint64_t kIdtAddr = 0x520;
+inline constexpr uint64_t kGdtSize = 0x30;
+inline constexpr uint64_t kIdtAddr = 0x530;
 inline constexpr uint64_t kBootParamsAddr = 0x7000;   // "zero page"
 inline constexpr uint64_t kPml4Addr = 0x9000;
 inline constexpr uint64_t kPdptAddr = 0xa000;
