@@ -2,17 +2,14 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cli/global_options.h"
+#include "cli/run_command.h"
 #include "clone/version.h"
 #include "common/error.h"
 #include "common/log.h"
 
 namespace clonevm::cli {
 namespace {
-
-struct GlobalOptions {
-  std::string logLevel = "info";
-  bool logJson = false;
-};
 
 // CLI11 prints through its own formatter; route output to our streams for testability.
 int reportParseResult(CLI::App& app, const CLI::ParseError& error, Streams streams) {
@@ -38,6 +35,10 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
   auto* version = app.add_subcommand("version", "print the version");
   version->callback([&] { streams.out << "clone " << kVersion << "\n"; });
 
+  RunOptions runOptions;
+  int exitCode = 0;
+  addRunCommand(app, runOptions, global, streams, exitCode);
+
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
   try {
     app.parse(reversed);
@@ -52,7 +53,7 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
     streams.err << "clone: " << error.what() << "\n";
     return 1;
   }
-  return 0;
+  return exitCode;
 }
 
 }  // namespace clonevm::cli

@@ -1,0 +1,61 @@
+#include "cli/run_command.h"
+
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cli/program_path.h"
+#include "common/error.h"
+
+extern char** environ;
+
+namespace clonevm::cli {
+namespace {
+
+int spawnAndWait(const std::string& program, const std::vector<std::string>& args) {
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(program.c_str()));
+  for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  int rc = ::posix_spawn(&pid, program.c_str(), nullptr, nullptr, argv.data(), environ);
+  if (rc != 0) throwSystemError(rc, "start", program);
+  int status = 0;
+  CLONE_SYSCALL(::waitpid(pid, &status, 0), "wait for", program);
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+std::vector<std::string> vmmArguments(const RunOptions& options,
+                                      const std::vector<std::string>& globalArgs) {
+  std::vector<std::string> args = globalArgs;
+  args.insert(args.end(), {"--kernel", options.kernel, "--mem-mb",
+                           std::to_string(options.memoryMib), "--vcpus",
+                           std::to_string(options.vcpus)});
+  if (!options.initrd.empty()) args.insert(args.end(), {"--initrd", options.initrd});
+  if (!options.cmdline.empty()) args.insert(args.end(), {"--cmdline", options.cmdline});
+  if (options.verbose) args.push_back("--verbose");
+  return args;
+}
+
+void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& global,
+                   Streams streams, int& exitCode) {
+  auto* run = app.add_subcommand("run", "boot a VM from a Linux kernel; its serial console is this terminal");
+  run->add_option("--kernel", options.kernel, "bzImage or ELF vmlinux")->required();
+  run->add_option("--initrd", options.initrd, "initial ramdisk");
+  run->add_option("--cmdline", options.cmdline, "kernel command line (default: console=ttyS0 panic=-1)");
+  run->add_option("--mem-mb", options.memoryMib, "guest memory in MiB")->capture_default_str();
+  run->add_option("--vcpus", options.vcpus, "number of vCPUs")->capture_default_str();
+  run->add_flag("--no-jail", options.noJail, "run every process unjailed (debugging only)");
+  run->add_flag("--verbose", options.verbose, "print a boot-time breakdown to stderr");
+  run->callback([&options, &global, streams, &exitCode] {
+    if (options.noJail) {
+      streams.err << "clone: warning: --no-jail: the VMM runs without its sandbox\n";
+    }
+    exitCode = spawnAndWait(siblingProgram("clone-vmm"), vmmArguments(options, global.toArgs()));
+  });
+}
+
+}  // namespace clonevm::cli

@@ -1,0 +1,33 @@
+#pragma once
+// `clone run`: boot a VM from a kernel. Starts clone-vmm and waits for it; the VM's serial
+// console is this terminal.
+
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/app.h"
+#include "cli/global_options.h"
+
+namespace clonevm::cli {
+
+struct RunOptions {
+  std::string kernel;
+  std::string initrd;
+  std::string cmdline;
+  uint64_t memoryMib = 512;
+  uint32_t vcpus = 1;
+  bool noJail = false;
+  bool verbose = false;
+};
+
+// Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.
+void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& global,
+                   Streams streams, int& exitCode);
+
+// The clone-vmm argument vector for `options` (without the program path).
+std::vector<std::string> vmmArguments(const RunOptions& options,
+                                      const std::vector<std::string>& globalArgs);
+
+}  // namespace clonevm::cli
