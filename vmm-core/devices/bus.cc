@@ -4,7 +4,9 @@
 
 namespace clonevm::vmm {
 
-void Bus::insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> device) {
+void Bus::insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> device,
+                 uint64_t deviceOffset) {
+  require(device != nullptr, "{} bus: no device for {:#x}", name_, base);
   require(length > 0 && base + length > base, "{} bus: bad range {:#x}+{:#x}", name_, base, length);
   std::unique_lock lock(mutex_);
   auto next = ranges_.lower_bound(base);
@@ -17,7 +19,7 @@ void Bus::insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> devi
     require(prev->first + prev->second.length <= base,
             "{} bus: range {:#x}+{:#x} overlaps {:#x}", name_, base, length, prev->first);
   }
-  ranges_.emplace(base, Range{length, std::move(device)});
+  ranges_.emplace(base, Range{length, deviceOffset, std::move(device)});
 }
 
 const Bus::Range* Bus::find(uint64_t address, uint64_t size, uint64_t* base) const {
@@ -32,27 +34,31 @@ const Bus::Range* Bus::find(uint64_t address, uint64_t size, uint64_t* base) con
 
 bool Bus::read(uint64_t address, std::span<uint8_t> data) const {
   std::shared_ptr<BusDevice> device;
-  uint64_t base = 0;
+  uint64_t offset = 0;
   {
     std::shared_lock lock(mutex_);
+    uint64_t base = 0;
     const Range* range = find(address, data.size(), &base);
     if (range == nullptr) return false;
     device = range->device;
+    offset = address - base + range->deviceOffset;
   }
-  device->read(address - base, data);
+  device->read(offset, data);
   return true;
 }
 
 bool Bus::write(uint64_t address, std::span<const uint8_t> data) const {
   std::shared_ptr<BusDevice> device;
-  uint64_t base = 0;
+  uint64_t offset = 0;
   {
     std::shared_lock lock(mutex_);
+    uint64_t base = 0;
     const Range* range = find(address, data.size(), &base);
     if (range == nullptr) return false;
     device = range->device;
+    offset = address - base + range->deviceOffset;
   }
-  device->write(address - base, data);
+  device->write(offset, data);
   return true;
 }
 

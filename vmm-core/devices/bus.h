@@ -15,8 +15,8 @@ namespace clonevm::vmm {
 class BusDevice {
  public:
   virtual ~BusDevice() = default;
-  // `offset` is relative to the base the device was inserted at. Called from any vCPU thread:
-  // a device guards its own state.
+  // `offset` is relative to the base the device was inserted at (plus the range's device
+  // offset, see Bus::insert). Called from any vCPU thread: a device guards its own state.
   virtual void read(uint64_t offset, std::span<uint8_t> data) = 0;
   virtual void write(uint64_t offset, std::span<const uint8_t> data) = 0;
 };
@@ -26,7 +26,11 @@ class Bus {
   explicit Bus(std::string name) : name_(std::move(name)) {}
 
   // Throws clonevm::Error if [base, base+length) overlaps a range already inserted.
-  void insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> device);
+  // The device sees `address - base + deviceOffset`, so one device can own several
+  // disjoint ranges (the i8042 at 0x60 and 0x64 is inserted twice, the second time with
+  // deviceOffset 4).
+  void insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> device,
+              uint64_t deviceOffset = 0);
 
   // Returns false when no device claims `address` (the caller decides what that means).
   // The access must lie inside one device's range.
@@ -36,6 +40,7 @@ class Bus {
  private:
   struct Range {
     uint64_t length;
+    uint64_t deviceOffset;
     std::shared_ptr<BusDevice> device;
   };
   const Range* find(uint64_t address, uint64_t size, uint64_t* base) const;

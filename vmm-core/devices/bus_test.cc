@@ -46,6 +46,21 @@ TEST(BusTest, UnclaimedAndStraddlingAccessesAreNotDispatched) {
   EXPECT_TRUE(bus.read(0x70, {bytes, 2}));
 }
 
+TEST(BusTest, OneDeviceCanOwnDisjointRangesWithADeviceOffset) {
+  Bus bus("pio");
+  auto device = std::make_shared<RecordingDevice>();
+  bus.insert(0x60, 1, device);
+  bus.insert(0x64, 1, device, 4);
+  uint8_t value = 0;
+  ASSERT_TRUE(bus.read(0x64, {&value, 1}));
+  EXPECT_EQ(value, 4);
+  const uint8_t out[1] = {0xfe};
+  ASSERT_TRUE(bus.write(0x60, out));
+  EXPECT_EQ(device->lastOffset, 0u);
+  EXPECT_FALSE(bus.read(0x61, {&value, 1}));
+  EXPECT_THROW(bus.insert(0x70, 1, nullptr), Error);
+}
+
 TEST(BusTest, RejectsOverlaps) {
   Bus bus("mmio");
   bus.insert(0x1000, 0x100, std::make_shared<RecordingDevice>());
