@@ -161,4 +161,30 @@ expect "default hostname" 'hostname' '^clone-guest$'
 printf 'reboot\n' >&3
 wait_exit "reboot (no -f) reaches /init and ends QEMU (-no-reboot) with exit 0" 60
 
+# ---- boot 3: CLONE_GUEST_EXTRA / CLONE_GUEST_OVERLAY and autorun ---------
+# A variant image (uncompressed, so it builds fast) carrying a dynamic host
+# binary with its libraries, and an autorun job that ends the VM.
+mkdir -p "$work/overlay/etc"
+cat >"$work/overlay/etc/clone-autorun" <<'JOB'
+echo "autorun: $(zstd --version)"
+exit 3
+JOB
+CLONE_CACHE="${CLONE_CACHE:-$repo/build/cache}" CLONE_GUEST_COMPRESS=none \
+  CLONE_GUEST_EXTRA="$(command -v zstd)" CLONE_GUEST_OVERLAY="$work/overlay" \
+  "$here/build.sh" "$work/variant" >"$work/variant.log" 2>&1 ||
+  fail "build.sh with CLONE_GUEST_EXTRA/OVERLAY: $(tail -n 5 "$work/variant.log")"
+grep -q ' usr/bin/zstd$' "$work/variant/initrd.files" &&
+  grep -q 'liblzma.so' "$work/variant/initrd.files" ||
+  fail "variant image lacks /usr/bin/zstd or its liblzma"
+pass "CLONE_GUEST_EXTRA copies a dynamic binary and its libraries"
+out_main="$out"; out="$work/variant"
+boot autorun ""
+out="$out_main"
+wait_for '^CLONE-AUTORUN-EXIT [0-9]+$' "$boot_timeout"
+tr -d '\r' <"$work/console.log" | grep -Eq '^autorun: \*\*\* Zstandard CLI' ||
+  fail "autorun: zstd did not run in the guest"
+tr -d '\r' <"$work/console.log" | grep -q '^CLONE-AUTORUN-EXIT 3$' || fail "autorun: exit status not reported as 3"
+pass "/etc/clone-autorun runs after the marker and its status is reported"
+wait_exit "autorun mode powers off when the job ends" 60
+
 echo "guest_test: all $checks checks passed (boot-to-marker ${marker_wall}s wall under TCG)"
