@@ -1,0 +1,82 @@
+#pragma once
+// The MC146818-style CMOS RTC and NVRAM at ports 0x70 (index) and 0x71 (data):
+//   pio.insert(layout::kCmosPort, Cmos::kPortCount, cmos);
+//
+// - Index port: bit 7 (NMI disable) is masked off; 128 registers. Reading it gives 0xff.
+// - Time and date (0x00 seconds, 0x02 minutes, 0x04 hours, 0x06 day of week, 0x07 day,
+//   0x08 month, 0x09 year, 0x32 century) come from the injected wall clock (UTC) plus an
+//   offset the guest changes by writing them. Each read encodes in BCD or binary per
+//   register B's DM bit and in 12 or 24 hour form per its 24/12 bit (PM = hour bit 7).
+//   While register B's SET bit is 1 the time is frozen and writes edit the frozen copy;
+//   clearing SET starts the clock from it. The day of week follows from the date.
+// - Register A: rate and divider bits are stored; UIP (bit 7) reads 1 during the last
+//   244 us before each second boundary when the divider runs (DV = 010) and SET is 0, as
+//   the datasheet guarantees to readers.
+// - Register B: stored (setting SET clears UIE). Register C: UF is set when a second
+//   boundary passed since the last read of C; IRQF when UF and UIE are both set; reading
+//   clears them. AF and PF are never set and no interrupt is raised (no IRQ 8 line).
+//   Register D: VRT (valid RAM and time) always set.
+// - Memory sizes from the constructor, as firmware leaves them: 0x15/0x16 base memory
+//   (640 KiB), 0x17/0x18 and 0x30/0x31 KiB above 1 MiB (max 0xffff), 0x34/0x35 64 KiB
+//   units above 16 MiB below 4 GiB, 0x5b-0x5d 64 KiB units above 4 GiB. The rest is NVRAM.
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <span>
+
+#include <spdlog/logger.h>
+
+#include "vmm-core/devices/bus.h"
+#include "vmm-core/devices/clock.h"
+
+namespace clonevm::vmm {
+
+class Cmos : public BusDevice {
+ public:
+  static constexpr uint64_t kPortCount = 2;
+
+  // `ramBelow4G` and `ramAbove4G` are the guest RAM sizes in bytes on each side of 4 GiB.
+  Cmos(uint64_t ramBelow4G, uint64_t ramAbove4G, WallClock clock, spdlog::logger& log);
+
+  void read(uint64_t offset, std::span<uint8_t> data) override;
+  void write(uint64_t offset, std::span<const uint8_t> data) override;
+
+ private:
+  struct DateTime {
+    int64_t year;  // full year, e.g. 2026
+    int month;     // 1..12
+    int day;       // 1..31
+    int hour;      // 0..23
+    int minute;
+    int second;
+    int weekday;   // 1..7, Sunday = 1
+  };
+
+  int64_t guestNanos() const;
+  DateTime now() const;
+  void setTime(const DateTime& time);
+  uint8_t readRegister(uint8_t index);
+  void writeRegister(uint8_t index, uint8_t value);
+  uint8_t encode(int value) const;
+  int decode(uint8_t value) const;
+  uint8_t encodeHour(int hour) const;
+  int decodeHour(uint8_t value) const;
+
+  static DateTime fromEpochSeconds(int64_t seconds);
+  static int64_t toEpochSeconds(const DateTime& time);
+
+  WallClock clock_;
+  spdlog::logger& log_;
+
+  std::mutex mutex_;
+  uint8_t index_ = 0;
+  uint8_t nvram_[128] = {};
+  uint8_t regA_ = 0x26;  // 32.768 kHz time base, 1024 Hz rate
+  uint8_t regB_ = 0x02;  // 24-hour, BCD
+  int64_t offsetNanos_ = 0;
+  std::optional<DateTime> frozen_;  // while SET is 1
+  int64_t lastSecondSeenByC_ = 0;
+};
+
+}  // namespace clonevm::vmm
