@@ -301,6 +301,9 @@ for path in "${load_order[@]}"; do
   esac || die "cannot copy module $kmoddir/$path"
   echo "$rel" >>"$mdst/clone-load.list"
 done
+# Names /init loads with one `modprobe -a`; clone-load.list is the resolved
+# load order, for reference.
+printf '%s\n' "${wanted[@]}" >"$mdst/clone-modules"
 cp "$kmoddir/modules.builtin" "$kmoddir/modules.builtin.modinfo" "$kmoddir/modules.order" "$mdst/"
 step="depmod for the initramfs"
 # A modules.dep of our own so `modprobe` also works in the guest.

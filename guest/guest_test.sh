@@ -131,6 +131,9 @@ expect "virtio_net bound to eth0" 'ls /sys/bus/virtio/drivers/virtio_net; readli
 expect "modules loaded (vsock, virtiofs, console, balloon, rng)" \
   'for m in virtio_pci virtio_blk virtio_net virtio_console vsock vmw_vsock_virtio_transport virtiofs fuse virtio_balloon virtio_rng; do grep -q "^$m " /proc/modules && echo "have $m"; done | wc -l' \
   '^10$'
+expect "every module of clone-load.list (with dependencies) is loaded" \
+  'n=0; while read -r m; do b=${m##*/}; b=${b%.ko}; b=$(echo "$b" | tr - _); grep -q "^$b " /proc/modules || { echo "missing $b"; n=1; }; done < /lib/modules/$(uname -r)/clone-load.list; [ $n = 0 ] && echo all-loaded' \
+  '^all-loaded$'
 expect "virtiofs and fuse filesystems registered" 'grep -cE "[[:space:]](virtiofs|fuse)$" /proc/filesystems' '^2$'
 expect "modprobe knows the modules.dep" 'modprobe -D virtiofs' 'fuse'
 expect "DHCP (clone.net=dhcp) configured eth0" 'ip -4 addr show eth0' 'inet 10\.0\.2\.15/24'
