@@ -75,12 +75,18 @@ else
   [ -n "$kpkg" ] && [ -n "$kdebver" ] && printf '%s\n%s %s\n' "$apt_sig" "$kpkg" "$kdebver" >"$cache/kernel/.resolved"
 fi
 
+cached_kernel() {  # newest complete cached kernel (of CLONE_GUEST_KERNEL_PKG if set)
+  local d
+  for d in $(ls -d "$cache/kernel/${CLONE_GUEST_KERNEL_PKG:-linux-image-*}"_*/ 2>/dev/null | sort -rV); do
+    [ -e "$d/.ok" ] && { echo "${d%/}"; return 0; }
+  done
+  return 0
+}
 if [ -z "$kpkg" ] || [ -z "$kdebver" ]; then
   # apt lists missing or stale: an already cached kernel still lets us build.
-  kdir="$(ls -d "$cache"/kernel/linux-image-*/ 2>/dev/null | sort -V | tail -n1)" || true
-  [ -n "$kdir" ] && [ -e "$kdir/.ok" ] ||
+  kdir="$(cached_kernel)"
+  [ -n "$kdir" ] ||
     die "apt-cache cannot resolve $meta_pkg${kpkg:+ -> $kpkg} and nothing is cached; run apt-get update"
-  kdir="${kdir%/}"
   log "apt-cache cannot resolve the kernel; using cached $(basename "$kdir")" >&2
 else
   kdir="$cache/kernel/${kpkg}_${kdebver//:/%3a}"
@@ -93,8 +99,17 @@ if [ ! -e "$kdir/.ok" ]; then
   # As root apt drops to _apt, which cannot write our cache: stay root.
   sandbox=()
   [ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)
-  (cd "$dl" && apt-get "${sandbox[@]}" -q download "$kpkg=$kdebver" >/dev/null) ||
-    die "apt-get download $kpkg=$kdebver failed (apt-get update? network to the Debian mirror?)"
+  if ! (cd "$dl" && apt-get "${sandbox[@]}" -q download "$kpkg=$kdebver" >/dev/null); then
+    rm -rf "$dl"
+    old="$(cached_kernel)"
+    [ -n "$old" ] ||
+      die "apt-get download $kpkg=$kdebver failed (apt-get update? network to the Debian mirror?)"
+    # Offline with an older kernel cached: build with it rather than fail.
+    echo "guest/build.sh: warning: download of $kpkg=$kdebver failed; using cached $(basename "$old")" >&2
+    kdir="$old"
+  fi
+fi
+if [ ! -e "$kdir/.ok" ]; then
   deb="$(ls "$dl"/*.deb)" || die "no .deb in $dl after download"
   step="extract $deb"
   dpkg-deb -x "$deb" "$dl/tree" || die "dpkg-deb -x $deb failed"
