@@ -16,10 +16,11 @@
 // Bytes sent to the absent keyboard or mouse are answered with 0xFE and the status
 // register's timeout bit, so PS/2 drivers fail their probes at once instead of waiting.
 //
-// Interrupts: the keyboard line (IRQ 1) is raised while the output buffer holds a keyboard
-// or controller byte and the command byte enables keyboard interrupts; the aux line (IRQ 12)
-// likewise for aux bytes. The line is dropped and raised again for each queued byte, so an
-// edge-triggered input sees one edge per byte.
+// Interrupts: the keyboard line (layout::kI8042KeyboardIrq, 1) is raised while the output
+// buffer holds a keyboard or controller byte and the command byte enables keyboard
+// interrupts; the aux line (layout::kI8042AuxIrq, 12) likewise for aux bytes. The line is
+// dropped and raised again for each queued byte, so an edge-triggered input sees one edge
+// per byte.
 
 #include <cstdint>
 #include <deque>
