@@ -7,7 +7,7 @@
 // setupLongModeSregs() and applies it with KVM_SET_SREGS, then KVM_SET_REGS with
 // linuxEntryRegs(). Only the boot vCPU gets this state; the others wait for INIT/SIPI.
 
-#include <linux/kvm.h>
+#include "vmm-core/kvm/kvm_uapi.h"
 
 #include <array>
 #include <cstdint>

@@ -317,7 +317,8 @@ std::vector<uint8_t> buildFadt(uint64_t dsdtAddress, uint64_t facsAddress) {
   fadt.resetReg = systemIo(layout::kResetPort, 1, kAccessByte);
   fadt.resetValue = layout::kResetValue;
   fadt.fadtMinorVersion = kFadtMinorVersion;
-  fadt.xFirmwareCtrl = facsAddress;
+  // FACS below 4 GiB: only the 32-bit pointer. With both set, ACPICA installs the FACS twice.
+  fadt.xFirmwareCtrl = 0;
   fadt.xDsdt = dsdtAddress;
   // The X_ blocks repeat the 32-bit ones exactly; ACPICA warns on any address/width mismatch.
   fadt.xPm1aEvtBlk = systemIo(layout::kPm1aEventPort, kPm1EventLength, kAccessWord);
