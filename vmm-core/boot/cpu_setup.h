@@ -7,7 +7,13 @@
 // setupLongModeSregs() and applies it with KVM_SET_SREGS, then KVM_SET_REGS with
 // linuxEntryRegs(). Only the boot vCPU gets this state; the others wait for INIT/SIPI.
 
+// kvm_uapi.h (the KVM layer's fixed-up <linux/kvm.h>) is preferred so every translation unit
+// sees the same KVM struct layouts; fall back while it is not in the tree yet.
+#if __has_include("vmm-core/kvm/kvm_uapi.h")
 #include "vmm-core/kvm/kvm_uapi.h"
+#else
+#include <linux/kvm.h>
+#endif
 
 #include <array>
 #include <cstdint>
