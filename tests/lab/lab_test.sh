@@ -1,0 +1,140 @@
+#!/bin/bash
+# Self-check of the lab (tests/lab/run). Three boots: one long one that checks what a
+# VMM test needs inside L1 (devices, kvm_amd with nesting, mounts, the environment, a
+# VFIO-bindable NVMe behind the vIOMMU), one for exit-code and output passthrough, one
+# for the timeout; plus a QEMU start failure, which needs no boot.
+# Prints one line per check and "N passed, N failed"; exits non-zero on any failure.
+set -euo pipefail
+
+LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$LAB_DIR/../.." && pwd)
+RUN="$LAB_DIR/run"
+
+passed=0
+failed=0
+ok() { echo "lab_test: ok   - $*"; passed=$((passed + 1)); }
+bad() { echo "lab_test: FAIL - $*"; failed=$((failed + 1)); }
+check() { # description command...
+  local what=$1
+  shift
+  if "$@"; then ok "$what"; else bad "$what"; fi
+}
+
+# Under build/, not /tmp: L1 has its own tmpfs on /tmp, but sees the repo read-write.
+mkdir -p "$REPO/build"
+work=$(mktemp -d "$REPO/build/lab-test.XXXXXX")
+marker="$work/written-by-l1"
+trap 'rm -rf "$work"' EXIT
+export TMPDIR="$work"
+
+"$LAB_DIR/prepare" || { echo "lab_test: FAIL - tests/lab/prepare"; echo "0 passed, 1 failed"; exit 1; }
+
+# --- Boot 1: the environment inside L1. The guest script prints "ok"/"FAIL" lines that
+# we count here, so one boot covers many checks.
+truncate -s 64M "$work/nvme.img"
+cat >"$work/inside.sh" <<'EOF'
+#!/bin/bash
+# Runs inside L1. Each check prints "ok - ..." or "FAIL - ...".
+t() { local what=$1; shift; if "$@" >/dev/null 2>&1; then echo "ok - $what"; else echo "FAIL - $what"; fi; }
+for dev in /dev/kvm /dev/vhost-vsock /dev/vhost-net /dev/net/tun /dev/vfio/vfio; do
+  t "$dev is a character device" test -c "$dev"
+done
+ls -l /dev/kvm /dev/vhost-vsock /dev/vhost-net /dev/net/tun /dev/vfio/vfio
+t "kvm_amd is loaded" test -d /sys/module/kvm_amd
+t "kvm_amd has nested support (nested=1)" grep -qxE '1|Y' /sys/module/kvm_amd/parameters/nested
+t "kvm_amd uses nested paging (npt=Y)" grep -qxE '1|Y' /sys/module/kvm_amd/parameters/npt
+t "CPU has svm" grep -qw svm /proc/cpuinfo
+for m in vhost_net vhost_vsock tun vfio_pci vfio_iommu_type1 fuse overlay loop bridge veth nvme; do
+  t "module $m is loaded" test -d "/sys/module/$m"
+done
+t "modprobe loads a module on demand (dummy)" modprobe dummy
+t "/sys/fs/cgroup is cgroup2" test "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs
+t "/tmp is tmpfs" test "$(stat -f -c %T /tmp)" = tmpfs
+t "/dev/pts is devpts" test "$(stat -f -c %T /dev/pts)" = devpts
+t "/dev/shm is tmpfs" test "$(stat -f -c %T /dev/shm)" = tmpfs
+t "lo is up" test "$(( $(cat /sys/class/net/lo/flags) & 1 ))" = 1
+t "runs in the caller's directory ($LAB_TEST_CWD)" test "$PWD" = "$LAB_TEST_CWD"
+t "CLONE_ variables pass through" test "${CLONE_LAB_TEST_TOKEN:-}" = passed-through
+t "GTEST_ variables pass through" test "${GTEST_COLOR:-}" = no
+t "other variables do not" test -z "${LAB_TEST_PRIVATE:-}"
+t "HOME is /root" test "$HOME" = /root
+t "CLONE_LAB=1 is set" test "${CLONE_LAB:-}" = 1
+t "the repo is writable (writes reach the host)" sh -c "echo from-l1 >'$LAB_TEST_MARKER'"
+t "the root overlay is writable (writes stay in L1)" touch "/etc/lab-test-$LAB_TEST_PID"
+t "this host's binaries run (cmake)" cmake --version
+
+# The NVMe from --nvme: its own IOMMU group, and it binds to vfio-pci.
+bdf=""
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat "$d/class")" = 0x010802 ] && bdf=${d##*/}
+done
+t "an NVMe controller is on the PCI bus" test -n "$bdf"
+if [ -n "$bdf" ]; then
+  group=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu_group")")
+  echo "NVMe $bdf is in IOMMU group $group: $(ls "/sys/kernel/iommu_groups/$group/devices" | tr '\n' ' ')"
+  t "the NVMe is alone in its IOMMU group" test "$(ls "/sys/kernel/iommu_groups/$group/devices")" = "$bdf"
+  if [ -e "/sys/bus/pci/devices/$bdf/driver" ]; then
+    echo "$bdf" >"/sys/bus/pci/devices/$bdf/driver/unbind"
+  fi
+  echo vfio-pci >"/sys/bus/pci/devices/$bdf/driver_override"
+  echo "$bdf" >/sys/bus/pci/drivers/vfio-pci/bind || true
+  t "the NVMe is bound to vfio-pci" test "$(basename "$(readlink "/sys/bus/pci/devices/$bdf/driver")")" = vfio-pci
+  t "/dev/vfio/$group exists" test -c "/dev/vfio/$group"
+fi
+EOF
+chmod +x "$work/inside.sh"
+
+echo "lab_test: boot 1: environment inside L1 (with --nvme)"
+start=$EPOCHREALTIME
+rc=0
+(cd "$REPO/tests" &&
+  CLONE_LAB_TEST_TOKEN=passed-through GTEST_COLOR=no LAB_TEST_PRIVATE=leaked \
+  "$RUN" --nvme "$work/nvme.img" -- env LAB_TEST_CWD="$REPO/tests" LAB_TEST_MARKER="$marker" \
+    LAB_TEST_PID=$$ bash "$work/inside.sh") >"$work/boot1.out" 2>"$work/boot1.err" || rc=$?
+printf 'lab_test: boot 1 took %.1f s\n' "$(echo "$EPOCHREALTIME - $start" | bc -l)"
+grep -vE '^(ok|FAIL) - ' "$work/boot1.out" | sed 's/^/lab_test:   | /' || true
+check "boot 1 exits 0 (got $rc)" test "$rc" = 0
+check "boot 1 wrote nothing to stderr" test ! -s "$work/boot1.err"
+[ -s "$work/boot1.err" ] && sed 's/^/lab_test:   stderr | /' "$work/boot1.err"
+while IFS= read -r line; do
+  case "$line" in
+    "ok - "*) ok "L1: ${line#ok - }" ;;
+    "FAIL - "*) bad "L1: ${line#FAIL - }" ;;
+  esac
+done <"$work/boot1.out"
+check "at least 30 checks ran in L1" test "$(grep -cE '^(ok|FAIL) - ' "$work/boot1.out")" -ge 30
+check "the host sees the file L1 wrote in the repo" grep -qsx from-l1 "$marker"
+check "L1's write to /etc did not reach the host" test ! -e "/etc/lab-test-$$"
+
+# --- Boot 2: exit code and output passthrough; nothing but CMD's output on stdout.
+echo "lab_test: boot 2: exit code 7 and output"
+start=$EPOCHREALTIME
+rc=0
+"$RUN" -- sh -c 'echo to-stdout; echo to-stderr >&2; exit 7' >"$work/boot2.out" 2>"$work/boot2.err" || rc=$?
+printf 'lab_test: boot 2 took %.1f s\n' "$(echo "$EPOCHREALTIME - $start" | bc -l)"
+check "sh -c 'exit 7' exits 7 (got $rc)" test "$rc" = 7
+check "stdout is exactly CMD's stdout+stderr" test "$(cat "$work/boot2.out")" = $'to-stdout\nto-stderr'
+check "nothing else on stderr" test ! -s "$work/boot2.err"
+
+# --- Boot 3: the timeout.
+echo "lab_test: boot 3: --timeout 3 -- sleep 1000"
+start=$EPOCHREALTIME
+rc=0
+"$RUN" --timeout 3 -- sleep 1000 >"$work/boot3.out" 2>"$work/boot3.err" || rc=$?
+elapsed=$(echo "$EPOCHREALTIME - $start" | bc -l)
+printf 'lab_test: boot 3 took %.1f s\n' "$elapsed"
+check "a timeout exits 124 (got $rc)" test "$rc" = 124
+check "a timeout says so" grep -qx 'lab: timed out after 3 s running: sleep 1000' "$work/boot3.err"
+check "a timeout comes soon after its limit" test "$(echo "$elapsed < 15" | bc)" = 1
+
+# --- No boot: QEMU refuses to start; the lab must fail loudly, never exit 0.
+rc=0
+"$RUN" --cpus 100000 -- true >"$work/qemu.out" 2>"$work/qemu.err" || rc=$?
+check "QEMU failing to start gives a non-zero exit (got $rc)" test "$rc" != 0 -a "$rc" != 124
+check "QEMU failing to start is reported" grep -q '^lab: error:' "$work/qemu.err"
+
+# Our runs keep their run dirs (and so QEMU's FIFO paths) under $work.
+check "no QEMU of ours is left running" test -z "$(pgrep -f -- "$work/" || true)"
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]
