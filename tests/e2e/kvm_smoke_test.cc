@@ -1,6 +1,6 @@
 // The lab's first proof: real KVM runs guest code to an I/O exit and a HLT.
 #include <fcntl.h>
-#include <linux/kvm.h>
+#include "vmm-core/kvm/kvm_uapi.h"
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>

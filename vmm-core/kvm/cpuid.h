@@ -10,7 +10,7 @@
 //   are hidden: TSX (HLE, RTM), MPX, Intel PT, WAITPKG, SGX, MONITOR/MWAIT, PCONFIG,
 //   architectural LBR and the resource-director (RDT) leaves.
 
-#include <linux/kvm.h>
+#include "vmm-core/kvm/kvm_uapi.h"
 
 #include <cstdint>
 #include <span>

@@ -2,7 +2,7 @@
 // Thin owners of the KVM file descriptors: the system (/dev/kvm), a VM and its vCPUs.
 // Every ioctl failure throws clonevm::SystemError naming the ioctl.
 
-#include <linux/kvm.h>
+#include "vmm-core/kvm/kvm_uapi.h"
 
 #include <cstdint>
 #include <string>

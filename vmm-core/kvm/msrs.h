@@ -1,7 +1,7 @@
 #pragma once
 // MSR values every vCPU starts with, as Linux's 64-bit entry expects them.
 
-#include <linux/kvm.h>
+#include "vmm-core/kvm/kvm_uapi.h"
 
 #include <cstdint>
 #include <vector>

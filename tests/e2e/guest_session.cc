@@ -1,0 +1,152 @@
+#include "tests/e2e/guest_session.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "common/error.h"
+
+namespace clonevm::e2e {
+namespace {
+
+// $name when set (to test another build), else the build this test belongs to.
+std::string envOr(const char* name, const char* fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? value : fallback;
+}
+
+}  // namespace
+
+std::string buildBin(const std::string& program) {
+  return envOr("CLONE_BUILD_DIR", CLONE_DEFAULT_BUILD_DIR) + "/bin/" + program;
+}
+std::string guestKernel() { return envOr("CLONE_GUEST_DIR", CLONE_DEFAULT_GUEST_DIR) + "/vmlinuz"; }
+std::string guestInitrd() { return envOr("CLONE_GUEST_DIR", CLONE_DEFAULT_GUEST_DIR) + "/initrd.img"; }
+
+GuestSession::GuestSession(const std::string& program, const std::vector<std::string>& args) {
+  int in[2];
+  int out[2];
+  CLONE_SYSCALL(::pipe2(in, O_CLOEXEC), "pipe for guest input");
+  CLONE_SYSCALL(::pipe2(out, O_CLOEXEC), "pipe for guest output");
+  pid_ = CLONE_SYSCALL(::fork(), "fork", program);
+  if (pid_ == 0) {
+    ::dup2(in[0], 0);
+    ::dup2(out[1], 1);
+    ::dup2(out[1], 2);
+    std::vector<char*> argv{const_cast<char*>(program.c_str())};
+    for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+    argv.push_back(nullptr);
+    ::execv(program.c_str(), argv.data());
+    ::_exit(127);
+  }
+  ::close(in[0]);
+  ::close(out[1]);
+  input_ = UniqueFd(in[1]);
+  outputFd_ = UniqueFd(out[0]);
+  ::signal(SIGPIPE, SIG_IGN);
+}
+
+GuestSession::~GuestSession() {
+  if (pid_ > 0 && !exitCode_) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+}
+
+bool GuestSession::pump(std::chrono::milliseconds timeout) {
+  if (!outputFd_.valid()) return false;
+  pollfd fd{outputFd_.get(), POLLIN, 0};
+  int ready = ::poll(&fd, 1, static_cast<int>(timeout.count()));
+  if (ready <= 0) return true;
+  char buffer[4096];
+  ssize_t n = ::read(outputFd_.get(), buffer, sizeof(buffer));
+  if (n <= 0) {
+    outputFd_.reset();
+    return false;
+  }
+  output_.append(buffer, static_cast<size_t>(n));
+  return true;
+}
+
+std::optional<std::string> GuestSession::readUntil(const std::string& text,
+                                                   std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    size_t found = output_.find(text, position_);
+    if (found != std::string::npos) {
+      std::string before = output_.substr(position_, found - position_);
+      position_ = found + text.size();
+      return before;
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return std::nullopt;
+    if (!pump(std::min(left, std::chrono::milliseconds(200)))) {
+      // EOF: one last look at what arrived.
+      found = output_.find(text, position_);
+      if (found == std::string::npos) return std::nullopt;
+    }
+  }
+}
+
+bool GuestSession::expect(const std::string& text, std::chrono::milliseconds timeout) {
+  return readUntil(text, timeout).has_value();
+}
+
+void GuestSession::sendLine(const std::string& line) {
+  std::string data = line + "\n";
+  const char* p = data.data();
+  size_t left = data.size();
+  while (left > 0) {
+    ssize_t n = ::write(input_.get(), p, left);
+    if (n < 0 && errno == EINTR) continue;
+    require(n > 0, "writing to the guest console failed: {}", std::strerror(errno));
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+}
+
+std::optional<std::string> GuestSession::run(const std::string& command,
+                                             std::chrono::milliseconds timeout) {
+  // The markers are built by the shell, so the typed command line (if echoed) never matches.
+  int id = ++commandCounter_;
+  sendLine(fmt::format("echo CMD-BEGIN-$(({}+0)).; {}; echo CMD-END-$(({}+0)).", id, command, id));
+  if (!expect(fmt::format("CMD-BEGIN-{}.", id), timeout)) return std::nullopt;
+  auto text = readUntil(fmt::format("CMD-END-{}.", id), timeout);
+  if (!text) return std::nullopt;
+  // Drop the line breaks around the output (the guest's tty may add \r).
+  size_t first = text->find_first_not_of("\r\n");
+  size_t last = text->find_last_not_of("\r\n");
+  return first == std::string::npos ? std::string() : text->substr(first, last - first + 1);
+}
+
+void GuestSession::closeInput() { input_.reset(); }
+
+std::optional<int> GuestSession::waitExit(std::chrono::milliseconds timeout) {
+  if (exitCode_) return exitCode_;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int status = 0;
+    pid_t done = ::waitpid(pid_, &status, WNOHANG);
+    if (done == pid_) {
+      exitCode_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      while (pump(std::chrono::milliseconds(0)) && outputFd_.valid()) {
+        pollfd fd{outputFd_.get(), POLLIN, 0};
+        if (::poll(&fd, 1, 0) <= 0) break;
+      }
+      return exitCode_;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
+    pump(std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace clonevm::e2e

@@ -1,0 +1,97 @@
+// clone-vmm: the core process of one VM.
+//
+// Exit codes (docs/VMM.md): 0 guest powered off; 1 error (bad input or setup failure);
+// 2 bad command line; 3 guest reset (reboot); 4 guest triple fault; 5 internal error.
+#include <unistd.h>
+
+#include <fstream>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "vmm-core/vm/machine.h"
+#include "vmm-core/vm/vmm_exit_codes.h"
+
+namespace clonevm::vmm {
+namespace {
+
+uint64_t hostMemoryBytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemTotal:") return kib * 1024;
+    meminfo.ignore(64, '\n');
+  }
+  return 0;
+}
+
+void validate(const MachineConfig& config, const KvmSystem& kvm) {
+  constexpr uint64_t kMinMemory = 32ull << 20;
+  require(config.memoryBytes >= kMinMemory, "--mem-mb {} is too small (minimum {})",
+          config.memoryBytes >> 20, kMinMemory >> 20);
+  uint64_t host = hostMemoryBytes();
+  require(host == 0 || config.memoryBytes <= host,
+          "--mem-mb {} is more than this host's memory ({} MiB)", config.memoryBytes >> 20,
+          host >> 20);
+  // xAPIC ids are 8 bits and 0xff is broadcast.
+  uint32_t maxVcpus = std::min<uint32_t>(static_cast<uint32_t>(kvm.maxVcpus()), 254);
+  require(config.vcpuCount >= 1 && config.vcpuCount <= maxVcpus,
+          "--vcpus {} is out of range (1 to {} on this host)", config.vcpuCount, maxVcpus);
+}
+
+void printTimings(const BootTimings& t) {
+  std::cerr << fmt::format(
+      "clone-vmm: boot timing (ms since start): memory {:.2f}, irqchip {:.2f}, kernel loaded "
+      "{:.2f}, ACPI {:.2f}, vCPUs {:.2f}, first vCPU entry {:.2f}\n",
+      t.memoryReady, t.irqchipReady, t.kernelLoaded, t.acpiWritten, t.vcpusReady,
+      t.firstVcpuEntry);
+}
+
+int runVmm(int argc, char** argv) {
+  auto start = Machine::Clock::now();
+  CLI::App app{"clone-vmm: the core process of one Clone VM", "clone-vmm"};
+  MachineConfig config;
+  uint64_t memoryMib = 512;
+  std::string logLevel = "info";
+  bool logJson = false;
+  bool verbose = false;
+  app.add_option("--kernel", config.kernelPath, "bzImage or ELF vmlinux")->required();
+  app.add_option("--initrd", config.initrdPath, "initial ramdisk");
+  app.add_option("--cmdline", config.cmdline, "kernel command line")->capture_default_str();
+  app.add_option("--mem-mb", memoryMib, "guest memory in MiB")->capture_default_str();
+  app.add_option("--vcpus", config.vcpuCount, "number of vCPUs")->capture_default_str();
+  app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
+  app.add_flag("--log-json", logJson, "log one JSON object a line");
+  app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    int code = app.exit(error);
+    return code == 0 ? 0 : kExitUsage;
+  }
+
+  try {
+    auto log = makeLogger("vmm", {parseLogLevel(logLevel), logJson ? LogFormat::kJson : LogFormat::kText});
+    require(memoryMib <= (1ull << 34), "--mem-mb {} is out of range", memoryMib);
+    config.memoryBytes = ((memoryMib + 1) / 2 * 2) << 20;  // whole 2 MiB pages
+    KvmSystem kvm;
+    validate(config, kvm);
+    Machine machine(config, kvm, *log, start);
+    ExitReason reason = machine.run();
+    if (verbose) printTimings(machine.timings());
+    if (!machine.exitDetail().empty()) log->info("{}: {}", describe(reason), machine.exitDetail());
+    return exitCodeFor(reason);
+  } catch (const std::exception& error) {
+    std::cerr << "clone-vmm: " << error.what() << "\n";
+    return kExitError;
+  }
+}
+
+}  // namespace
+}  // namespace clonevm::vmm
+
+int main(int argc, char** argv) { return clonevm::vmm::runVmm(argc, argv); }

@@ -1,0 +1,150 @@
+#include "vmm-core/vm/machine.h"
+
+#include <unistd.h>
+
+#include "common/error.h"
+#include "vmm-core/arch/layout.h"
+#include "vmm-core/boot/acpi/acpi_tables.h"
+#include "vmm-core/boot/cpu_setup.h"
+#include "vmm-core/boot/linux_loader.h"
+#include "vmm-core/kvm/cpuid.h"
+#include "vmm-core/kvm/msrs.h"
+#include "vmm-core/vm/console.h"
+#include "vmm-core/vm/legacy_devices.h"
+#include "vmm-core/vm/vcpu_runner.h"
+
+namespace clonevm::vmm {
+namespace {
+
+constexpr uint32_t kLapicLvtLint0 = 0x350;
+constexpr uint32_t kLapicLvtLint1 = 0x360;
+constexpr uint32_t kLapicDeliveryExtInt = 0x7 << 8;
+constexpr uint32_t kLapicDeliveryNmi = 0x4 << 8;
+
+void setLapicRegister(kvm_lapic_state& lapic, uint32_t offset, uint32_t value) {
+  std::memcpy(&lapic.regs[offset], &value, sizeof(value));
+}
+
+uint32_t lapicRegister(const kvm_lapic_state& lapic, uint32_t offset) {
+  uint32_t value;
+  std::memcpy(&value, &lapic.regs[offset], sizeof(value));
+  return value;
+}
+
+// LINT0 takes the legacy PIC's interrupts (ExtINT) and LINT1 NMIs, as firmware leaves them.
+void setupLapicLints(KvmVcpu& vcpu) {
+  kvm_lapic_state lapic = vcpu.getLapic();
+  setLapicRegister(lapic, kLapicLvtLint0,
+                   (lapicRegister(lapic, kLapicLvtLint0) & ~0x700u) | kLapicDeliveryExtInt);
+  setLapicRegister(lapic, kLapicLvtLint1,
+                   (lapicRegister(lapic, kLapicLvtLint1) & ~0x700u) | kLapicDeliveryNmi);
+  vcpu.setLapic(lapic);
+}
+
+kvm_fpu initialFpu() {
+  kvm_fpu fpu{};
+  fpu.fcw = 0x37f;     // x87 default control word
+  fpu.mxcsr = 0x1f80;  // SSE default: all exceptions masked
+  return fpu;
+}
+
+uint64_t pciMmio64Start(const GuestMemory& memory) {
+  constexpr uint64_t kAlign = 1 * layout::kGiB;
+  uint64_t end = std::max(memory.endAddress(), layout::kHighRamStart);
+  return (end + kAlign - 1) / kAlign * kAlign;
+}
+
+}  // namespace
+
+Machine::Machine(const MachineConfig& config, KvmSystem& kvm, spdlog::logger& log,
+                 Clock::time_point processStart)
+    : config_(config),
+      kvm_(kvm),
+      log_(log),
+      processStart_(processStart),
+      memory_(GuestMemory::create(config.memoryBytes)),
+      vm_(kvm) {
+  timings_.memoryReady = millisSinceStart();
+  vm_.createIrqchipAndPit();
+  uint32_t slot = 0;
+  for (const auto& region : memory_.regions()) {
+    vm_.setUserMemoryRegion(slot++, region.guestAddress, region.size, region.host);
+  }
+  timings_.irqchipReady = millisSinceStart();
+  installVcpuKickHandler();
+  loadKernel();
+  createVcpus();
+  timings_.vcpusReady = millisSinceStart();
+  attachDevices();
+}
+
+Machine::~Machine() = default;
+
+double Machine::millisSinceStart() const {
+  return std::chrono::duration<double, std::milli>(Clock::now() - processStart_).count();
+}
+
+void Machine::loadKernel() {
+  AcpiConfig acpi;
+  acpi.vcpuCount = config_.vcpuCount;
+  acpi.pciMmio64Start = pciMmio64Start(memory_);
+  LinuxBootConfig boot;
+  boot.kernelPath = config_.kernelPath;
+  if (!config_.initrdPath.empty()) boot.initrdPath = config_.initrdPath;
+  boot.cmdline = config_.cmdline;
+  boot.acpiRsdpAddress = layout::kAcpiTablesAddr;
+  bootInfo_ = loadLinux(memory_, boot);
+  timings_.kernelLoaded = millisSinceStart();
+  uint64_t rsdp = writeAcpiTables(memory_, acpi);
+  require(rsdp == boot.acpiRsdpAddress, "ACPI RSDP written at {:#x}, expected {:#x}", rsdp,
+          boot.acpiRsdpAddress);
+  writeLongModeTables(memory_);
+  timings_.acpiWritten = millisSinceStart();
+  log_.debug("kernel entry {:#x}, initrd {:#x}+{:#x}", bootInfo_.entryPoint,
+             bootInfo_.initrdAddress, bootInfo_.initrdSize);
+}
+
+void Machine::createVcpus() {
+  auto supported = kvm_.supportedCpuid();
+  auto msrs = bootMsrs();
+  for (uint32_t id = 0; id < config_.vcpuCount; ++id) {
+    auto vcpu = std::make_unique<KvmVcpu>(vm_, id);
+    vcpu->setCpuid(buildGuestCpuid(supported, id, config_.vcpuCount));
+    vcpu->setMsrs(msrs);
+    vcpu->setFpu(initialFpu());
+    setupLapicLints(*vcpu);
+    if (id == 0) {
+      kvm_sregs sregs = vcpu->getSregs();
+      setupLongModeSregs(sregs);
+      vcpu->setSregs(sregs);
+      vcpu->setRegs(linuxEntryRegs(bootInfo_.entryPoint, bootInfo_.bootParamsAddress));
+    }
+    vcpus_.push_back(std::move(vcpu));
+  }
+}
+
+void Machine::attachDevices() {
+  devices_ = std::make_unique<LegacyDevices>(
+      LegacyDevices::Config{memory_, config_.consoleOutputFd, vm_, exitSignal_, log_}, pio_, mmio_);
+}
+
+ExitReason Machine::run() {
+  ConsoleInput console(config_.consoleInputFd,
+                       [this](std::span<const uint8_t> bytes) { devices_->consoleInput(bytes); });
+  std::vector<std::unique_ptr<VcpuRunner>> runners;
+  for (auto& vcpu : vcpus_) {
+    runners.push_back(std::make_unique<VcpuRunner>(*vcpu, pio_, mmio_, exitSignal_, log_));
+  }
+  for (size_t i = 0; i < runners.size(); ++i) {
+    std::function<void()> hook;
+    if (i == 0) hook = [this] { timings_.firstVcpuEntry = millisSinceStart(); };
+    runners[i]->start(std::move(hook));
+  }
+  ExitReason reason = exitSignal_.wait();
+  for (auto& runner : runners) runner->stop();
+  console.stop();
+  devices_->flushConsole();
+  return reason;
+}
+
+}  // namespace clonevm::vmm

@@ -1,0 +1,126 @@
+#include "vmm-core/vm/vcpu_runner.h"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "common/error.h"
+
+namespace clonevm::vmm {
+namespace {
+
+const int kKickSignal = SIGRTMIN;
+
+void ignoreKick(int) {}
+
+}  // namespace
+
+void installVcpuKickHandler() {
+  struct sigaction action {};
+  action.sa_handler = ignoreKick;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+  CLONE_SYSCALL(::sigaction(kKickSignal, &action, nullptr), "sigaction vCPU kick signal");
+}
+
+VcpuRunner::VcpuRunner(KvmVcpu& vcpu, const Bus& pio, const Bus& mmio, ExitSignal& exitSignal,
+                       spdlog::logger& log)
+    : vcpu_(vcpu), pio_(pio), mmio_(mmio), exitSignal_(exitSignal), log_(log) {}
+
+VcpuRunner::~VcpuRunner() { stop(); }
+
+void VcpuRunner::start(std::function<void()> beforeFirstEntry) {
+  thread_ = std::thread([this, hook = std::move(beforeFirstEntry)]() mutable { loop(std::move(hook)); });
+  pthread_setname_np(thread_.native_handle(), fmt::format("vcpu{}", vcpu_.id()).c_str());
+}
+
+void VcpuRunner::stop() {
+  if (!thread_.joinable()) return;
+  stopping_ = true;
+  vcpu_.runState()->immediate_exit = 1;
+  pthread_kill(thread_.native_handle(), kKickSignal);
+  thread_.join();
+}
+
+void VcpuRunner::loop(std::function<void()> beforeFirstEntry) {
+  try {
+    if (beforeFirstEntry) beforeFirstEntry();
+    while (!stopping_) {
+      if (!vcpu_.run()) continue;  // kicked by a signal; re-check stopping_
+      if (!handleExit()) break;
+    }
+  } catch (const std::exception& e) {
+    exitSignal_.request(ExitReason::kInternalError, fmt::format("vcpu{}: {}", vcpu_.id(), e.what()));
+  }
+}
+
+bool VcpuRunner::handleExit() {
+  kvm_run& run = *vcpu_.runState();
+  switch (run.exit_reason) {
+    case KVM_EXIT_IO:
+      handlePortIo(run);
+      return true;
+    case KVM_EXIT_MMIO:
+      handleMmio(run);
+      return true;
+    case KVM_EXIT_HLT:
+      return true;  // only without an in-kernel LAPIC; nothing to do
+    case KVM_EXIT_INTR:
+      return true;
+    case KVM_EXIT_SHUTDOWN:
+      exitSignal_.request(ExitReason::kTripleFault, fmt::format("vcpu{}: triple fault", vcpu_.id()));
+      return false;
+    case KVM_EXIT_SYSTEM_EVENT:
+      if (run.system_event.type == KVM_SYSTEM_EVENT_RESET) {
+        exitSignal_.request(ExitReason::kReset);
+      } else {
+        exitSignal_.request(ExitReason::kPowerOff);
+      }
+      return false;
+    case KVM_EXIT_FAIL_ENTRY:
+      exitSignal_.request(ExitReason::kInternalError,
+                          fmt::format("vcpu{}: KVM entry failed, hardware reason {:#x}", vcpu_.id(),
+                                      run.fail_entry.hardware_entry_failure_reason));
+      return false;
+    case KVM_EXIT_INTERNAL_ERROR:
+      exitSignal_.request(ExitReason::kInternalError,
+                          fmt::format("vcpu{}: KVM internal error, suberror {}", vcpu_.id(),
+                                      run.internal.suberror));
+      return false;
+    default:
+      exitSignal_.request(ExitReason::kInternalError,
+                          fmt::format("vcpu{}: unexpected KVM exit {}", vcpu_.id(), run.exit_reason));
+      return false;
+  }
+}
+
+void VcpuRunner::handlePortIo(kvm_run& run) {
+  auto* data = reinterpret_cast<uint8_t*>(&run) + run.io.data_offset;
+  for (uint32_t i = 0; i < run.io.count; ++i, data += run.io.size) {
+    std::span<uint8_t> bytes(data, run.io.size);
+    if (run.io.direction == KVM_EXIT_IO_OUT) {
+      if (!pio_.write(run.io.port, bytes)) {
+        log_.trace("unclaimed port write {:#x} size {}", run.io.port, run.io.size);
+      }
+    } else if (!pio_.read(run.io.port, bytes)) {
+      std::memset(bytes.data(), 0xff, bytes.size());  // floating bus
+    }
+  }
+}
+
+void VcpuRunner::handleMmio(kvm_run& run) {
+  uint32_t length = std::min<uint32_t>(run.mmio.len, sizeof(run.mmio.data));
+  std::span<uint8_t> bytes(run.mmio.data, length);
+  if (run.mmio.is_write) {
+    if (!mmio_.write(run.mmio.phys_addr, bytes)) {
+      log_.debug("unclaimed MMIO write {:#x} size {}", run.mmio.phys_addr, length);
+    }
+  } else if (!mmio_.read(run.mmio.phys_addr, bytes)) {
+    std::memset(bytes.data(), 0xff, bytes.size());
+  }
+}
+
+}  // namespace clonevm::vmm
