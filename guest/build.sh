@@ -287,7 +287,7 @@ step="busybox applet links"
 links=()
 while read -r applet; do
   case "$applet" in
-    */busybox|*/linuxrc|*/init) continue ;;
+    linuxrc|*/busybox|*/linuxrc|*/init) continue ;;  # our /init is PID 1
     usr/*) dst="$r/$applet" ;;
     *) dst="$r/usr/$applet" ;;
   esac

@@ -161,8 +161,13 @@ grep -q 'echo "prompt-check"' <(tr -d '\r' <"$work/console.log") &&
   fail "the console echoed the command line (expected stty -echo)"
 pass "prompt is '# ' and input is not echoed"
 expect "default hostname" 'hostname' '^clone-guest$'
+expect "the shell's controlling tty is the serial port" 'ls -l /proc/$$/fd/0; awk "{print \$7}" /proc/$$/stat' '^[1-9][0-9]*$'
+printf 'sleep 100\n' >&3
+sleep 1
+printf '\003' >&3
+expect "^C interrupts the foreground job (job control works)" 'echo after-interrupt' '^after-interrupt$'
 printf 'reboot\n' >&3
-wait_exit "reboot (no -f) reaches /init and ends QEMU (-no-reboot) with exit 0" 60
+wait_exit "plain reboot (busybox init shutdown) ends QEMU (-no-reboot) with exit 0" 60
 
 # ---- boot 3: CLONE_GUEST_EXTRA / CLONE_GUEST_OVERLAY and autorun ---------
 # A variant image (uncompressed, so it builds fast) carrying a dynamic host
