@@ -175,11 +175,14 @@ LoadedKernel loadBzImage(const GuestMemory& memory, const std::vector<uint8_t>& 
   const uint64_t runStart = header.relocatable_kernel != 0
                                 ? std::max(alignUp(loadAddress, alignment), preferred)
                                 : preferred;
+  // Compared without sums: pref_address comes from the file and could wrap around.
+  const uint64_t ramEnd = lowRamEnd(memory);
+  require(payloadSize <= ramEnd - loadAddress && runStart <= ramEnd &&
+              initSize <= ramEnd - runStart,
+          "guest memory is too small for kernel {}: it needs init_size {:#x} bytes from {:#x} "
+          "and {:#x} bytes at {:#x}, but low RAM ends at {:#x}",
+          path, initSize, runStart, payloadSize, loadAddress, ramEnd);
   const uint64_t kernelEnd = std::max(loadAddress + payloadSize, runStart + initSize);
-  require(kernelEnd <= lowRamEnd(memory),
-          "guest memory is too small for kernel {}: it needs RAM up to {:#x} (init_size {:#x} "
-          "from {:#x}) but low RAM ends at {:#x}",
-          path, kernelEnd, initSize, runStart, lowRamEnd(memory));
 
   memory.write(loadAddress, std::span(image).subspan(setupSize));
 

@@ -456,6 +456,14 @@ TEST_F(LinuxLoaderTest, RejectsMemoryTooSmallForInitSize) {
   EXPECT_THAT(message, HasSubstr("init_size"));
 }
 
+TEST_F(LinuxLoaderTest, RejectsAPrefAddressThatWrapsAround) {
+  auto memory = GuestMemory::create(32 * kMiB);
+  const auto kernel =
+      writeKernel(makeBzImage({.prefAddress = 0xfffffffffff00000, .relocatable = 0}));
+  EXPECT_THAT(errorFrom([&] { loadLinux(memory, {.kernelPath = kernel}); }),
+              HasSubstr("too small"));
+}
+
 TEST_F(LinuxLoaderTest, RejectsAnInitrdLargerThanTheRamLeft) {
   auto memory = GuestMemory::create(32 * kMiB);
   const auto kernel = writeKernel(makeBzImage({}));  // runs 16..24 MiB, leaving 8 MiB
