@@ -32,6 +32,7 @@ meta_pkg=linux-image-cloud-amd64
 
 step="start"
 die() { echo "guest/build.sh: $step: $*" >&2; exit 1; }
+# shellcheck disable=SC2154 # rc is assigned inside the trap
 trap 'rc=$?; [ $rc -eq 0 ] || echo "guest/build.sh: failed in step \"$step\" (exit $rc)" >&2' EXIT
 log() { echo "guest: $*"; }
 
