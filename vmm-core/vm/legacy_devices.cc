@@ -9,6 +9,10 @@
 #include "vmm-core/devices/clock.h"
 #include "vmm-core/devices/cmos.h"
 #include "vmm-core/devices/i8042.h"
+#include "vmm-core/devices/acpi_pm.h"
+#include "vmm-core/devices/pci_root.h"
+#include "vmm-core/devices/port_stubs.h"
+#include "vmm-core/devices/reset_control.h"
 #include "vmm-core/devices/serial.h"
 
 namespace clonevm::vmm {
@@ -29,7 +33,7 @@ void writeConsole(int fd, std::span<const uint8_t> bytes) {
 
 }  // namespace
 
-LegacyDevices::LegacyDevices(const Config& config, Bus& pio, Bus& /*mmio*/) : config_(config) {
+LegacyDevices::LegacyDevices(const Config& config, Bus& pio, Bus& mmio) : config_(config) {
   int outputFd = config.consoleOutputFd;
   serial_ = std::make_shared<Serial>(
       irqLine(layout::kCom1Irq),
@@ -50,6 +54,20 @@ LegacyDevices::LegacyDevices(const Config& config, Bus& pio, Bus& /*mmio*/) : co
   }
   pio.insert(layout::kCmosPort, Cmos::kPortCount,
              std::make_shared<Cmos>(below4G, above4G, systemWallClock(), config.log));
+
+  pio.insert(layout::kPm1aEventPort, AcpiPm::kPortCount,
+             std::make_shared<AcpiPm>(
+                 irqLine(layout::kSciIrq),
+                 [&exitSignal] { exitSignal.request(ExitReason::kPowerOff); },
+                 systemMonotonicClock(), config.log));
+  pio.insert(layout::kPostCodePort, 1, std::make_shared<PostCodePort>(config.log));
+
+  auto resetControl = std::make_shared<ResetControl>(
+      [&exitSignal] { exitSignal.request(ExitReason::kReset, "reset register"); }, config.log);
+  pciRoot_ = std::make_shared<PciRoot>(config.log);
+  mmio.insert(layout::kEcamStart, layout::kEcamSize, std::make_shared<PciEcam>(pciRoot_));
+  pio.insert(layout::kPciConfigAddressPort, PciConfigIo::kPortCount,
+             std::make_shared<PciConfigIo>(pciRoot_, resetControl, config.log));
 }
 
 LegacyDevices::~LegacyDevices() = default;

@@ -16,6 +16,7 @@
 
 namespace clonevm::vmm {
 
+class PciRoot;
 class Serial;
 
 // An ISA interrupt line of the in-kernel PIC/IOAPIC pair.
@@ -45,6 +46,7 @@ class LegacyDevices {
   // Host keyboard input for COM1.
   void consoleInput(std::span<const uint8_t> bytes);
   void flushConsole();
+  PciRoot& pciRoot() { return *pciRoot_; }
 
  private:
   KvmIrqLine& irqLine(uint32_t gsi);
@@ -52,6 +54,7 @@ class LegacyDevices {
   Config config_;
   std::vector<std::unique_ptr<KvmIrqLine>> irqLines_;
   std::shared_ptr<Serial> serial_;
+  std::shared_ptr<PciRoot> pciRoot_;
 };
 
 }  // namespace clonevm::vmm
