@@ -1,6 +1,7 @@
 #include "vmm-core/devices/serial.h"
 
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -351,6 +352,34 @@ TEST_F(LimitedInputSerialTest, InputBeyondTheHostQueueLimitIsRefusedNotDropped) 
   std::vector<uint8_t> received;
   while (in(LSR) & 0x01) received.push_back(in(RBR));
   EXPECT_EQ(received, std::vector<uint8_t>(bytes, bytes + accepted));
+}
+
+TEST_F(LimitedInputSerialTest, ConcurrentProducerAndGuestLoseNothing) {
+  // The host stdin thread retries what the bounded queue refused; a vCPU drains RBR.
+  std::vector<uint8_t> input(20000);
+  for (size_t i = 0; i < input.size(); ++i) input[i] = static_cast<uint8_t>(i * 7 + i / 251);
+  out(FCR, 0x01);
+  out(IER, 0x01);
+  std::thread producer([&] {
+    std::span<const uint8_t> rest(input);
+    while (!rest.empty()) {
+      size_t accepted = serial_.enqueueInput(rest.subspan(0, std::min<size_t>(rest.size(), 5)));
+      rest = rest.subspan(accepted);
+      if (accepted == 0) std::this_thread::yield();
+    }
+  });
+  std::vector<uint8_t> received;
+  while (received.size() < input.size()) {
+    if (in(LSR) & 0x01) {
+      received.push_back(in(RBR));
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  producer.join();
+  EXPECT_EQ(received, input);
+  EXPECT_EQ(in(LSR) & 0x03, 0);
+  EXPECT_FALSE(irq_.level);
 }
 
 TEST_F(SerialTest, WideAndOutOfRangeAccessesAreHarmless) {
