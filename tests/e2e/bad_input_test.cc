@@ -7,7 +7,7 @@
 
 #include <gtest/gtest.h>
 
-#include "tests/e2e/guest_session.h"
+#include "tests/support/guest_session.h"
 
 namespace clonevm::e2e {
 namespace {

@@ -1,4 +1,4 @@
-#include "tests/e2e/guest_session.h"
+#include "tests/support/guest_session.h"
 
 #include <fcntl.h>
 #include <poll.h>
