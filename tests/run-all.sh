@@ -60,11 +60,8 @@ else
 fi
 count_ctest e2e "$logdir/e2e.log" "$rc"
 
-for suite in tests/lab/lab_test.sh guest/guest_test.sh; do
-  if [ -x "$suite" ]; then
-    run_script_suite "$suite" "$suite" "$BUILD_DIR"
-  fi
-done
+run_script_suite "lab self-test" tests/lab/lab_test.sh
+run_script_suite "guest image under QEMU TCG" guest/guest_test.sh "$BUILD_DIR/guest"
 
 echo
 if [ ${#failures[@]} -ne 0 ]; then
