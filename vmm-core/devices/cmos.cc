@@ -29,9 +29,16 @@ constexpr uint8_t kADividerRunning = 0x20;
 constexpr uint8_t kB24Hour = 0x02;
 constexpr uint8_t kBBinary = 0x04;
 constexpr uint8_t kBUie = 0x10;
+constexpr uint8_t kBAie = 0x20;
+constexpr uint8_t kBPie = 0x40;
 constexpr uint8_t kBSet = 0x80;
-constexpr uint8_t kCUf = 0x10;
+constexpr uint8_t kCUf = 0x10;   // same bit as UIE
+constexpr uint8_t kCAf = 0x20;   // same bit as AIE
 constexpr uint8_t kCIrqf = 0x80;
+constexpr uint8_t kRegAlarmSeconds = 0x01;
+constexpr uint8_t kRegAlarmMinutes = 0x03;
+constexpr uint8_t kRegAlarmHours = 0x05;
+constexpr uint8_t kAlarmDontCare = 0xc0;
 constexpr uint8_t kDValid = 0x80;
 constexpr uint8_t kHourPm = 0x80;
 
@@ -47,7 +54,11 @@ void putLe(uint8_t* nvram, uint8_t index, uint64_t value, int bytes) {
 }  // namespace
 
 Cmos::Cmos(uint64_t ramBelow4G, uint64_t ramAbove4G, WallClock clock, spdlog::logger& log)
-    : clock_(std::move(clock)), log_(log) {
+    : Cmos(ramBelow4G, ramAbove4G, std::move(clock), log, Options{}) {}
+
+Cmos::Cmos(uint64_t ramBelow4G, uint64_t ramAbove4G, WallClock clock, spdlog::logger& log,
+           Options options)
+    : clock_(std::move(clock)), log_(log), irq_(options.irq) {
   constexpr uint64_t kKiB = 1024, kMiB = 1024 * kKiB;
   putLe(nvram_, 0x15, 640, 2);
   uint64_t extendedKiB = ramBelow4G > kMiB ? std::min<uint64_t>((ramBelow4G - kMiB) / kKiB, 0xffff) : 0;
@@ -57,7 +68,36 @@ Cmos::Cmos(uint64_t ramBelow4G, uint64_t ramAbove4G, WallClock clock, spdlog::lo
       ramBelow4G > 16 * kMiB ? std::min<uint64_t>((ramBelow4G - 16 * kMiB) / (64 * kKiB), 0xffff) : 0;
   putLe(nvram_, 0x34, above16M, 2);
   putLe(nvram_, 0x5b, std::min<uint64_t>(ramAbove4G / (64 * kKiB), 0xffffff), 3);
-  lastSecondSeenByC_ = floorDiv(guestNanos(), kNanosPerSecond);
+  lastUpdate_ = floorDiv(guestNanos(), kNanosPerSecond);
+  if (irq_ != nullptr && options.timerThread) timer_ = std::thread([this] { timerLoop(); });
+}
+
+Cmos::~Cmos() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  timerWakeup_.notify_all();
+  if (timer_.joinable()) timer_.join();
+}
+
+void Cmos::poll() {
+  std::lock_guard lock(mutex_);
+  advanceLocked();
+}
+
+void Cmos::timerLoop() {
+  std::unique_lock lock(mutex_);
+  while (!stopping_) {
+    if (!(regB_ & (kBUie | kBAie)) || (regB_ & kBSet)) {
+      timerWakeup_.wait(lock);  // a write to register B or the destructor wakes us
+      continue;
+    }
+    int64_t now = guestNanos();
+    int64_t next = (floorDiv(now, kNanosPerSecond) + 1) * kNanosPerSecond;
+    timerWakeup_.wait_for(lock, std::chrono::nanoseconds(next - now + 1000));
+    advanceLocked();
+  }
 }
 
 void Cmos::read(uint64_t offset, std::span<uint8_t> data) {
@@ -67,7 +107,9 @@ void Cmos::read(uint64_t offset, std::span<uint8_t> data) {
     return;
   }
   std::lock_guard lock(mutex_);
+  advanceLocked();
   data[0] = offset == 0 ? 0xff : readRegister(index_);
+  updateIrqLocked();
 }
 
 void Cmos::write(uint64_t offset, std::span<const uint8_t> data) {
@@ -75,12 +117,17 @@ void Cmos::write(uint64_t offset, std::span<const uint8_t> data) {
     log_.debug("cmos: {}-byte write at offset {:#x}", data.size(), offset);
     return;
   }
-  std::lock_guard lock(mutex_);
-  if (offset == 0) {
-    index_ = data[0] & 0x7f;  // bit 7 is the NMI mask, not part of the index
-  } else {
-    writeRegister(index_, data[0]);
+  {
+    std::lock_guard lock(mutex_);
+    advanceLocked();
+    if (offset == 0) {
+      index_ = data[0] & 0x7f;  // bit 7 is the NMI mask, not part of the index
+    } else {
+      writeRegister(index_, data[0]);
+    }
+    updateIrqLocked();
   }
+  timerWakeup_.notify_all();  // register B may have enabled or disabled update interrupts
 }
 
 int64_t Cmos::guestNanos() const { return clock_() + offsetNanos_; }
@@ -93,7 +140,48 @@ void Cmos::setTime(const DateTime& time) {
   int64_t current = floorDiv(guestNanos(), kNanosPerSecond);
   // Keep the sub-second phase, so updates stay on the host's second boundaries.
   offsetNanos_ += (toEpochSeconds(time) - current) * kNanosPerSecond;
-  lastSecondSeenByC_ = toEpochSeconds(time);
+  lastUpdate_ = toEpochSeconds(time);  // setting the clock is not an update cycle
+}
+
+void Cmos::advanceLocked() {
+  int64_t second = floorDiv(guestNanos(), kNanosPerSecond);
+  if (second < lastUpdate_) {
+    lastUpdate_ = second;  // the host clock stepped back: resynchronize, no events
+    return;
+  }
+  if (second == lastUpdate_) return;
+  bool running = (regA_ & kADividerMask) == kADividerRunning && !(regB_ & kBSet);
+  if (running) {
+    flags_ |= kCUf;
+    // Alarm check for every boundary passed; a day covers every time of day.
+    int64_t from = std::max(lastUpdate_ + 1, second - 86400);
+    for (int64_t s = from; s <= second && !(flags_ & kCAf); ++s) {
+      if (alarmMatches(s - floorDiv(s, 86400) * 86400)) flags_ |= kCAf;
+    }
+  }
+  lastUpdate_ = second;
+  updateIrqLocked();
+}
+
+bool Cmos::alarmMatches(int64_t secondOfDay) const {
+  // Compare register images, so 12/24-hour and BCD/binary mode need no special case.
+  auto matches = [&](uint8_t alarmIndex, uint8_t value) {
+    uint8_t alarm = nvram_[alarmIndex];
+    return (alarm & kAlarmDontCare) == kAlarmDontCare || alarm == value;
+  };
+  int hour = static_cast<int>(secondOfDay / 3600);
+  int minute = static_cast<int>(secondOfDay / 60 % 60);
+  int second = static_cast<int>(secondOfDay % 60);
+  return matches(kRegAlarmSeconds, encode(second)) && matches(kRegAlarmMinutes, encode(minute)) &&
+         matches(kRegAlarmHours, encodeHour(hour));
+}
+
+void Cmos::updateIrqLocked() {
+  if (irq_ == nullptr) return;
+  bool level = (flags_ & regB_ & (kBUie | kBAie | kBPie)) != 0;
+  if (level == irqLevel_) return;
+  irqLevel_ = level;
+  irq_->set(level);
 }
 
 uint8_t Cmos::readRegister(uint8_t index) {
@@ -129,12 +217,10 @@ uint8_t Cmos::readRegister(uint8_t index) {
     case kRegB:
       return regB_;
     case kRegC: {
-      uint8_t flags = 0;
-      int64_t second = floorDiv(guestNanos(), kNanosPerSecond);
-      if (!(regB_ & kBSet) && second != lastSecondSeenByC_) flags |= kCUf;
-      lastSecondSeenByC_ = second;
-      if (flags & regB_ & kBUie) flags |= kCIrqf;
-      return flags;
+      uint8_t value = flags_;
+      if (flags_ & regB_ & (kBUie | kBAie | kBPie)) value |= kCIrqf;
+      flags_ = 0;
+      return value;
     }
     case kRegD:
       return kDValid;

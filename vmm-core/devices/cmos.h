@@ -12,23 +12,31 @@
 // - Register A: rate and divider bits are stored; UIP (bit 7) reads 1 during the last
 //   244 us before each second boundary when the divider runs (DV = 010) and SET is 0, as
 //   the datasheet guarantees to readers.
-// - Register B: stored (setting SET clears UIE). Register C: UF is set when a second
-//   boundary passed since the last read of C; IRQF when UF and UIE are both set; reading
-//   clears them. AF and PF are never set and no interrupt is raised (no IRQ 8 line).
-//   Register D: VRT (valid RAM and time) always set.
+// - Register B: stored (setting SET clears UIE). Register C: UF is set at every second
+//   boundary (update cycle), AF at a boundary where seconds, minutes and hours equal the
+//   alarm registers 0x01, 0x03, 0x05 (a value with both top bits set matches anything);
+//   IRQF when a flag and its enable in B are both set; reading C clears them all. PF is
+//   never set (no periodic interrupt). Register D: VRT (valid RAM and time) always set.
+// - Interrupt (Options::irq, IRQ 8): asserted while IRQF is set, dropped by reading C.
+//   With UIE or AIE enabled a timer thread wakes at each second boundary to raise it on
+//   time (Linux's RTC_UIE_ON, used by hwclock, rides on the alarm interrupt). Without
+//   the thread the flags are brought up to date on every access and by poll().
 // - Memory sizes from the constructor, as firmware leaves them: 0x15/0x16 base memory
 //   (640 KiB), 0x17/0x18 and 0x30/0x31 KiB above 1 MiB (max 0xffff), 0x34/0x35 64 KiB
 //   units above 16 MiB below 4 GiB, 0x5b-0x5d 64 KiB units above 4 GiB. The rest is NVRAM.
 
+#include <condition_variable>
 #include <cstdint>
 #include <mutex>
 #include <optional>
 #include <span>
+#include <thread>
 
 #include <spdlog/logger.h>
 
 #include "vmm-core/devices/bus.h"
 #include "vmm-core/devices/clock.h"
+#include "vmm-core/devices/irq.h"
 
 namespace clonevm::vmm {
 
@@ -36,11 +44,25 @@ class Cmos : public BusDevice {
  public:
   static constexpr uint64_t kPortCount = 2;
 
+  struct Options {
+    IrqLine* irq = nullptr;   // the RTC line (layout::kRtcIrq); null: no interrupts
+    bool timerThread = true;  // with an irq: raise it on time (false: only poll() does)
+  };
+
   // `ramBelow4G` and `ramAbove4G` are the guest RAM sizes in bytes on each side of 4 GiB.
   Cmos(uint64_t ramBelow4G, uint64_t ramAbove4G, WallClock clock, spdlog::logger& log);
+  Cmos(uint64_t ramBelow4G, uint64_t ramAbove4G, WallClock clock, spdlog::logger& log,
+       Options options);
+  ~Cmos() override;
+  Cmos(const Cmos&) = delete;
+  Cmos& operator=(const Cmos&) = delete;
 
   void read(uint64_t offset, std::span<uint8_t> data) override;
   void write(uint64_t offset, std::span<const uint8_t> data) override;
+
+  // Processes the update cycles (second boundaries) up to now: sets UF/AF and drives the
+  // interrupt. The timer thread calls it; so can a caller without one.
+  void poll();
 
  private:
   struct DateTime {
@@ -56,6 +78,10 @@ class Cmos : public BusDevice {
   int64_t guestNanos() const;
   DateTime now() const;
   void setTime(const DateTime& time);
+  void advanceLocked();
+  bool alarmMatches(int64_t secondOfDay) const;
+  void updateIrqLocked();
+  void timerLoop();
   uint8_t readRegister(uint8_t index);
   void writeRegister(uint8_t index, uint8_t value);
   uint8_t encode(int value) const;
@@ -68,6 +94,7 @@ class Cmos : public BusDevice {
 
   WallClock clock_;
   spdlog::logger& log_;
+  IrqLine* irq_;
 
   std::mutex mutex_;
   uint8_t index_ = 0;
@@ -76,7 +103,12 @@ class Cmos : public BusDevice {
   uint8_t regB_ = 0x02;  // 24-hour, BCD
   int64_t offsetNanos_ = 0;
   std::optional<DateTime> frozen_;  // while SET is 1
-  int64_t lastSecondSeenByC_ = 0;
+  int64_t lastUpdate_ = 0;          // the guest second of the last processed update cycle
+  uint8_t flags_ = 0;               // register C's UF/AF
+  bool irqLevel_ = false;
+  bool stopping_ = false;
+  std::condition_variable timerWakeup_;
+  std::thread timer_;  // last: started once everything else is set up
 };
 
 }  // namespace clonevm::vmm

@@ -1,7 +1,13 @@
 #include "vmm-core/devices/cmos.h"
 
+#include <atomic>
+#include <chrono>
+#include <thread>
+
 #include <gtest/gtest.h>
 #include <spdlog/sinks/null_sink.h>
+
+#include "vmm-core/devices/fake_irq_line.h"
 
 namespace clonevm::vmm {
 namespace {
@@ -13,7 +19,8 @@ class CmosTest : public ::testing::Test {
  protected:
   CmosTest()
       : log_("test", std::make_shared<spdlog::sinks::null_sink_mt>()),
-        cmos_(3ull << 30, 1ull << 30, [this] { return now_; }, log_) {}
+        cmos_(3ull << 30, 1ull << 30, [this] { return now_; }, log_,
+              Cmos::Options{.irq = &irq_, .timerThread = false}) {}
 
   uint8_t get(uint8_t index) {
     cmos_.write(0, {&index, 1});
@@ -27,6 +34,7 @@ class CmosTest : public ::testing::Test {
   }
 
   int64_t now_ = kMonday20261123_015418 * kSecond + kSecond / 2;
+  FakeIrqLine irq_;
   spdlog::logger log_;
   Cmos cmos_;
 };
@@ -152,6 +160,89 @@ TEST_F(CmosTest, RegisterCReportsUpdatesAndClearsOnRead) {
   EXPECT_EQ(get(0x0d), 0x80);
   set(0x0b, 0x92);  // SET clears UIE
   EXPECT_EQ(get(0x0b), 0x82);
+}
+
+TEST_F(CmosTest, UpdateInterrupt) {
+  set(0x0b, 0x12);  // UIE
+  EXPECT_FALSE(irq_.level);
+  now_ += kSecond;
+  cmos_.poll();
+  EXPECT_TRUE(irq_.level);
+  EXPECT_EQ(get(0x0c), 0x90);
+  EXPECT_FALSE(irq_.level);
+  now_ += 3 * kSecond;  // several updates, one flag
+  cmos_.poll();
+  EXPECT_TRUE(irq_.level);
+  set(0x0b, 0x02);  // disabling UIE drops the line, UF stays pending
+  EXPECT_FALSE(irq_.level);
+  EXPECT_EQ(get(0x0c), 0x10);
+  EXPECT_EQ(irq_.history, (std::vector<bool>{true, false, true, false}));
+}
+
+TEST_F(CmosTest, AlarmInterrupt) {
+  // 01:54:18 now; alarm at 01:54:20 in BCD.
+  set(0x01, 0x20);
+  set(0x03, 0x54);
+  set(0x05, 0x01);
+  get(0x0c);
+  set(0x0b, 0x22);  // AIE
+  now_ += kSecond;
+  cmos_.poll();
+  EXPECT_FALSE(irq_.level);
+  EXPECT_EQ(get(0x0c), 0x10);  // UF only
+  now_ += kSecond;
+  cmos_.poll();
+  EXPECT_TRUE(irq_.level);
+  EXPECT_EQ(get(0x0c), 0xb0);  // IRQF | AF | UF
+  EXPECT_FALSE(irq_.level);
+  // Don't-care hours and minutes: any hh:mm:30. Passing it between two polls still counts.
+  set(0x01, 0x30);
+  set(0x03, 0xc0);
+  set(0x05, 0xff);
+  now_ += 15 * kSecond;  // 01:54:35
+  EXPECT_EQ(get(0x0c), 0xb0);
+  now_ += 30 * kSecond;  // 01:55:05
+  EXPECT_EQ(get(0x0c), 0x10);
+}
+
+TEST_F(CmosTest, AlarmInTwelveHourBinaryMode) {
+  set(0x0b, 0x24);  // AIE, binary, 12-hour
+  set(0x01, 0);
+  set(0x03, 0);
+  set(0x05, 0x80 | 2);  // 2 PM
+  now_ = (kMonday20261123_015418 + 12 * 3600 + 5 * 60 + 41) * kSecond;  // 13:59:59
+  get(0x0c);
+  now_ += kSecond;
+  EXPECT_EQ(get(0x0c), 0xb0);
+}
+
+TEST(CmosTimerTest, TimerThreadRaisesTheUpdateInterruptOnTime) {
+  class AtomicIrq : public IrqLine {
+   public:
+    void set(bool asserted) override { level = asserted; }
+    std::atomic<bool> level{false};
+  } irq;
+  spdlog::logger log("test", std::make_shared<spdlog::sinks::null_sink_mt>());
+  Cmos cmos(64 << 20, 0, systemWallClock(), log, Cmos::Options{.irq = &irq});
+  auto access = [&](uint8_t index, std::optional<uint8_t> value) {
+    cmos.write(0, {&index, 1});
+    uint8_t byte = value.value_or(0);
+    if (value) {
+      cmos.write(1, {&byte, 1});
+    } else {
+      cmos.read(1, {&byte, 1});
+    }
+    return byte;
+  };
+  access(0x0c, std::nullopt);
+  access(0x0b, 0x12);  // UIE
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(2500);
+  while (!irq.level && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(irq.level) << "no update interrupt within 2.5 s";
+  EXPECT_EQ(access(0x0c, std::nullopt) & 0x90, 0x90);
+  EXPECT_FALSE(irq.level);
 }
 
 TEST_F(CmosTest, MemorySizeRegisters) {
