@@ -22,6 +22,15 @@ void Bus::insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> devi
   ranges_.emplace(base, Range{length, deviceOffset, std::move(device)});
 }
 
+std::shared_ptr<BusDevice> Bus::remove(uint64_t base) {
+  std::unique_lock lock(mutex_);
+  auto it = ranges_.find(base);
+  if (it == ranges_.end()) return nullptr;
+  auto device = std::move(it->second.device);
+  ranges_.erase(it);
+  return device;
+}
+
 const Bus::Range* Bus::find(uint64_t address, uint64_t size, uint64_t* base) const {
   auto it = ranges_.upper_bound(address);
   if (it == ranges_.begin()) return nullptr;

@@ -32,6 +32,11 @@ class Bus {
   void insert(uint64_t base, uint64_t length, std::shared_ptr<BusDevice> device,
               uint64_t deviceOffset = 0);
 
+  // Removes the range inserted at exactly `base` (e.g. when the guest moves a PCI BAR) and
+  // returns its device, or nullptr when there is none. An access already dispatched to the
+  // device may still complete after this returns.
+  std::shared_ptr<BusDevice> remove(uint64_t base);
+
   // Returns false when no device claims `address` (the caller decides what that means).
   // The access must lie inside one device's range.
   bool read(uint64_t address, std::span<uint8_t> data) const;

@@ -61,6 +61,19 @@ TEST(BusTest, OneDeviceCanOwnDisjointRangesWithADeviceOffset) {
   EXPECT_THROW(bus.insert(0x70, 1, nullptr), Error);
 }
 
+TEST(BusTest, RemoveFreesTheRange) {
+  Bus bus("mmio");
+  auto device = std::make_shared<RecordingDevice>();
+  bus.insert(0xc0000000, 0x1000, device);
+  EXPECT_EQ(bus.remove(0xc0000800), nullptr);  // only the exact base
+  EXPECT_EQ(bus.remove(0xc0000000), device);
+  uint8_t value = 0;
+  EXPECT_FALSE(bus.read(0xc0000000, {&value, 1}));
+  EXPECT_EQ(bus.remove(0xc0000000), nullptr);
+  bus.insert(0xc0000800, 0x1000, device);  // the old range no longer blocks
+  EXPECT_TRUE(bus.read(0xc0000800, {&value, 1}));
+}
+
 TEST(BusTest, RejectsOverlaps) {
   Bus bus("mmio");
   bus.insert(0x1000, 0x100, std::make_shared<RecordingDevice>());
