@@ -250,8 +250,9 @@ PciConfigIo::PciConfigIo(std::shared_ptr<PciRoot> root, std::shared_ptr<BusDevic
 
 namespace {
 constexpr uint32_t kConfigEnable = 0x80000000u;
-// Enable, bus, device, function, register; the reserved bits 30..24 and 1..0 read as 0.
-constexpr uint32_t kConfigAddressMask = 0x80fffffcu;
+// Enable, extended register (AMD's "IO ECS", bits 27..24), bus, device, function,
+// register; the reserved bits 30..28 and 1..0 read as 0.
+constexpr uint32_t kConfigAddressMask = 0x8ffffffcu;
 constexpr uint64_t kDataOffset = 4;
 constexpr uint64_t kResetControlOffset = layout::kResetPort - layout::kPciConfigAddressPort;
 }  // namespace
@@ -261,7 +262,8 @@ std::optional<std::pair<Bdf, uint16_t>> PciConfigIo::target(uint64_t offset) con
   if (!(address_ & kConfigEnable)) return std::nullopt;
   Bdf bdf{static_cast<uint8_t>(address_ >> 16), static_cast<uint8_t>((address_ >> 11) & 0x1f),
           static_cast<uint8_t>((address_ >> 8) & 0x7)};
-  return std::pair{bdf, static_cast<uint16_t>((address_ & 0xfc) + (offset - kDataOffset))};
+  uint16_t reg = static_cast<uint16_t>(((address_ >> 16) & 0xf00) | (address_ & 0xfc));
+  return std::pair{bdf, static_cast<uint16_t>(reg + (offset - kDataOffset))};
 }
 
 void PciConfigIo::read(uint64_t offset, std::span<uint8_t> data) {

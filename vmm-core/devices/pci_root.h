@@ -86,9 +86,10 @@ class PciEcam : public BusDevice {
   std::shared_ptr<PciRoot> root_;
 };
 
-// Ports 0xCF8..0xCFF: CONFIG_ADDRESS (a dword at 0xCF8: enable bit 31, bus 23..16,
-// device 15..11, function 10..8, register 7..2) and CONFIG_DATA (0xCFC..0xCFF, any width
-// at any offset within the dword). A 1-byte access at 0xCF9 goes to `resetControl` (Intel's
+// Ports 0xCF8..0xCFF: CONFIG_ADDRESS (a dword at 0xCF8: enable bit 31, register bits
+// 11..8 in bits 27..24 as on AMD family 10h+ (Linux uses them for extended config space
+// when it has no MMCONFIG), bus 23..16, device 15..11, function 10..8, register 7..2) and
+// CONFIG_DATA (0xCFC..0xCFF, any width at any offset within the dword). A 1-byte access at 0xCF9 goes to `resetControl` (Intel's
 // RST_CNT lives there; may be null); other non-dword accesses to 0xCF8..0xCFB are ignored.
 class PciConfigIo : public BusDevice {
  public:

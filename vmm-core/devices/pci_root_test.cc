@@ -113,8 +113,17 @@ TEST_F(PciRootTest, HostBridgeThroughType1) {
   EXPECT_EQ(ioRead(7, 1), 0x0du);
   EXPECT_EQ(type1Read(0, 0x0a, 2), 0x0600u);  // pci_sanity_check() looks for this class
   ioWrite(0, 0x7fffffffu, 4);  // reserved bits read back as 0
-  EXPECT_EQ(ioRead(0, 4), 0x00fffffcu);
+  EXPECT_EQ(ioRead(0, 4), 0x0ffffffcu);
   EXPECT_EQ(ioRead(4, 4), 0xffffffffu);  // enable bit clear: no config cycle
+}
+
+TEST_F(PciRootTest, Type1ExtendedRegisterBits) {
+  auto device = std::make_shared<FakeDevice>();
+  device->config.set32(0x104, 0xcafef00d);
+  root_->addDevice(2, device);
+  ioWrite(0, 0x80000000u | 0x1u << 24 | 2u << 11 | 0x04, 4);  // register 0x104
+  EXPECT_EQ(ioRead(4, 4), 0xcafef00du);
+  EXPECT_EQ(ioRead(6, 2), 0xcafeu);
 }
 
 TEST_F(PciRootTest, AbsentFunctionsReadAllOnes) {
