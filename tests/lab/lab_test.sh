@@ -1,8 +1,8 @@
 #!/bin/bash
-# Self-check of the lab (tests/lab/run). Three boots: one long one that checks what a
+# Self-check of the lab (tests/lab/run). Four boots: one long one that checks what a
 # VMM test needs inside L1 (devices, kvm_amd with nesting, mounts, the environment, a
 # VFIO-bindable NVMe behind the vIOMMU), one for exit-code and output passthrough, one
-# for the timeout; plus a QEMU start failure, which needs no boot.
+# for the timeout, one whose kernel panics; plus a QEMU start failure, which needs no boot.
 # Prints one line per check and "N passed, N failed"; exits non-zero on any failure.
 set -euo pipefail
 
@@ -139,6 +139,17 @@ printf 'lab_test: boot 3 took %.1f s\n' "$elapsed"
 check "a timeout exits 124 (got $rc)" test "$rc" = 124
 check "a timeout says so" grep -qx 'lab: timed out after 3 s running: sleep 1000' "$work/boot3.err"
 check "a timeout comes soon after its limit" test "$(echo "$elapsed < 15" | bc)" = 1
+
+# --- Boot 4: L1 dies before CMD runs (no init: the kernel panics); never exit 0.
+echo "lab_test: boot 4: L1 kernel panics before CMD runs"
+start=$EPOCHREALTIME
+rc=0
+CLONE_LAB_APPEND=rdinit=/nonexistent "$RUN" -- true >"$work/boot4.out" 2>"$work/boot4.err" || rc=$?
+printf 'lab_test: boot 4 took %.1f s\n' "$(echo "$EPOCHREALTIME - $start" | bc -l)"
+check "a dead L1 gives exit 125 (got $rc)" test "$rc" = 125
+check "a dead L1 is reported, with its console" \
+  grep -q "^lab: error: L1 stopped without reporting CMD's exit status" "$work/boot4.err"
+check "the report shows the panic" grep -q 'Kernel panic' "$work/boot4.err"
 
 # --- No boot: QEMU refuses to start; the lab must fail loudly, never exit 0.
 rc=0
