@@ -4,6 +4,7 @@
 
 #include "cli/global_options.h"
 #include "cli/run_command.h"
+#include "cli/vm_commands.h"
 #include "clone/version.h"
 #include "common/error.h"
 #include "common/log.h"
@@ -38,6 +39,8 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
   RunOptions runOptions;
   int exitCode = 0;
   addRunCommand(app, runOptions, global, streams, exitCode);
+  VmCommandOptions vmOptions;
+  addVmCommands(app, vmOptions, streams);
 
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
   try {

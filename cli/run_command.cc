@@ -37,6 +37,7 @@ std::vector<std::string> vmmArguments(const RunOptions& options,
   if (!options.initrd.empty()) args.insert(args.end(), {"--initrd", options.initrd});
   if (!options.cmdline.empty()) args.insert(args.end(), {"--cmdline", options.cmdline});
   if (options.verbose) args.push_back("--verbose");
+  if (!options.apiSocket.empty()) args.insert(args.end(), {"--api-socket", options.apiSocket});
   return args;
 }
 
@@ -49,6 +50,8 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
   run->add_option("--mem-mb", options.memoryMib, "guest memory in MiB")->capture_default_str();
   run->add_option("--vcpus", options.vcpus, "number of vCPUs")->capture_default_str();
   run->add_flag("--no-jail", options.noJail, "run every process unjailed (debugging only)");
+  run->add_option("--api-socket", options.apiSocket,
+                  "serve the VM control API here (clone status|pause|resume|shutdown --vm)");
   run->add_flag("--verbose", options.verbose, "print a boot-time breakdown to stderr");
   run->callback([&options, &global, streams, &exitCode] {
     if (options.noJail) {

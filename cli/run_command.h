@@ -20,6 +20,7 @@ struct RunOptions {
   uint32_t vcpus = 1;
   bool noJail = false;
   bool verbose = false;
+  std::string apiSocket;
 };
 
 // Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.

@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "vmm-core/api/vm_api_server.h"
 #include "vmm-core/vm/machine.h"
 #include "vmm-core/vm/vmm_exit_codes.h"
 
@@ -64,6 +65,8 @@ int runVmm(int argc, char** argv) {
   app.add_option("--cmdline", config.cmdline, "kernel command line")->capture_default_str();
   app.add_option("--mem-mb", memoryMib, "guest memory in MiB")->capture_default_str();
   app.add_option("--vcpus", config.vcpuCount, "number of vCPUs")->capture_default_str();
+  std::string apiSocket;
+  app.add_option("--api-socket", apiSocket, "serve the VM control API (Cap'n Proto) on this unix socket");
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
@@ -81,7 +84,7 @@ int runVmm(int argc, char** argv) {
     KvmSystem kvm;
     validate(config, kvm);
     Machine machine(config, kvm, *log, start);
-    ExitReason reason = machine.run();
+    ExitReason reason = apiSocket.empty() ? machine.run() : runWithApi(machine, apiSocket, *log);
     if (verbose) printTimings(machine.timings());
     if (!machine.exitDetail().empty()) log->info("{}: {}", describe(reason), machine.exitDetail());
     return exitCodeFor(reason);

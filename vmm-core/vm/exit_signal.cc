@@ -1,5 +1,10 @@
 #include "vmm-core/vm/exit_signal.h"
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "common/error.h"
+
 namespace clonevm::vmm {
 
 const char* describe(ExitReason reason) {
@@ -12,12 +17,17 @@ const char* describe(ExitReason reason) {
   return "unknown";
 }
 
+ExitSignal::ExitSignal()
+    : eventFd_(CLONE_SYSCALL(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK), "eventfd exit signal")) {}
+
 void ExitSignal::request(ExitReason reason, std::string detail) {
   std::lock_guard lock(mutex_);
   if (reason_) return;
   reason_ = reason;
   detail_ = std::move(detail);
   changed_.notify_all();
+  uint64_t one = 1;
+  (void)!::write(eventFd_.get(), &one, sizeof(one));
 }
 
 bool ExitSignal::requested() const {

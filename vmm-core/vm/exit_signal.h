@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include "common/unique_fd.h"
+
 namespace clonevm::vmm {
 
 enum class ExitReason {
@@ -19,18 +21,23 @@ const char* describe(ExitReason reason);
 
 class ExitSignal {
  public:
+  ExitSignal();
+
   // Records `reason` unless one was recorded already; `detail` is kept for the log.
   void request(ExitReason reason, std::string detail = {});
   bool requested() const;
   // Blocks until a reason is recorded.
   ExitReason wait();
   std::string detail() const;
+  // Readable once a reason is recorded: for event loops that cannot block in wait().
+  int eventFd() const { return eventFd_.get(); }
 
  private:
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::optional<ExitReason> reason_;
   std::string detail_;
+  UniqueFd eventFd_;
 };
 
 }  // namespace clonevm::vmm

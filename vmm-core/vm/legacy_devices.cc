@@ -55,11 +55,10 @@ LegacyDevices::LegacyDevices(const Config& config, Bus& pio, Bus& mmio) : config
   pio.insert(layout::kCmosPort, Cmos::kPortCount,
              std::make_shared<Cmos>(below4G, above4G, systemWallClock(), config.log));
 
-  pio.insert(layout::kPm1aEventPort, AcpiPm::kPortCount,
-             std::make_shared<AcpiPm>(
-                 irqLine(layout::kSciIrq),
-                 [&exitSignal] { exitSignal.request(ExitReason::kPowerOff); },
-                 systemMonotonicClock(), config.log));
+  acpiPm_ = std::make_shared<AcpiPm>(
+      irqLine(layout::kSciIrq), [&exitSignal] { exitSignal.request(ExitReason::kPowerOff); },
+      systemMonotonicClock(), config.log);
+  pio.insert(layout::kPm1aEventPort, AcpiPm::kPortCount, acpiPm_);
   pio.insert(layout::kPostCodePort, 1, std::make_shared<PostCodePort>(config.log));
 
   auto resetControl = std::make_shared<ResetControl>(
@@ -87,5 +86,7 @@ void LegacyDevices::consoleInput(std::span<const uint8_t> bytes) {
 }
 
 void LegacyDevices::flushConsole() { serial_->flush(); }
+
+void LegacyDevices::pressPowerButton() { acpiPm_->pressPowerButton(); }
 
 }  // namespace clonevm::vmm

@@ -16,6 +16,7 @@
 
 namespace clonevm::vmm {
 
+class AcpiPm;
 class PciRoot;
 class Serial;
 
@@ -46,6 +47,7 @@ class LegacyDevices {
   // Host keyboard input for COM1.
   void consoleInput(std::span<const uint8_t> bytes);
   void flushConsole();
+  void pressPowerButton();
   PciRoot& pciRoot() { return *pciRoot_; }
 
  private:
@@ -55,6 +57,7 @@ class LegacyDevices {
   std::vector<std::unique_ptr<KvmIrqLine>> irqLines_;
   std::shared_ptr<Serial> serial_;
   std::shared_ptr<PciRoot> pciRoot_;
+  std::shared_ptr<AcpiPm> acpiPm_;
 };
 
 }  // namespace clonevm::vmm

@@ -84,6 +84,11 @@ double Machine::millisSinceStart() const {
   return std::chrono::duration<double, std::milli>(Clock::now() - processStart_).count();
 }
 
+double Machine::uptimeMillis() const {
+  double entry = firstEntryMillis_.load();
+  return entry > 0 ? millisSinceStart() - entry : 0;
+}
+
 void Machine::loadKernel() {
   AcpiConfig acpi;
   acpi.vcpuCount = config_.vcpuCount;
@@ -128,23 +133,55 @@ void Machine::attachDevices() {
       LegacyDevices::Config{memory_, config_.consoleOutputFd, vm_, exitSignal_, log_}, pio_, mmio_);
 }
 
-ExitReason Machine::run() {
-  ConsoleInput console(config_.consoleInputFd,
-                       [this](std::span<const uint8_t> bytes) { devices_->consoleInput(bytes); });
-  std::vector<std::unique_ptr<VcpuRunner>> runners;
+void Machine::start() {
+  console_ = std::make_unique<ConsoleInput>(
+      config_.consoleInputFd, [this](std::span<const uint8_t> bytes) { devices_->consoleInput(bytes); });
   for (auto& vcpu : vcpus_) {
-    runners.push_back(std::make_unique<VcpuRunner>(*vcpu, pio_, mmio_, exitSignal_, log_));
+    runners_.push_back(std::make_unique<VcpuRunner>(*vcpu, pio_, mmio_, exitSignal_, log_));
   }
-  for (size_t i = 0; i < runners.size(); ++i) {
+  for (size_t i = 0; i < runners_.size(); ++i) {
     std::function<void()> hook;
-    if (i == 0) hook = [this] { timings_.firstVcpuEntry = millisSinceStart(); };
-    runners[i]->start(std::move(hook));
+    if (i == 0) {
+      hook = [this] {
+        timings_.firstVcpuEntry = millisSinceStart();
+        firstEntryMillis_ = timings_.firstVcpuEntry;
+      };
+    }
+    runners_[i]->start(std::move(hook));
   }
+}
+
+void Machine::pause() {
+  std::lock_guard lock(pauseMutex_);
+  for (auto& runner : runners_) runner->pause();
+  paused_ = true;
+}
+
+void Machine::resume() {
+  std::lock_guard lock(pauseMutex_);
+  for (auto& runner : runners_) runner->resume();
+  paused_ = false;
+}
+
+void Machine::requestExit(ExitReason reason, std::string detail) {
+  exitSignal_.request(reason, std::move(detail));
+}
+
+void Machine::pressPowerButton() { devices_->pressPowerButton(); }
+
+ExitReason Machine::finish() {
   ExitReason reason = exitSignal_.wait();
-  for (auto& runner : runners) runner->stop();
-  console.stop();
+  for (auto& runner : runners_) runner->stop();
+  runners_.clear();
+  if (console_) console_->stop();
   devices_->flushConsole();
   return reason;
+}
+
+ExitReason Machine::run() {
+  start();
+  exitSignal_.wait();
+  return finish();
 }
 
 }  // namespace clonevm::vmm

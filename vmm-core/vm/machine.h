@@ -2,7 +2,9 @@
 // A whole VM: guest memory, the KVM VM with its in-kernel irqchip, the devices the core
 // emulates, the loaded kernel and the vCPU threads. Built in the constructor, run by run().
 
+#include <atomic>
 #include <chrono>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <string>
@@ -38,7 +40,9 @@ struct BootTimings {
   double firstVcpuEntry = 0;
 };
 
+class ConsoleInput;
 class LegacyDevices;
+class VcpuRunner;
 
 class Machine {
  public:
@@ -48,10 +52,27 @@ class Machine {
           Clock::time_point processStart);
   ~Machine();
 
-  // Runs the vCPUs until the guest powers off, resets or fails.
+  // Runs the vCPUs until the guest powers off, resets or fails: start(), wait, finish().
   ExitReason run();
+
+  // Starts the vCPU threads and the console.
+  void start();
+  // Parks every vCPU (returns once all are parked) / lets them run again.
+  void pause();
+  void resume();
+  bool paused() const { return paused_; }
+  // Ends the VM from outside (API shutdown); run()/finish() then report `reason`.
+  void requestExit(ExitReason reason, std::string detail);
+  // Presses the ACPI power button: a guest that handles it powers off by itself.
+  void pressPowerButton();
+  // Stops vCPUs and console after an exit was requested; returns the reason.
+  ExitReason finish();
+  ExitSignal& exitSignal() { return exitSignal_; }
+  const MachineConfig& config() const { return config_; }
   std::string exitDetail() const { return exitSignal_.detail(); }
   const BootTimings& timings() const { return timings_; }
+  // Milliseconds since the first vCPU entry (0 before it).
+  double uptimeMillis() const;
 
  private:
 
@@ -74,6 +95,11 @@ class Machine {
   LinuxBootInfo bootInfo_{};
   std::unique_ptr<LegacyDevices> devices_;
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
+  std::vector<std::unique_ptr<VcpuRunner>> runners_;
+  std::unique_ptr<ConsoleInput> console_;
+  std::mutex pauseMutex_;
+  std::atomic<bool> paused_{false};
+  std::atomic<double> firstEntryMillis_{0};  // read by the API thread
 };
 
 }  // namespace clonevm::vmm

@@ -37,24 +37,66 @@ void VcpuRunner::start(std::function<void()> beforeFirstEntry) {
   pthread_setname_np(thread_.native_handle(), fmt::format("vcpu{}", vcpu_.id()).c_str());
 }
 
+void VcpuRunner::kick() {
+  vcpu_.runState()->immediate_exit = 1;
+  pthread_kill(thread_.native_handle(), kKickSignal);
+}
+
 void VcpuRunner::stop() {
   if (!thread_.joinable()) return;
   stopping_ = true;
-  vcpu_.runState()->immediate_exit = 1;
-  pthread_kill(thread_.native_handle(), kKickSignal);
+  {
+    std::lock_guard lock(pauseMutex_);
+    pauseRequested_ = false;
+  }
+  pauseChanged_.notify_all();
+  kick();
   thread_.join();
+}
+
+void VcpuRunner::pause() {
+  if (!thread_.joinable()) return;
+  std::unique_lock lock(pauseMutex_);
+  pauseRequested_ = true;
+  kick();
+  pauseChanged_.wait(lock, [&] { return parked_ || ended_; });
+}
+
+void VcpuRunner::resume() {
+  {
+    std::lock_guard lock(pauseMutex_);
+    pauseRequested_ = false;
+  }
+  pauseChanged_.notify_all();
+}
+
+void VcpuRunner::parkWhilePaused() {
+  std::unique_lock lock(pauseMutex_);
+  if (!pauseRequested_) return;
+  parked_ = true;
+  pauseChanged_.notify_all();
+  pauseChanged_.wait(lock, [&] { return !pauseRequested_; });
+  parked_ = false;
+  vcpu_.runState()->immediate_exit = 0;
 }
 
 void VcpuRunner::loop(std::function<void()> beforeFirstEntry) {
   try {
     if (beforeFirstEntry) beforeFirstEntry();
     while (!stopping_) {
-      if (!vcpu_.run()) continue;  // kicked by a signal; re-check stopping_
+      if (!vcpu_.run()) {
+        // Kicked: by stop() or pause(). immediate_exit stays set until resume clears it.
+        parkWhilePaused();
+        continue;
+      }
       if (!handleExit()) break;
     }
   } catch (const std::exception& e) {
     exitSignal_.request(ExitReason::kInternalError, fmt::format("vcpu{}: {}", vcpu_.id(), e.what()));
   }
+  std::lock_guard lock(pauseMutex_);
+  ended_ = true;
+  pauseChanged_.notify_all();
 }
 
 bool VcpuRunner::handleExit() {

@@ -2,6 +2,8 @@
 // One thread per vCPU: KVM_RUN, then dispatch the exit to the port or MMIO bus.
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <functional>
 #include <thread>
 
@@ -29,6 +31,10 @@ class VcpuRunner {
   void start(std::function<void()> beforeFirstEntry = {});
   // Kicks the thread out of KVM_RUN and joins it.
   void stop();
+  // Kicks the thread out of KVM_RUN and parks it until resume(); returns once it is parked
+  // (or has ended). The vCPU's state is then stable for reading.
+  void pause();
+  void resume();
 
  private:
   void loop(std::function<void()> beforeFirstEntry);
@@ -42,7 +48,17 @@ class VcpuRunner {
   const Bus& mmio_;
   ExitSignal& exitSignal_;
   spdlog::logger& log_;
+  // Leaves KVM_RUN: immediate_exit for the next entry, a signal for the current one.
+  void kick();
+  // Called on the vCPU thread between runs: parks while paused.
+  void parkWhilePaused();
+
   std::atomic<bool> stopping_{false};
+  std::mutex pauseMutex_;
+  std::condition_variable pauseChanged_;
+  bool pauseRequested_ = false;
+  bool parked_ = false;
+  bool ended_ = false;
   std::thread thread_;
 };
 

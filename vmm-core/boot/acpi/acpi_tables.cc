@@ -311,8 +311,8 @@ std::vector<uint8_t> buildFadt(uint64_t dsdtAddress, uint64_t facsAddress) {
   fadt.pLvl2Lat = kC2Unsupported;
   fadt.pLvl3Lat = kC3Unsupported;
   fadt.iapcBootArch = kBootArchLegacyDevices | kBootArch8042 | kBootArchNoVga;
-  fadt.flags = kFadtWbinvd | kFadtProcC1 | kFadtPowerButtonIsControlMethod |
-               kFadtSleepButtonIsControlMethod | kFadtNoRtcWakeStatus | kFadtTimerValueExtended |
+  // A fixed-feature power button (AcpiPm::pressPowerButton): `clone shutdown` presses it.
+  fadt.flags = kFadtWbinvd | kFadtProcC1 | kFadtSleepButtonIsControlMethod | kFadtNoRtcWakeStatus | kFadtTimerValueExtended |
                kFadtResetRegSupported;
   fadt.resetReg = systemIo(layout::kResetPort, 1, kAccessByte);
   fadt.resetValue = layout::kResetValue;

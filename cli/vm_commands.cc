@@ -1,0 +1,93 @@
+#include "cli/vm_commands.h"
+
+#include <capnp/rpc-twoparty.h>
+#include <fmt/format.h>
+
+#include "ipc/capnp/rpc_socket.h"
+#include "vm_control.capnp.h"
+
+namespace clonevm::cli {
+namespace {
+
+const char* stateName(rpc::VmState state) {
+  switch (state) {
+    case rpc::VmState::RUNNING: return "running";
+    case rpc::VmState::PAUSED: return "paused";
+    case rpc::VmState::STOPPING: return "stopping";
+  }
+  return "unknown";
+}
+
+// Connects to the VM's API socket and runs `call` with its VmControl capability.
+template <typename Call>
+void withVm(const std::string& socket, Call&& call) {
+  auto io = kj::setupAsyncIo();
+  auto connection = rpc::connectUnix(io, socket);
+  capnp::TwoPartyClient client(*connection);
+  auto vm = client.bootstrap().castAs<rpc::VmControl>();
+  rpc::rethrowKj("VM API " + socket, [&] { call(vm, io.waitScope); });
+}
+
+void printStatus(const rpc::VmStatus::Reader& status, bool json, std::ostream& out) {
+  if (json) {
+    out << fmt::format(
+        R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}"}})"
+        "\n",
+        stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
+        status.getUptimeMs(), status.getPid(), status.getKernel().cStr());
+    return;
+  }
+  out << fmt::format("state: {}\nvcpus: {}\nmemory: {} MiB\nuptime: {:.1f} s\npid: {}\nkernel: {}\n",
+                     stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
+                     status.getUptimeMs() / 1000.0, status.getPid(), status.getKernel().cStr());
+}
+
+CLI::App* addVerb(CLI::App& app, const std::string& name, const std::string& help,
+                  VmCommandOptions& options) {
+  auto* verb = app.add_subcommand(name, help);
+  verb->add_option("--vm", options.socket, "the VM's API socket (clone run --api-socket)")
+      ->required();
+  return verb;
+}
+
+}  // namespace
+
+void addVmCommands(CLI::App& app, VmCommandOptions& options, Streams streams) {
+  auto* status = addVerb(app, "status", "show a running VM's state", options);
+  status->add_flag("--json", options.json, "print one JSON object");
+  status->callback([&options, streams] {
+    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      auto response = vm.statusRequest().send().wait(waitScope);
+      printStatus(response.getStatus(), options.json, streams.out);
+    });
+  });
+
+  addVerb(app, "pause", "stop a VM's vCPUs (its memory and devices stay)", options)
+      ->callback([&options, streams] {
+        withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+          vm.pauseRequest().send().wait(waitScope);
+        });
+        streams.out << "paused\n";
+      });
+
+  addVerb(app, "resume", "let a paused VM run again", options)->callback([&options, streams] {
+    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      vm.resumeRequest().send().wait(waitScope);
+    });
+    streams.out << "resumed\n";
+  });
+
+  auto* shutdown = addVerb(app, "shutdown", "end a VM now (or ask the guest, with --graceful)", options);
+  shutdown->add_flag("--graceful", options.graceful,
+                     "press the ACPI power button and let the guest power off");
+  shutdown->callback([&options, streams] {
+    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      auto request = vm.shutdownRequest();
+      request.setGraceful(options.graceful);
+      request.send().wait(waitScope);
+    });
+    streams.out << (options.graceful ? "power button pressed\n" : "stopped\n");
+  });
+}
+
+}  // namespace clonevm::cli

@@ -1,0 +1,32 @@
+@0xe2058d8eb8a37244;
+# The VM management API, served by clone-vmm on its --api-socket (a unix socket, Cap'n Proto
+# two-party RPC). The CLI and the daemon are its clients. It carries no memory or device
+# privileges: device processes get their own, narrower interface (device_control.capnp).
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("clonevm::rpc");
+
+enum VmState {
+  running @0;
+  paused @1;
+  stopping @2;
+}
+
+struct VmStatus {
+  state @0 :VmState;
+  vcpus @1 :UInt32;
+  memoryMib @2 :UInt64;
+  uptimeMs @3 :UInt64;      # since the first vCPU entry
+  pid @4 :UInt32;           # of clone-vmm
+  kernel @5 :Text;
+}
+
+interface VmControl {
+  status @0 () -> (status :VmStatus);
+  # Parks every vCPU; returns once all are parked. Device processes keep running.
+  pause @1 () -> ();
+  resume @2 () -> ();
+  # graceful: presses the ACPI power button and leaves the rest to the guest.
+  # Otherwise the VM stops now, as if powered off.
+  shutdown @3 (graceful :Bool) -> ();
+}

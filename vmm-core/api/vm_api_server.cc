@@ -1,0 +1,80 @@
+#include "vmm-core/api/vm_api_server.h"
+
+#include <unistd.h>
+
+#include <capnp/rpc-twoparty.h>
+#include <kj/async-unix.h>
+
+#include "ipc/capnp/rpc_socket.h"
+#include "vm_control.capnp.h"
+
+namespace clonevm::vmm {
+namespace {
+
+class VmControlServer final : public rpc::VmControl::Server {
+ public:
+  VmControlServer(Machine& machine, spdlog::logger& log) : machine_(machine), log_(log) {}
+
+  kj::Promise<void> status(StatusContext context) override {
+    auto status = context.getResults().initStatus();
+    if (machine_.exitSignal().requested()) {
+      status.setState(rpc::VmState::STOPPING);
+    } else {
+      status.setState(machine_.paused() ? rpc::VmState::PAUSED : rpc::VmState::RUNNING);
+    }
+    status.setVcpus(machine_.config().vcpuCount);
+    status.setMemoryMib(machine_.config().memoryBytes >> 20);
+    status.setUptimeMs(static_cast<uint64_t>(machine_.uptimeMillis()));
+    status.setPid(static_cast<uint32_t>(::getpid()));
+    status.setKernel(machine_.config().kernelPath);
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> pause(PauseContext) override {
+    log_.info("API: pause");
+    machine_.pause();
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> resume(ResumeContext) override {
+    log_.info("API: resume");
+    machine_.resume();
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> shutdown(ShutdownContext context) override {
+    if (context.getParams().getGraceful()) {
+      log_.info("API: shutdown (ACPI power button)");
+      machine_.pressPowerButton();
+    } else {
+      log_.info("API: shutdown (stop now)");
+      machine_.requestExit(ExitReason::kPowerOff, "stopped through the API");
+    }
+    return kj::READY_NOW;
+  }
+
+ private:
+  Machine& machine_;
+  spdlog::logger& log_;
+};
+
+}  // namespace
+
+ExitReason runWithApi(Machine& machine, const std::string& socketPath, spdlog::logger& log) {
+  auto io = kj::setupAsyncIo();
+  auto listener = rpc::listenUnix(io, socketPath);
+  capnp::TwoPartyServer server(kj::heap<VmControlServer>(machine, log));
+  auto serving = server.listen(*listener).eagerlyEvaluate([&log](kj::Exception&& e) {
+    log.error("API socket: {}", rpc::describeKjException(e));
+  });
+  log.info("API listening on {}", socketPath);
+  machine.start();
+  kj::UnixEventPort::FdObserver exitObserver(io.unixEventPort, machine.exitSignal().eventFd(),
+                                             kj::UnixEventPort::FdObserver::OBSERVE_READ);
+  exitObserver.whenBecomesReadable().wait(io.waitScope);
+  ExitReason reason = machine.finish();
+  ::unlink(socketPath.c_str());
+  return reason;
+}
+
+}  // namespace clonevm::vmm
