@@ -4,6 +4,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "common/error.h"
@@ -112,11 +113,36 @@ void KvmVm::addIoeventfd(uint64_t address, uint32_t length, int eventfd, bool pi
   CLONE_SYSCALL(::ioctl(fd_.get(), KVM_IOEVENTFD, &ioeventfd), "KVM_IOEVENTFD");
 }
 
+void KvmVm::removeIoeventfd(uint64_t address, uint32_t length, int eventfd, bool pio) {
+  kvm_ioeventfd ioeventfd{};
+  ioeventfd.addr = address;
+  ioeventfd.len = length;
+  ioeventfd.fd = eventfd;
+  ioeventfd.flags = KVM_IOEVENTFD_FLAG_DEASSIGN | (pio ? KVM_IOEVENTFD_FLAG_PIO : 0);
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_IOEVENTFD, &ioeventfd), "KVM_IOEVENTFD deassign");
+}
+
 void KvmVm::addIrqfd(int eventfd, uint32_t gsi) {
   kvm_irqfd irqfd{};
   irqfd.fd = static_cast<uint32_t>(eventfd);
   irqfd.gsi = gsi;
   CLONE_SYSCALL(::ioctl(fd_.get(), KVM_IRQFD, &irqfd), "KVM_IRQFD");
+}
+
+void KvmVm::removeIrqfd(int eventfd, uint32_t gsi) {
+  kvm_irqfd irqfd{};
+  irqfd.fd = static_cast<uint32_t>(eventfd);
+  irqfd.gsi = gsi;
+  irqfd.flags = KVM_IRQFD_FLAG_DEASSIGN;
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_IRQFD, &irqfd), "KVM_IRQFD deassign");
+}
+
+void KvmVm::setGsiRouting(std::span<const kvm_irq_routing_entry> entries) {
+  FlexibleArray<kvm_irq_routing, kvm_irq_routing_entry> routing(entries.size());
+  routing.get()->nr = static_cast<uint32_t>(entries.size());
+  routing.get()->flags = 0;
+  std::copy(entries.begin(), entries.end(), routing.get()->entries);
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_GSI_ROUTING, routing.get()), "KVM_SET_GSI_ROUTING");
 }
 
 KvmVcpu::KvmVcpu(const KvmVm& vm, uint32_t id)

@@ -5,6 +5,7 @@
 #include "vmm-core/kvm/kvm_uapi.h"
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -45,8 +46,15 @@ class KvmVm {
   void setIrqLine(uint32_t gsi, bool level);
   // Registers `eventfd` so a write to `address` (port or MMIO) signals it without an exit.
   void addIoeventfd(uint64_t address, uint32_t length, int eventfd, bool pio);
+  // Undoes addIoeventfd with the same arguments.
+  void removeIoeventfd(uint64_t address, uint32_t length, int eventfd, bool pio);
   // Registers `eventfd` so that signalling it injects GSI `gsi`.
   void addIrqfd(int eventfd, uint32_t gsi);
+  // Undoes addIrqfd with the same arguments.
+  void removeIrqfd(int eventfd, uint32_t gsi);
+  // Replaces the whole GSI routing table (KVM_SET_GSI_ROUTING), the irqchip's default
+  // routes included. Use GsiRouting (gsi_routing.h), which keeps the table, not this.
+  void setGsiRouting(std::span<const kvm_irq_routing_entry> entries);
 
  private:
   const KvmSystem& system_;
