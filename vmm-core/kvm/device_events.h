@@ -23,9 +23,13 @@ class IoEventRegistrar {
  public:
   virtual ~IoEventRegistrar() = default;
   // A guest write of exactly `length` bytes to MMIO `address` signals `eventfd` (any value).
+  // Length 0 matches a write of any width, where anyLengthIoeventfds() says so.
   virtual void addIoeventfd(uint64_t address, uint32_t length, int eventfd) = 0;
   // Undoes addIoeventfd with the same arguments.
   virtual void removeIoeventfd(uint64_t address, uint32_t length, int eventfd) = 0;
+  // Whether length 0 (any width) is allowed: KVM_CAP_IOEVENTFD_ANY_LENGTH. KVM puts such
+  // MMIO doorbells on its fast MMIO bus, which on Intel skips instruction decoding.
+  virtual bool anyLengthIoeventfds() const { return false; }
 };
 
 class MsiInterruptController {

@@ -15,6 +15,7 @@ uint32_t maxRoutes(const KvmVm& vm) {
 
 KvmDeviceEvents::KvmDeviceEvents(KvmVm& vm)
     : vm_(vm),
+      anyLength_(vm.system().checkExtension(KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0),
       routing_([&vm](std::span<const kvm_irq_routing_entry> table) { vm.setGsiRouting(table); },
                maxRoutes(vm)) {}
 

@@ -20,6 +20,7 @@ class KvmDeviceEvents final : public IoEventRegistrar, public MsiInterruptContro
 
   void addIoeventfd(uint64_t address, uint32_t length, int eventfd) override;
   void removeIoeventfd(uint64_t address, uint32_t length, int eventfd) override;
+  bool anyLengthIoeventfds() const override { return anyLength_; }
 
   uint32_t addMsiRoute(const MsiMessage& message) override;
   void updateMsiRoute(uint32_t gsi, const MsiMessage& message) override;
@@ -31,6 +32,7 @@ class KvmDeviceEvents final : public IoEventRegistrar, public MsiInterruptContro
 
  private:
   KvmVm& vm_;
+  bool anyLength_;
   GsiRouting routing_;
 };
 

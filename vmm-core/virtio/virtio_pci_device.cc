@@ -199,6 +199,7 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDeviceBackend> backend,
                        ~kUnsupportedTransportFeatures),
       layout_(VirtioPciBarLayout::forQueues(numQueues_)),
       initialBarAddress_(barAddress),
+      doorbellLength_(ioEvents.anyLengthIoeventfds() ? 0 : kNotifyAccessSize),
       config_(PciIds{.vendor = kVendorId,
                      .device = static_cast<uint16_t>(kDeviceIdBase + backend_->deviceType()),
                      .classCode = classCodeFor(backend_->deviceType()),
@@ -336,7 +337,7 @@ void VirtioPciDevice::registerDoorbellsLocked(uint64_t barBase) {
   for (uint16_t i = 0; i < numQueues_; ++i) {
     uint64_t address = barBase + layout_.notify + uint64_t{i} * kNotifyOffMultiplier;
     try {
-      ioEvents_.addIoeventfd(address, kNotifyAccessSize, queues_[i].kick.get());
+      ioEvents_.addIoeventfd(address, doorbellLength_, queues_[i].kick.get());
       doorbells_.emplace_back(address, queues_[i].kick.get());
     } catch (const std::exception& e) {
       // The doorbell still works, through an exit to the core (notifyWriteLocked).
@@ -349,7 +350,7 @@ void VirtioPciDevice::registerDoorbellsLocked(uint64_t barBase) {
 void VirtioPciDevice::unregisterDoorbellsLocked() {
   for (const auto& [address, fd] : doorbells_) {
     try {
-      ioEvents_.removeIoeventfd(address, kNotifyAccessSize, fd);
+      ioEvents_.removeIoeventfd(address, doorbellLength_, fd);
     } catch (const std::exception& e) {
       log_.error("virtio-pci: removing the doorbell at {:#x}: {}", address, e.what());
     }
@@ -902,7 +903,12 @@ void VirtioPciDevice::syncInterruptsLocked() {
       // What was signalled while nobody listened (masked: the PBA showed it) is delivered
       // once now, through the irqfd, so KVM sees exactly one edge.
       bool pending = drainEventFd(fd) != 0;
-      interrupts_.addIrqfd(fd, route->second.gsi);
+      try {
+        interrupts_.addIrqfd(fd, route->second.gsi);
+      } catch (...) {
+        if (pending) signalEventFd(fd);  // keep it pending (PBA) rather than lose it
+        throw;
+      }
       irqfds_.insert(irqfd);
       if (pending) signalEventFd(fd);
     }

@@ -12,8 +12,8 @@
 //
 // The data path never exits to the core:
 // - Each queue has a kick eventfd, registered as an ioeventfd on its doorbell (a 2-byte
-//   write at BAR 0 + notify + 4 * queue) wherever the guest decodes BAR 0, moved when the
-//   BAR moves (barMoved). A doorbell write that still reaches the core (other width, the
+//   write at BAR 0 + notify + 4 * queue; any width where KVM allows, for its fast MMIO
+//   path) wherever the guest decodes BAR 0, moved when the BAR moves (barMoved). A doorbell write that still reaches the core (other width, the
 //   PCI_CFG window) signals the same eventfd.
 // - Each queue has a call eventfd, and the device one config eventfd. For every MSI-X
 //   vector that a queue or the config uses, the transport allocates a GSI with an MSI route
@@ -228,6 +228,7 @@ class VirtioPciDevice final : public PciDevice, public BusDevice {
   const uint64_t offeredFeatures_;
   const VirtioPciBarLayout layout_;
   const uint64_t initialBarAddress_;
+  const uint32_t doorbellLength_;  // of the ioeventfds: 0 (any) or kNotifyAccessSize
 
   mutable std::mutex mutex_;
   PciConfigSpace config_;

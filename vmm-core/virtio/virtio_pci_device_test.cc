@@ -98,6 +98,7 @@ class FakeEvents : public IoEventRegistrar, public MsiInterruptController {
   void removeIoeventfd(uint64_t address, uint32_t length, int fd) override {
     ASSERT_EQ(doorbells.erase({address, length, fd}), 1u) << "not registered";
   }
+  bool anyLengthIoeventfds() const override { return anyLength; }
   uint32_t addMsiRoute(const MsiMessage& message) override {
     if (failRoutes) throw Error("KVM_SET_GSI_ROUTING: No space left on device");
     uint32_t gsi = nextGsi++;
@@ -116,6 +117,7 @@ class FakeEvents : public IoEventRegistrar, public MsiInterruptController {
     ++routeCommits;
   }
   void addIrqfd(int fd, uint32_t gsi) override {
+    if (failIrqfds) throw Error("KVM_IRQFD: Resource busy");
     ASSERT_TRUE(routes.contains(gsi)) << "irqfd on a GSI without a route";
     for (const auto& [otherFd, otherGsi] : irqfds) ASSERT_NE(otherFd, fd) << "eventfd used twice";
     irqfds.insert({fd, gsi});
@@ -141,6 +143,8 @@ class FakeEvents : public IoEventRegistrar, public MsiInterruptController {
   uint32_t nextGsi = 24;
   int routeCommits = 0;
   bool failRoutes = false;
+  bool failIrqfds = false;
+  bool anyLength = false;
 };
 
 // Where the capabilities say the structures are, found as Linux's virtio_pci_find_capability
@@ -488,6 +492,19 @@ TEST_F(VirtioPciDeviceTest, DoorbellsFollowTheBar) {
   EXPECT_TRUE(events_.routes.empty());
 }
 
+TEST_F(VirtioPciDeviceTest, AnyWidthDoorbellsWhereKvmAllowsThem) {
+  events_.anyLength = true;
+  plug();
+  programBar(kBarAddress);
+  std::set<FakeEvents::Doorbell> doorbells = {
+      {doorbell(0), 0, device_->kickFd(0)},
+      {doorbell(1), 0, device_->kickFd(1)},
+  };
+  EXPECT_EQ(events_.doorbells, doorbells);
+  cfgWrite(pci::kCommand, 0, 2);
+  EXPECT_TRUE(events_.doorbells.empty());
+}
+
 TEST_F(VirtioPciDeviceTest, DoorbellsThatReachTheCoreStillKick) {
   plug();
   bringUp();
@@ -788,6 +805,15 @@ TEST_F(VirtioPciDeviceTest, InterruptRoutingFailureNeedsResetInsteadOfCrashing) 
   ASSERT_TRUE(negotiate());
   setCommon(kMsixConfig, 0, 2);
   EXPECT_EQ(events_.routes.size(), 1u);
+
+  // An irqfd that cannot be added keeps what was pending visible in the PBA.
+  setVectorMasked(0, true);
+  signal(device_->configFd());
+  events_.failIrqfds = true;
+  setVectorMasked(0, false);
+  EXPECT_TRUE(status() & virtio::kStatusNeedsReset);
+  EXPECT_TRUE(readable(device_->configFd()));
+  events_.failIrqfds = false;
 }
 
 TEST_F(VirtioPciDeviceTest, OddAccessesAreHarmless) {
