@@ -14,6 +14,8 @@
 
 #include "common/error.h"
 #include "vmm-core/devices/pci_root.h"
+#include "vmm-core/virtio/testing/fake_device_events.h"
+#include "vmm-core/virtio/testing/virtio_pci_test_driver.h"
 #include "vmm-core/virtio/virtio.h"
 
 namespace clonevm::vmm {
@@ -82,244 +84,29 @@ class FakeBackend : public VirtioDeviceBackend {
   int resets = 0;
 };
 
-// Records what the transport asks of KVM.
-class FakeEvents : public IoEventRegistrar, public MsiInterruptController {
- public:
-  struct Doorbell {
-    uint64_t address;
-    uint32_t length;
-    int fd;
-    auto operator<=>(const Doorbell&) const = default;
-  };
+using virtio_testing::msiFor;
 
-  void addIoeventfd(uint64_t address, uint32_t length, int fd) override {
-    ASSERT_TRUE(doorbells.insert({address, length, fd}).second) << "registered twice";
-  }
-  void removeIoeventfd(uint64_t address, uint32_t length, int fd) override {
-    ASSERT_EQ(doorbells.erase({address, length, fd}), 1u) << "not registered";
-  }
-  bool anyLengthIoeventfds() const override { return anyLength; }
-  uint32_t addMsiRoute(const MsiMessage& message) override {
-    if (failRoutes) throw Error("KVM_SET_GSI_ROUTING: No space left on device");
-    uint32_t gsi = nextGsi++;
-    routes[gsi] = message;
-    ++routeCommits;
-    return gsi;
-  }
-  void updateMsiRoute(uint32_t gsi, const MsiMessage& message) override {
-    ASSERT_TRUE(routes.contains(gsi));
-    routes[gsi] = message;
-    ++routeCommits;
-  }
-  void removeMsiRoute(uint32_t gsi) override {
-    ASSERT_EQ(routes.erase(gsi), 1u);
-    ASSERT_FALSE(gsiHasIrqfd(gsi)) << "route removed under an irqfd";
-    ++routeCommits;
-  }
-  void addIrqfd(int fd, uint32_t gsi) override {
-    if (failIrqfds) throw Error("KVM_IRQFD: Resource busy");
-    ASSERT_TRUE(routes.contains(gsi)) << "irqfd on a GSI without a route";
-    for (const auto& [otherFd, otherGsi] : irqfds) ASSERT_NE(otherFd, fd) << "eventfd used twice";
-    irqfds.insert({fd, gsi});
-  }
-  void removeIrqfd(int fd, uint32_t gsi) override { ASSERT_EQ(irqfds.erase({fd, gsi}), 1u); }
-
-  bool gsiHasIrqfd(uint32_t gsi) const {
-    for (const auto& [fd, g] : irqfds) {
-      if (g == gsi) return true;
-    }
-    return false;
-  }
-  std::optional<uint32_t> gsiOf(int fd) const {
-    for (const auto& [f, gsi] : irqfds) {
-      if (f == fd) return gsi;
-    }
-    return std::nullopt;
-  }
-
-  std::set<Doorbell> doorbells;
-  std::map<uint32_t, MsiMessage> routes;
-  std::set<std::pair<int, uint32_t>> irqfds;
-  uint32_t nextGsi = 24;
-  int routeCommits = 0;
-  bool failRoutes = false;
-  bool failIrqfds = false;
-  bool anyLength = false;
-};
-
-// Where the capabilities say the structures are, found as Linux's virtio_pci_find_capability
-// does: by walking the capability list.
-struct Caps {
-  uint16_t common = 0, notify = 0, isr = 0, device = 0, pciCfg = 0, msix = 0;
-};
-
-// The x86 MSI message Linux programs for `vector` on APIC `apic`.
-MsiMessage msiFor(uint8_t vector, uint8_t apic = 0) {
-  return {0xfee00000u | uint32_t{apic} << 12, 0x4000u | vector};
-}
-
-class VirtioPciDeviceTest : public ::testing::Test {
+class VirtioPciDeviceTest : public ::testing::Test,
+                            protected virtio_testing::VirtioPciTestDriver {
  protected:
+  using FakeEvents = virtio_testing::FakeDeviceEvents;
+
   VirtioPciDeviceTest()
       : log_("test", std::make_shared<spdlog::sinks::null_sink_mt>()),
         memory_(GuestMemory::create(16 * kMiB)),
         backend_(std::make_shared<FakeBackend>()) {}
 
+  // The device (held by the driver base) must go before events_ and memory_.
+  void TearDown() override {
+    detach();
+    for (const auto& violation : events_.violations) ADD_FAILURE() << violation;
+  }
+
   // Builds the device (tests may tweak backend_ first) and plugs it into a root bus.
   void plug(uint64_t barAddress = 0) {
-    device_ = std::make_shared<VirtioPciDevice>(backend_, memory_, events_, events_, log_,
-                                                barAddress);
-    root_ = std::make_shared<PciRoot>(log_);
-    bdf_ = root_->addDevice(device_);
-    ecam_ = std::make_unique<PciEcam>(root_);
-    caps_ = findCaps();
-  }
-
-  uint32_t cfgRead(uint16_t reg, size_t size = 4) {
-    uint8_t bytes[4] = {};
-    ecam_->read(ecamOffset(reg), {bytes, size});
-    uint32_t value = 0;
-    for (size_t i = 0; i < size; ++i) value |= uint32_t{bytes[i]} << (8 * i);
-    return value;
-  }
-  void cfgWrite(uint16_t reg, uint32_t value, size_t size = 4) {
-    uint8_t bytes[4] = {};
-    for (size_t i = 0; i < size; ++i) bytes[i] = static_cast<uint8_t>(value >> (8 * i));
-    ecam_->write(ecamOffset(reg), {bytes, size});
-  }
-  uint64_t ecamOffset(uint16_t reg) const { return uint64_t{bdf_.device} << 15 | reg; }
-
-  Caps findCaps() {
-    Caps caps;
-    EXPECT_TRUE(cfgRead(pci::kStatus, 2) & pci::kStatusCapabilities);
-    int guard = 0;
-    for (uint16_t pos = cfgRead(pci::kCapabilitiesPointer, 1) & ~3u; pos != 0 && guard < 48;
-         pos = cfgRead(pos + 1, 1) & ~3u, ++guard) {
-      uint8_t id = static_cast<uint8_t>(cfgRead(pos, 1));
-      if (id == kCapIdMsix) {
-        caps.msix = pos;
-        continue;
-      }
-      EXPECT_EQ(id, kCapIdVendor);
-      switch (cfgRead(pos + kCapCfgType, 1)) {
-        case kCapCommon: caps.common = pos; break;
-        case kCapNotify: caps.notify = pos; break;
-        case kCapIsr: caps.isr = pos; break;
-        case kCapDevice: caps.device = pos; break;
-        case kCapPciCfg: caps.pciCfg = pos; break;
-        default: ADD_FAILURE() << "unknown virtio cap type"; break;
-      }
-    }
-    return caps;
-  }
-  uint32_t capOffset(uint16_t cap) { return cfgRead(cap + kCapOffset); }
-
-  // BAR programming as firmware or Linux does it: decoding off, both halves, decoding on.
-  void programBar(uint64_t address) {
-    uint16_t command = static_cast<uint16_t>(cfgRead(pci::kCommand, 2));
-    cfgWrite(pci::kCommand, command & ~pci::kCommandMemory, 2);
-    cfgWrite(pci::kBar0, static_cast<uint32_t>(address));
-    cfgWrite(pci::kBar0 + 4, static_cast<uint32_t>(address >> 32));
-    cfgWrite(pci::kCommand, command | pci::kCommandMemory | pci::kCommandBusMaster, 2);
-    bar_ = address;
-  }
-
-  // MMIO through a bus, as a vCPU exit would reach it.
-  uint64_t mmioRead(uint64_t offset, size_t size) {
-    Bus bus("mmio");
-    bus.insert(bar_, device_->layout().size, device_);
-    uint8_t bytes[8] = {};
-    EXPECT_TRUE(bus.read(bar_ + offset, {bytes, size}));
-    uint64_t value = 0;
-    for (size_t i = 0; i < size; ++i) value |= uint64_t{bytes[i]} << (8 * i);
-    return value;
-  }
-  void mmioWrite(uint64_t offset, uint64_t value, size_t size) {
-    Bus bus("mmio");
-    bus.insert(bar_, device_->layout().size, device_);
-    uint8_t bytes[8] = {};
-    for (size_t i = 0; i < size; ++i) bytes[i] = static_cast<uint8_t>(value >> (8 * i));
-    EXPECT_TRUE(bus.write(bar_ + offset, {bytes, size}));
-  }
-
-  // Common config, at its natural widths.
-  uint64_t common(uint16_t field, size_t size) {
-    return mmioRead(capOffset(caps_.common) + field, size);
-  }
-  void setCommon(uint16_t field, uint64_t value, size_t size) {
-    mmioWrite(capOffset(caps_.common) + field, value, size);
-  }
-  uint8_t status() { return static_cast<uint8_t>(common(kDeviceStatus, 1)); }
-  void addStatus(uint8_t bits) { setCommon(kDeviceStatus, status() | bits, 1); }
-
-  uint64_t deviceFeatures() {
-    setCommon(kDeviceFeatureSelect, 0, 4);
-    uint64_t features = common(kDeviceFeature, 4);
-    setCommon(kDeviceFeatureSelect, 1, 4);
-    return features | common(kDeviceFeature, 4) << 32;
-  }
-  void setDriverFeatures(uint64_t features) {
-    setCommon(kDriverFeatureSelect, 0, 4);
-    setCommon(kDriverFeature, static_cast<uint32_t>(features), 4);
-    setCommon(kDriverFeatureSelect, 1, 4);
-    setCommon(kDriverFeature, features >> 32, 4);
-  }
-
-  // virtio_dev_probe up to FEATURES_OK; returns whether the device kept FEATURES_OK.
-  bool negotiate(std::optional<uint64_t> features = std::nullopt) {
-    setCommon(kDeviceStatus, 0, 1);
-    EXPECT_EQ(status(), 0);
-    addStatus(virtio::kStatusAcknowledge);
-    addStatus(virtio::kStatusDriver);
-    setDriverFeatures(features.value_or(deviceFeatures()));
-    addStatus(virtio::kStatusFeaturesOk);
-    return status() & virtio::kStatusFeaturesOk;
-  }
-
-  // pci_msix_enable: enable with the function masked, program entries, unmask the function;
-  // request_irq then unmasks each vector.
-  void enableMsix(int vectors) {
-    uint16_t control = caps_.msix + kMsixControl;
-    cfgWrite(control, cfgRead(control, 2) | kMsixControlEnable | kMsixControlFunctionMask, 2);
-    for (int v = 0; v < vectors; ++v) {
-      MsiMessage message = msiFor(static_cast<uint8_t>(0x30 + v), static_cast<uint8_t>(v));
-      writeMsixEntry(v, message);
-    }
-    cfgWrite(control, cfgRead(control, 2) & ~kMsixControlFunctionMask, 2);
-    for (int v = 0; v < vectors; ++v) setVectorMasked(v, false);
-  }
-  uint64_t msixTable() { return cfgRead(caps_.msix + kMsixTable) & ~7u; }
-  uint64_t msixPba() { return cfgRead(caps_.msix + kMsixPba) & ~7u; }
-  void writeMsixEntry(int vector, const MsiMessage& message) {
-    uint64_t entry = msixTable() + uint64_t(vector) * kMsixEntrySize;
-    mmioWrite(entry + 0, static_cast<uint32_t>(message.address), 4);
-    mmioWrite(entry + 4, message.address >> 32, 4);
-    mmioWrite(entry + 8, message.data, 4);
-  }
-  void setVectorMasked(int vector, bool masked) {
-    mmioWrite(msixTable() + uint64_t(vector) * kMsixEntrySize + 12, masked ? 1 : 0, 4);
-  }
-
-  struct QueueSetup {
-    uint16_t size;
-    uint64_t desc, driver, device;
-    uint16_t vector;
-  };
-  // vp_modern's setup_vq, then vp_modern_find_vqs' queue_enable.
-  void setupQueue(uint16_t index, const QueueSetup& q, bool enable = true) {
-    setCommon(kQueueSelect, index, 2);
-    ASSERT_NE(common(kQueueSize, 2), 0u);  // the queue exists
-    ASSERT_EQ(common(kQueueEnable, 2), 0u);
-    setCommon(kQueueSize, q.size, 2);
-    setCommon(kQueueDesc, static_cast<uint32_t>(q.desc), 4);
-    setCommon(kQueueDesc + 4, q.desc >> 32, 4);
-    setCommon(kQueueDriver, static_cast<uint32_t>(q.driver), 4);
-    setCommon(kQueueDriver + 4, q.driver >> 32, 4);
-    setCommon(kQueueDevice, static_cast<uint32_t>(q.device), 4);
-    setCommon(kQueueDevice + 4, q.device >> 32, 4);
-    setCommon(kQueueMsixVector, q.vector, 2);
-    ASSERT_EQ(common(kQueueMsixVector, 2), q.vector);
-    if (enable) setCommon(kQueueEnable, 1, 2);
+    attach(std::make_shared<VirtioPciDevice>(backend_, memory_, events_, events_, log_,
+                                             barAddress),
+           log_);
   }
 
   static constexpr QueueSetup kQueue0{256, 0x10000, 0x11000, 0x12000, 1};
@@ -337,22 +124,10 @@ class VirtioPciDeviceTest : public ::testing::Test {
     addStatus(virtio::kStatusDriverOk);
   }
 
-  uint64_t doorbell(uint16_t queue) {
-    uint32_t multiplier = cfgRead(caps_.notify + kCapNotifyMultiplier);
-    setCommon(kQueueSelect, queue, 2);
-    return bar_ + capOffset(caps_.notify) + common(kQueueNotifyOff, 2) * multiplier;
-  }
-
   spdlog::logger log_;
   GuestMemory memory_;
   std::shared_ptr<FakeBackend> backend_;
   FakeEvents events_;
-  std::shared_ptr<VirtioPciDevice> device_;
-  std::shared_ptr<PciRoot> root_;
-  Bdf bdf_;
-  std::unique_ptr<PciEcam> ecam_;
-  Caps caps_;
-  uint64_t bar_ = 0;
 };
 
 TEST_F(VirtioPciDeviceTest, PciIdentityAndCapabilities) {
@@ -485,9 +260,7 @@ TEST_F(VirtioPciDeviceTest, DoorbellsFollowTheBar) {
   EXPECT_TRUE(events_.doorbells.contains({doorbell(0), 2, device_->kickFd(0)}));
   EXPECT_EQ(events_.doorbells.size(), 2u);
 
-  device_.reset();  // the destructor unregisters; the root still holds a reference
-  root_.reset();
-  ecam_.reset();
+  detach();  // the last references: the destructor unregisters everything
   EXPECT_TRUE(events_.doorbells.empty());
   EXPECT_TRUE(events_.routes.empty());
 }
