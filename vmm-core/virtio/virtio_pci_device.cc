@@ -438,6 +438,7 @@ void VirtioPciDevice::notifyWriteLocked(uint64_t offset, size_t size) {
     log_.debug("virtio-pci: {}-byte doorbell write at notify+{:#x} ignored", size, offset);
     return;
   }
+  ++doorbellExits_;
   signalEventFd(queues_[offset / kNotifyOffMultiplier].kick.get());
 }
 

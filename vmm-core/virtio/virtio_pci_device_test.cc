@@ -284,6 +284,7 @@ TEST_F(VirtioPciDeviceTest, DoorbellsThatReachTheCoreStillKick) {
   EXPECT_FALSE(readable(device_->kickFd(1)));
   mmioWrite(doorbell(1) - bar_, 1, 4);  // a 4-byte write: no ioeventfd match, an exit
   EXPECT_EQ(drain(device_->kickFd(1)), 1u);
+  EXPECT_EQ(device_->doorbellExits(), 1u);
   mmioWrite(doorbell(1) - bar_ + 2, 1, 2);  // not a doorbell
   EXPECT_FALSE(readable(device_->kickFd(1)));
   EXPECT_EQ(mmioRead(doorbell(0) - bar_, 2), 0u);
