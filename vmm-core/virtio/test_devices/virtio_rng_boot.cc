@@ -7,12 +7,14 @@
 //   clone-virtio-rng-boot KERNEL INITRD [CMDLINE]
 //
 // The guest's serial console goes to stdout. Exit status: 0 when the guest powered off,
-// 1 otherwise. CLONE_LOG=debug shows the transport's decisions.
+// 1 otherwise. CLONE_LOG=debug shows the transport's decisions; CLONE_VCPUS sets the vCPU
+// count (default 2, so the guest can move the queue's MSI between CPUs).
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "common/error.h"
@@ -77,21 +79,31 @@ int run(const char* kernel, const char* initrd, const char* cmdline) {
   boot.cmdline = cmdline;
   boot.acpiRsdpAddress = layout::kAcpiTablesAddr;
   LinuxBootInfo bootInfo = loadLinux(memory, boot);
-  writeAcpiTables(memory, AcpiConfig{.vcpuCount = 1, .pciMmio64Start = window});
+  uint32_t vcpuCount = 2;
+  if (const char* count = std::getenv("CLONE_VCPUS")) vcpuCount = std::stoul(count);
+  require(vcpuCount >= 1 && vcpuCount <= 8, "CLONE_VCPUS={} (1..8)", vcpuCount);
+  writeAcpiTables(memory, AcpiConfig{.vcpuCount = vcpuCount, .pciMmio64Start = window});
   writeLongModeTables(memory);
 
-  auto vcpu = std::make_unique<KvmVcpu>(vm, 0);
-  vcpu->setCpuid(buildGuestCpuid(kvm.supportedCpuid(), 0, 1));
-  vcpu->setMsrs(bootMsrs());
-  kvm_fpu fpu{};
-  fpu.fcw = 0x37f;
-  fpu.mxcsr = 0x1f80;
-  vcpu->setFpu(fpu);
-  setupLapicLints(*vcpu);
-  kvm_sregs sregs = vcpu->getSregs();
-  setupLongModeSregs(sregs);
-  vcpu->setSregs(sregs);
-  vcpu->setRegs(linuxEntryRegs(bootInfo.entryPoint, bootInfo.bootParamsAddress));
+  auto supported = kvm.supportedCpuid();
+  std::vector<std::unique_ptr<KvmVcpu>> vcpus;
+  for (uint32_t id = 0; id < vcpuCount; ++id) {
+    auto vcpu = std::make_unique<KvmVcpu>(vm, id);
+    vcpu->setCpuid(buildGuestCpuid(supported, id, vcpuCount));
+    vcpu->setMsrs(bootMsrs());
+    kvm_fpu fpu{};
+    fpu.fcw = 0x37f;
+    fpu.mxcsr = 0x1f80;
+    vcpu->setFpu(fpu);
+    setupLapicLints(*vcpu);
+    if (id == 0) {  // the others wait for the BSP's INIT/SIPI in the in-kernel LAPIC
+      kvm_sregs sregs = vcpu->getSregs();
+      setupLongModeSregs(sregs);
+      vcpu->setSregs(sregs);
+      vcpu->setRegs(linuxEntryRegs(bootInfo.entryPoint, bootInfo.bootParamsAddress));
+    }
+    vcpus.push_back(std::move(vcpu));
+  }
 
   Bus pio("port I/O");
   Bus mmio("MMIO");
@@ -107,10 +119,13 @@ int run(const char* kernel, const char* initrd, const char* cmdline) {
   log->info("virtio-rng at {} with BAR 0 at {:#x}+{:#x}, any-width doorbells: {}",
             bdf.toString(), window, device->layout().size, events.anyLengthIoeventfds());
 
-  VcpuRunner runner(*vcpu, pio, mmio, exitSignal, *log);
-  runner.start();
+  std::vector<std::unique_ptr<VcpuRunner>> runners;
+  for (auto& vcpu : vcpus) {
+    runners.push_back(std::make_unique<VcpuRunner>(*vcpu, pio, mmio, exitSignal, *log));
+    runners.back()->start();
+  }
   ExitReason reason = exitSignal.wait();
-  runner.stop();
+  for (auto& runner : runners) runner->stop();
   devices.flushConsole();
   std::fflush(stdout);
   log->info("guest ended: {} {}; virtio-rng served {} bytes, {} doorbell exits, {} MSI routes "
