@@ -53,7 +53,8 @@ LegacyDevices::LegacyDevices(const Config& config, Bus& pio, Bus& mmio) : config
     (region.guestAddress < layout::kHighRamStart ? below4G : above4G) += region.size;
   }
   pio.insert(layout::kCmosPort, Cmos::kPortCount,
-             std::make_shared<Cmos>(below4G, above4G, systemWallClock(), config.log));
+             std::make_shared<Cmos>(below4G, above4G, systemWallClock(), config.log,
+                                    Cmos::Options{.irq = &irqLine(layout::kRtcIrq)}));
 
   acpiPm_ = std::make_shared<AcpiPm>(
       irqLine(layout::kSciIrq), [&exitSignal] { exitSignal.request(ExitReason::kPowerOff); },

@@ -310,6 +310,7 @@ std::vector<uint8_t> buildFadt(uint64_t dsdtAddress, uint64_t facsAddress) {
   fadt.pmTmrLen = kPmTimerLength;
   fadt.pLvl2Lat = kC2Unsupported;
   fadt.pLvl3Lat = kC3Unsupported;
+  fadt.century = 0x32;  // the CMOS century register (devices/cmos.h)
   fadt.iapcBootArch = kBootArchLegacyDevices | kBootArch8042 | kBootArchNoVga;
   // A fixed-feature power button (AcpiPm::pressPowerButton): `clone shutdown` presses it.
   fadt.flags = kFadtWbinvd | kFadtProcC1 | kFadtSleepButtonIsControlMethod | kFadtNoRtcWakeStatus | kFadtTimerValueExtended |
