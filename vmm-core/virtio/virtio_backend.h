@@ -72,7 +72,8 @@ class VirtioDeviceBackend {
   // activation; the transport then sets DEVICE_NEEDS_RESET.
   virtual void activate(const VirtioActivationInfo& info) = 0;
   // The driver reset the device (wrote 0 to device_status): stop using the queues and
-  // guest memory and forget the negotiated state. Called on every reset, activated or not.
+  // guest memory and forget the negotiated state. Called on every reset, activated or not,
+  // and when the transport is destroyed while active (its eventfds close then).
   virtual void reset() = 0;
   // After every device_status change the transport accepted (not on reset), with the
   // status before and after (vhost-user's SET_STATUS, logging).

@@ -223,6 +223,15 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDeviceBackend> backend,
 
 VirtioPciDevice::~VirtioPciDevice() {
   std::lock_guard lock(mutex_);
+  // The backend may outlive us (shared_ptr) but must stop using our eventfds, which close
+  // now and whose numbers the process may reuse.
+  if (activated_) {
+    try {
+      backend_->reset();
+    } catch (const std::exception& e) {
+      log_.warn("virtio-pci: backend reset: {}", e.what());
+    }
+  }
   unregisterDoorbellsLocked();
   for (const auto& [fd, gsi] : irqfds_) {
     try {

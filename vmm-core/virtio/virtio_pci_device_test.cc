@@ -278,6 +278,17 @@ TEST_F(VirtioPciDeviceTest, AnyWidthDoorbellsWhereKvmAllowsThem) {
   EXPECT_TRUE(events_.doorbells.empty());
 }
 
+TEST_F(VirtioPciDeviceTest, DestroyingAnActiveDeviceStopsTheBackend) {
+  plug();
+  bringUp();
+  ASSERT_EQ(backend_->resets, 1);  // the probe's reset
+  detach();
+  EXPECT_EQ(backend_->resets, 2);
+  EXPECT_TRUE(events_.irqfds.empty());
+  EXPECT_TRUE(events_.routes.empty());
+  EXPECT_TRUE(events_.doorbells.empty());
+}
+
 TEST_F(VirtioPciDeviceTest, DoorbellsThatReachTheCoreStillKick) {
   plug();
   bringUp();
