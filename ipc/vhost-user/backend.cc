@@ -178,8 +178,10 @@ std::optional<Message> BackendSession::dispatch(Message& message) {
     case R::kSetMemTable: {
       auto header = message.payloadAs<MemoryTableHeader>();
       std::vector<MemoryRegion> regions(header.regionCount);
-      std::memcpy(regions.data(), message.payload.data() + sizeof(MemoryTableHeader),
-                  regions.size() * sizeof(MemoryRegion));
+      if (!regions.empty()) {
+        std::memcpy(regions.data(), message.payload.data() + sizeof(MemoryTableHeader),
+                    regions.size() * sizeof(MemoryRegion));
+      }
       memory_.setTable(regions, std::move(message.fds));
       log_.debug("vhost-user: memory table with {} regions", regions.size());
       return std::nullopt;

@@ -283,7 +283,7 @@ void Frontend::setConfig(uint32_t offset, std::span<const uint8_t> data, ConfigF
   std::vector<uint8_t> payload(sizeof(ConfigHeader) + data.size());
   ConfigHeader header{offset, static_cast<uint32_t>(data.size()), static_cast<uint32_t>(flags)};
   std::memcpy(payload.data(), &header, sizeof(header));
-  std::memcpy(payload.data() + sizeof(header), data.data(), data.size());
+  if (!data.empty()) std::memcpy(payload.data() + sizeof(header), data.data(), data.size());
   command(FrontendRequest::kSetConfig, payload);
 }
 

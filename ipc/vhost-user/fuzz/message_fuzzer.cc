@@ -182,7 +182,7 @@ void runScript(const uint8_t* data, size_t size) {
         uint16_t offset = in.u16() % kGuestSize;
         std::vector<uint8_t> bytes = in.bytes(in.u8());
         size_t n = std::min<size_t>(bytes.size(), kGuestSize - offset);
-        std::memcpy(guest.host(kGuestBase + offset), bytes.data(), n);
+        if (n > 0) std::memcpy(guest.host(kGuestBase + offset), bytes.data(), n);
         break;
       }
       default:
