@@ -523,8 +523,9 @@ class VhostUserBackend::Loop : public KickWatcher {
   int epoll_;
 };
 
-VhostUserBackend::VhostUserBackend(VhostUserDevice& device, spdlog::logger& log)
-    : device_(device), log_(log) {
+VhostUserBackend::VhostUserBackend(VhostUserDevice& device, spdlog::logger& log,
+                                   BackendOptions options)
+    : device_(device), log_(log), options_(options) {
   stopFd_ = UniqueFd(CLONE_SYSCALL(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK), "create stop eventfd"));
 }
 
@@ -577,6 +578,9 @@ void VhostUserBackend::serveConnection(UniqueFd connection) {
   epollAdd(epoll.get(), stopFd_.get(), kTagStop);
   epollAdd(epoll.get(), connection.get(), kTagSocket);
   Channel channel(std::move(connection), "front-end");
+  // Messages are read only once epoll says the socket is readable, so the timeout bites only
+  // on a message that stops half-way.
+  channel.setReceiveTimeout(options_.messageTimeout);
   Loop loop(epoll.get());
   session_ = std::make_unique<BackendSession>(device_, log_, &loop);
   ++connectionsServed_;

@@ -18,6 +18,7 @@
 // asked for one; otherwise the connection is dropped, since the front-end would never learn
 // that its request was ignored. GET_CONFIG failures get the spec's zero-length reply.
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -170,10 +171,16 @@ class BackendSession {
   void unmapInflight();
 };
 
+struct BackendOptions {
+  // A front-end that stops in the middle of a message for this long is dropped, so a stuck
+  // peer cannot hang the device process.
+  std::chrono::milliseconds messageTimeout{5000};
+};
+
 // Serves front-ends for one device. Not thread-safe except stop().
 class VhostUserBackend {
  public:
-  VhostUserBackend(VhostUserDevice& device, spdlog::logger& log);
+  VhostUserBackend(VhostUserDevice& device, spdlog::logger& log, BackendOptions options = {});
   ~VhostUserBackend();
   VhostUserBackend(const VhostUserBackend&) = delete;
   VhostUserBackend& operator=(const VhostUserBackend&) = delete;
@@ -200,6 +207,7 @@ class VhostUserBackend {
 
   VhostUserDevice& device_;
   spdlog::logger& log_;
+  BackendOptions options_;
   UniqueFd stopFd_;
   std::unique_ptr<BackendSession> session_;
   uint64_t connectionsServed_ = 0;

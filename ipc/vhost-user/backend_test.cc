@@ -500,6 +500,21 @@ TEST_F(BackendTest, GarbageBytesDropTheConnectionAndServingGoesOn) {
   expectServesANewConnection();
 }
 
+TEST(BackendStallTest, AFrontendStuckMidMessageIsDropped) {
+  XorDevice device;
+  auto log = std::make_shared<spdlog::logger>("vhost-test", std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(16));
+  VhostUserBackend backend(device, *log, BackendOptions{std::chrono::milliseconds(100)});
+  auto [ours, theirs] = makeSocketPair();
+  std::thread thread([&, fd = theirs.release()] { backend.serveFd(UniqueFd(fd)); });
+  MessageHeader header{static_cast<uint32_t>(FrontendRequest::kSetFeatures), kVersion, 8};
+  ASSERT_EQ(::send(ours.get(), &header, sizeof(header), MSG_NOSIGNAL), 12);
+  // The payload never comes; the back-end gives up instead of hanging.
+  char byte;
+  EXPECT_EQ(::recv(ours.get(), &byte, 1, 0), 0);
+  thread.join();
+  EXPECT_EQ(device.disconnects, 1);
+}
+
 TEST_F(BackendTest, TruncatedMessageAndAbruptDisconnect) {
   {
     UniqueFd socket = connectUnixSocket(path_);
