@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <utility>
 
 #include "common/error.h"
@@ -32,6 +33,15 @@ GuestMemory GuestMemory::create(uint64_t size, const std::string& name) {
     memory.regions_.push_back({layout::kHighRamStart, size - low, low, memory.mapping_ + low});
   }
   return memory;
+}
+
+bool GuestMemory::hostGivesShmemHugePages() {
+  std::ifstream setting("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
+  std::string line;
+  std::getline(setting, line);
+  // The active choice is bracketed: "always within_size advise [never] deny force".
+  return line.find("[never]") == std::string::npos && line.find("[deny]") == std::string::npos &&
+         !line.empty();
 }
 
 GuestMemory::GuestMemory(GuestMemory&& other) noexcept

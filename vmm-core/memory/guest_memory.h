@@ -34,6 +34,11 @@ class GuestMemory {
   GuestMemory& operator=(const GuestMemory&) = delete;
   ~GuestMemory();
 
+  // False when the host ignores MADV_HUGEPAGE on shmem
+  // (/sys/kernel/mm/transparent_hugepage/shmem_enabled is "never" or "deny"): guest RAM then
+  // faults in 4 KiB pages, which makes boot markedly slower.
+  static bool hostGivesShmemHugePages();
+
   uint64_t size() const { return size_; }
   int fd() const { return fd_.get(); }
   const std::vector<MemoryRegion>& regions() const { return regions_; }
