@@ -479,8 +479,8 @@ TEST_P(MalformedTest, DropsTheConnectionWithoutAnAck) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, MalformedTest,
                          ::testing::Range(0, static_cast<int>(malformedCases().size())),
-                         [](const ::testing::TestParamInfo<int>& info) {
-                           std::string name = malformedCases()[info.param].name;
+                         [](const ::testing::TestParamInfo<int>& param) {
+                           std::string name = malformedCases()[param.param].name;
                            for (auto& ch : name) {
                              if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            }

@@ -3,7 +3,8 @@
 // vhost-user-blk-pci, our own probe); the real block device is dev-block.
 //
 //   vhost-user-blk-ramdisk --socket-path /tmp/blk.sock --image disk.img
-//   qemu-system-x86_64 -machine q35,memory-backend=mem -object memory-backend-memfd,id=mem,size=512M,share=on \
+//   qemu-system-x86_64 -machine q35,memory-backend=mem
+//     -object memory-backend-memfd,id=mem,size=512M,share=on
 //     -chardev socket,id=c,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c ...
 //
 // Requests: IN, OUT, FLUSH and GET_ID, served synchronously with pread/pwrite.

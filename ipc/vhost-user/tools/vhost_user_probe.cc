@@ -2,7 +2,7 @@
 // guest driver would: negotiates, shares a memfd as guest memory, sets up a queue, submits a
 // request and checks the answer.
 //
-//   blk: qemu-storage-daemon --blockdev driver=file,node-name=f,filename=disk.img \
+//   blk: qemu-storage-daemon --blockdev driver=file,node-name=f,filename=disk.img
 //          --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/tmp/blk.sock &
 //        vhost-user-probe blk --socket /tmp/blk.sock --image disk.img --sector 8 --count 4
 //        (GET_ID, then a read compared with the image)
@@ -135,8 +135,8 @@ int runBlk(const std::string& socketPath, const std::string& imagePath, uint64_t
   uint64_t interrupts = 0;
   for (int i = 0; i < 50 && ring.usedIndex() < 2; ++i) {
     if (waitReadable(call.get(), 100)) {
-      uint64_t count = 0;
-      if (::read(call.get(), &count, 8) == 8) interrupts += count;
+      uint64_t signals = 0;
+      if (::read(call.get(), &signals, 8) == 8) interrupts += signals;
     }
   }
   fmt::print("used index:                {}\n", ring.usedIndex());
