@@ -1,5 +1,6 @@
 #include "ipc/vhost-user/virtqueue.h"
 
+#include <poll.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -449,6 +450,10 @@ void Virtqueue::markBroken(const std::string& reason) {
 
 void Virtqueue::signal(const UniqueFd& fd, const char* what) {
   if (!fd.valid()) return;
+  // The fd came from the front-end and we cannot make it non-blocking without changing it
+  // for them too; a full one (a saturated eventfd, a pipe) already has a signal pending.
+  pollfd pfd{fd.get(), POLLOUT, 0};
+  if (::poll(&pfd, 1, 0) != 1 || (pfd.revents & POLLOUT) == 0) return;
   uint64_t one = 1;
   for (;;) {
     ssize_t n = ::write(fd.get(), &one, sizeof(one));

@@ -1,5 +1,6 @@
 #include "ipc/vhost-user/virtqueue.h"
 
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -316,6 +317,26 @@ TEST_F(VirtqueueTest, EventIdxSuppressesKicksAndInterrupts) {
   queue_.complete(*r4, 0);  // used 5: crossed 4
   EXPECT_TRUE(queue_.notifyIfNeeded());
   EXPECT_EQ(drain(call_.get()), 1u);
+}
+
+TEST_F(VirtqueueTest, AFullBlockingCallFdDoesNotHang) {
+  start();
+  int pipeFds[2];
+  ASSERT_EQ(::pipe(pipeFds), 0);
+  UniqueFd readEnd(pipeFds[0]);
+  // Fill the pipe, then make it blocking again: a write to it would now block forever.
+  ASSERT_EQ(::fcntl(pipeFds[1], F_SETFL, O_NONBLOCK), 0);
+  std::vector<char> junk(4096, 'x');
+  while (::write(pipeFds[1], junk.data(), junk.size()) > 0) {
+  }
+  ASSERT_EQ(::fcntl(pipeFds[1], F_SETFL, 0), 0);
+  queue_.setCallFd(UniqueFd(pipeFds[1]));
+  ring_.setDescriptor(0, guest_.allocate(4), 4, 0);
+  ring_.publish(0);
+  auto request = queue_.pop();
+  ASSERT_TRUE(request);
+  queue_.complete(*request, 0);
+  EXPECT_TRUE(queue_.notifyIfNeeded());  // decided to notify, skipped the write, returned
 }
 
 TEST_F(VirtqueueTest, StopReturnsTheBaseAndARestartContinues) {
