@@ -41,33 +41,26 @@ const Bus::Range* Bus::find(uint64_t address, uint64_t size, uint64_t* base) con
   return &it->second;
 }
 
+Bus::Target Bus::resolve(uint64_t address, uint64_t size) const {
+  std::shared_lock lock(mutex_);
+  uint64_t base = 0;
+  const Range* range = find(address, size, &base);
+  if (range == nullptr) return {};
+  // The device is called outside the lock, so a vCPU in a slow device never blocks the bus.
+  return {range->device, address - base + range->deviceOffset};
+}
+
 bool Bus::read(uint64_t address, std::span<uint8_t> data) const {
-  std::shared_ptr<BusDevice> device;
-  uint64_t offset = 0;
-  {
-    std::shared_lock lock(mutex_);
-    uint64_t base = 0;
-    const Range* range = find(address, data.size(), &base);
-    if (range == nullptr) return false;
-    device = range->device;
-    offset = address - base + range->deviceOffset;
-  }
-  device->read(offset, data);
+  Target target = resolve(address, data.size());
+  if (!target.device) return false;
+  target.device->read(target.offset, data);
   return true;
 }
 
 bool Bus::write(uint64_t address, std::span<const uint8_t> data) const {
-  std::shared_ptr<BusDevice> device;
-  uint64_t offset = 0;
-  {
-    std::shared_lock lock(mutex_);
-    uint64_t base = 0;
-    const Range* range = find(address, data.size(), &base);
-    if (range == nullptr) return false;
-    device = range->device;
-    offset = address - base + range->deviceOffset;
-  }
-  device->write(offset, data);
+  Target target = resolve(address, data.size());
+  if (!target.device) return false;
+  target.device->write(target.offset, data);
   return true;
 }
 

@@ -49,6 +49,11 @@ class Bus {
     std::shared_ptr<BusDevice> device;
   };
   const Range* find(uint64_t address, uint64_t size, uint64_t* base) const;
+  struct Target {
+    std::shared_ptr<BusDevice> device;  // null: nothing claims the access
+    uint64_t offset = 0;
+  };
+  Target resolve(uint64_t address, uint64_t size) const;
 
   std::string name_;
   mutable std::shared_mutex mutex_;
