@@ -38,6 +38,8 @@ std::vector<std::string> vmmArguments(const RunOptions& options,
   if (!options.cmdline.empty()) args.insert(args.end(), {"--cmdline", options.cmdline});
   if (options.verbose) args.push_back("--verbose");
   if (!options.apiSocket.empty()) args.insert(args.end(), {"--api-socket", options.apiSocket});
+  for (const auto& value : options.vhostUserBlk) args.insert(args.end(), {"--vhost-user-blk", value});
+  for (const auto& value : options.vhostUserFs) args.insert(args.end(), {"--vhost-user-fs", value});
   return args;
 }
 
@@ -52,6 +54,13 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
   run->add_flag("--no-jail", options.noJail, "run every process unjailed (debugging only)");
   run->add_option("--api-socket", options.apiSocket,
                   "serve the VM control API here (clone status|pause|resume|shutdown --vm)");
+  run->add_option("--vhost-user-blk", options.vhostUserBlk,
+                  "SOCKET[,queues=N]: a disk served by a vhost-user-blk back-end; repeatable")
+      ->allow_extra_args(false);
+  run->add_option("--vhost-user-fs", options.vhostUserFs,
+                  "SOCKET:TAG[,queues=N]: a virtio-fs share served by a vhost-user-fs back-end "
+                  "(mount -t virtiofs TAG in the guest); repeatable")
+      ->allow_extra_args(false);
   run->add_flag("--verbose", options.verbose, "print a boot-time breakdown to stderr");
   run->callback([&options, &global, streams, &exitCode] {
     if (options.noJail) {

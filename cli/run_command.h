@@ -21,6 +21,8 @@ struct RunOptions {
   bool noJail = false;
   bool verbose = false;
   std::string apiSocket;
+  std::vector<std::string> vhostUserBlk;  // SOCKET[,queues=N], passed to clone-vmm as is
+  std::vector<std::string> vhostUserFs;   // SOCKET:TAG[,queues=N]
 };
 
 // Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.

@@ -65,6 +65,16 @@ int runVmm(int argc, char** argv) {
   app.add_option("--cmdline", config.cmdline, "kernel command line")->capture_default_str();
   app.add_option("--mem-mb", memoryMib, "guest memory in MiB")->capture_default_str();
   app.add_option("--vcpus", config.vcpuCount, "number of vCPUs")->capture_default_str();
+  std::vector<std::string> vhostUserBlk;
+  std::vector<std::string> vhostUserFs;
+  app.add_option("--vhost-user-blk", vhostUserBlk,
+                 "SOCKET[,queues=N]: a virtio-blk disk served by a vhost-user back-end "
+                 "(qemu-storage-daemon, ...); repeatable")
+      ->allow_extra_args(false);
+  app.add_option("--vhost-user-fs", vhostUserFs,
+                 "SOCKET:TAG[,queues=N]: a virtio-fs share served by a vhost-user back-end "
+                 "(virtiofsd, ...), mounted in the guest as TAG; repeatable")
+      ->allow_extra_args(false);
   std::string apiSocket;
   app.add_option("--api-socket", apiSocket, "serve the VM control API (Cap'n Proto) on this unix socket");
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
@@ -81,6 +91,12 @@ int runVmm(int argc, char** argv) {
     auto log = makeLogger("vmm", {parseLogLevel(logLevel), logJson ? LogFormat::kJson : LogFormat::kText});
     require(memoryMib <= (1ull << 34), "--mem-mb {} is out of range", memoryMib);
     config.memoryBytes = ((memoryMib + 1) / 2 * 2) << 20;  // whole 2 MiB pages
+    for (const auto& value : vhostUserBlk) {
+      config.vhostUserDevices.push_back(parseVhostUserBlkOption(value));
+    }
+    for (const auto& value : vhostUserFs) {
+      config.vhostUserDevices.push_back(parseVhostUserFsOption(value));
+    }
     KvmSystem kvm;
     validate(config, kvm);
     Machine machine(config, kvm, *log, start);

@@ -7,8 +7,11 @@
 #include "vmm-core/boot/acpi/acpi_tables.h"
 #include "vmm-core/boot/cpu_setup.h"
 #include "vmm-core/boot/linux_loader.h"
+#include "vmm-core/devices/pci_root.h"
 #include "vmm-core/kvm/cpuid.h"
+#include "vmm-core/kvm/kvm_device_events.h"
 #include "vmm-core/kvm/msrs.h"
+#include "vmm-core/virtio/virtio_pci_device.h"
 #include "vmm-core/vm/console.h"
 #include "vmm-core/vm/legacy_devices.h"
 #include "vmm-core/vm/vcpu_runner.h"
@@ -135,6 +138,36 @@ void Machine::createVcpus() {
 void Machine::attachDevices() {
   devices_ = std::make_unique<LegacyDevices>(
       LegacyDevices::Config{memory_, config_.consoleOutputFd, vm_, exitSignal_, log_}, pio_, mmio_);
+  attachVhostUserDevices();
+}
+
+void Machine::attachVhostUserDevices() {
+  if (config_.vhostUserDevices.empty()) return;
+  deviceEvents_ = std::make_unique<KvmDeviceEvents>(vm_);
+  // BAR 0 of each device goes into the 64-bit window (AcpiConfig::pciMmio64Start, in the
+  // host bridge's _CRS, so Linux keeps it), one after the other, each aligned to its size.
+  uint64_t windowStart = pciMmio64Start(memory_);
+  uint64_t next = windowStart;
+  for (const auto& deviceConfig : config_.vhostUserDevices) {
+    // Connects and negotiates before the transport is built: the transport fixes its feature
+    // offer and queue count at construction.
+    auto backend = VhostUserBackend::connect(deviceConfig, memory_, log_);
+    uint64_t size = VirtioPciDevice::barSizeFor(*backend);
+    uint64_t bar = (next + size - 1) / size * size;
+    require(bar + size <= windowStart + layout::kPciMmio64Size,
+            "{} {}: no room left in the 64-bit PCI window", vhostUserKindName(deviceConfig.kind),
+            deviceConfig.socketPath);
+    next = bar + size;
+    auto device = std::make_shared<VirtioPciDevice>(backend, memory_, *deviceEvents_,
+                                                    *deviceEvents_, log_, bar);
+    Bdf bdf = devices_->pciRoot().addDevice(device);
+    mmio_.insert(bar, device->layout().size, device);
+    backend->startWatching(bdf.toString());
+    log_.info("{} {} at {} (BAR 0 {:#x}+{:#x}, {} queues)", vhostUserKindName(deviceConfig.kind),
+              deviceConfig.socketPath, bdf.toString(), bar, size, backend->numQueues());
+    vhostUserBackends_.push_back(std::move(backend));
+    virtioDevices_.push_back(std::move(device));
+  }
 }
 
 void Machine::start() {

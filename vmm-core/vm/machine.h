@@ -16,6 +16,7 @@
 #include "vmm-core/devices/bus.h"
 #include "vmm-core/kvm/kvm.h"
 #include "vmm-core/memory/guest_memory.h"
+#include "vmm-core/virtio/vhost_user_backend.h"
 #include "vmm-core/vm/exit_signal.h"
 
 namespace clonevm::vmm {
@@ -28,6 +29,9 @@ struct MachineConfig {
   uint32_t vcpuCount = 1;
   int consoleInputFd = 0;   // the UART's input (not owned)
   int consoleOutputFd = 1;  // the UART's output (not owned)
+  // vhost-user devices (--vhost-user-blk, --vhost-user-fs), in slot order after the host
+  // bridge: the first is 00:01.0.
+  std::vector<VhostUserDeviceConfig> vhostUserDevices;
 };
 
 // Milliseconds since the VMM started, at each step of setting up the VM.
@@ -41,8 +45,10 @@ struct BootTimings {
 };
 
 class ConsoleInput;
+class KvmDeviceEvents;
 class LegacyDevices;
 class VcpuRunner;
+class VirtioPciDevice;
 
 class Machine {
  public:
@@ -73,12 +79,17 @@ class Machine {
   const BootTimings& timings() const { return timings_; }
   // Milliseconds since the first vCPU entry (0 before it).
   double uptimeMillis() const;
+  // The vhost-user devices, in MachineConfig order (diagnostics, tests).
+  const std::vector<std::shared_ptr<VhostUserBackend>>& vhostUserBackends() const {
+    return vhostUserBackends_;
+  }
 
  private:
 
   double millisSinceStart() const;
   void createVcpus();
   void attachDevices();
+  void attachVhostUserDevices();
   void loadKernel();
 
   MachineConfig config_;
@@ -89,11 +100,16 @@ class Machine {
 
   GuestMemory memory_;
   KvmVm vm_;
+  // Before the buses and devices, which hold the virtio transports that use it: members are
+  // destroyed in reverse order.
+  std::unique_ptr<KvmDeviceEvents> deviceEvents_;
   Bus pio_{"port I/O"};
   Bus mmio_{"MMIO"};
   ExitSignal exitSignal_;
   LinuxBootInfo bootInfo_{};
   std::unique_ptr<LegacyDevices> devices_;
+  std::vector<std::shared_ptr<VhostUserBackend>> vhostUserBackends_;
+  std::vector<std::shared_ptr<VirtioPciDevice>> virtioDevices_;
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
   std::vector<std::unique_ptr<VcpuRunner>> runners_;
   std::unique_ptr<ConsoleInput> console_;

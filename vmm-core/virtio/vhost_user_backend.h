@@ -1,0 +1,168 @@
+#pragma once
+// A virtio device served by a vhost-user back-end process (ours, qemu-storage-daemon,
+// virtiofsd): the VirtioDeviceBackend that VirtioPciDevice carries to the guest, built on
+// the ipc vhost-user Frontend.
+//
+// Life of one device:
+//   connect()   at VM setup, before the transport is built (the transport fixes its
+//               feature offer at construction): GET_FEATURES, GET/SET_PROTOCOL_FEATURES,
+//               SET_OWNER, GET_QUEUE_NUM (MQ), GET_CONFIG (blk), SET_MEM_TABLE with guest
+//               RAM's memfd regions, SET_BACKEND_REQ_FD (config-change messages).
+//   activate()  the driver set DRIVER_OK: SET_FEATURES with what the driver accepted, then
+//               per enabled queue SET_VRING_NUM/BASE/ADDR (ring addresses translated to our
+//               user addresses), SET_VRING_KICK (the transport's doorbell eventfd, which KVM
+//               signals), SET_VRING_CALL (its MSI-X irqfd), SET_VRING_ENABLE.
+//   reset()     SET_VRING_ENABLE 0 and GET_VRING_BASE on started queues (stops them),
+//               RESET_DEVICE when negotiated.
+//
+// Data never passes through the core: the back-end maps guest RAM from the memfd, reads the
+// kick eventfds and writes the call eventfds, which KVM turns into MSIs.
+//
+// A back-end that dies does not take the VM down: a watcher thread sees the socket hang up,
+// logs "vhost-user-blk backend PATH disconnected; device 00:02.0 is no longer served" and
+// calls the owner's callback. From then on config reads are served from the cache, resets
+// are local, and a new activation fails (the transport then sets DEVICE_NEEDS_RESET).
+// Reconnecting is later work.
+//
+// Threading: the transport calls the VirtioDeviceBackend methods from vCPU threads, one at a
+// time; the watcher thread handles back-end requests (CONFIG_CHANGE_MSG) and hang-ups. One
+// mutex guards the Frontend; the watcher never takes it, so a back-end that waits for our
+// answer on its request channel cannot deadlock a vCPU waiting for its reply.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <spdlog/logger.h>
+
+#include "common/unique_fd.h"
+#include "ipc/vhost-user/frontend.h"
+#include "vmm-core/memory/guest_memory.h"
+#include "vmm-core/virtio/virtio_backend.h"
+
+namespace clonevm::vmm {
+
+enum class VhostUserDeviceKind { kBlock, kFs };
+
+// One --vhost-user-blk / --vhost-user-fs option.
+struct VhostUserDeviceConfig {
+  VhostUserDeviceKind kind = VhostUserDeviceKind::kBlock;
+  std::string socketPath;
+  // blk: request queues (default 1). fs: request queues, not counting the hiprio queue
+  // (default 1). 0 means the default.
+  uint16_t queues = 0;
+  std::string tag;  // fs only: the mount tag, 1..36 bytes
+  // The largest queue the driver may set up (QEMU's default queue-size for both devices).
+  uint16_t queueSize = 128;
+  // How long to wait for each reply of the back-end; zero waits forever.
+  std::chrono::milliseconds replyTimeout{10000};
+};
+
+// "vhost-user-blk" / "vhost-user-fs".
+const char* vhostUserKindName(VhostUserDeviceKind kind);
+
+// Parses the option values (docs/VMM.md):
+//   --vhost-user-blk SOCKET[,queues=N]
+//   --vhost-user-fs SOCKET:TAG[,queues=N]
+// Throws clonevm::Error with a one-line message naming the option on bad syntax, a bad queue
+// count or a bad tag (empty, longer than 36 bytes, not printable ASCII, or with a space).
+VhostUserDeviceConfig parseVhostUserBlkOption(const std::string& value);
+VhostUserDeviceConfig parseVhostUserFsOption(const std::string& value);
+
+// virtio-blk and virtio-fs config space facts this frontend uses.
+namespace vhost_user_config {
+inline constexpr uint32_t kBlkConfigSize = 60;         // up to write_zeroes_may_unmap + pad
+inline constexpr uint32_t kBlkMinConfigSize = 36;      // up to num_queues
+inline constexpr uint32_t kBlkNumQueuesOffset = 34;    // le16
+inline constexpr unsigned kBlkFeatureMq = 12;          // VIRTIO_BLK_F_MQ
+inline constexpr uint32_t kFsTagSize = 36;
+inline constexpr uint32_t kFsConfigSize = 40;          // tag[36], le32 num_request_queues
+}  // namespace vhost_user_config
+
+class VhostUserBackend final : public VirtioDeviceBackend {
+ public:
+  // Connects to config.socketPath and negotiates (see above). Throws clonevm::Error with one
+  // line, e.g. "--vhost-user-blk /run/blk.sock: connect to vhost-user socket /run/blk.sock:
+  // No such file or directory".
+  static std::shared_ptr<VhostUserBackend> connect(const VhostUserDeviceConfig& config,
+                                                   const GuestMemory& memory,
+                                                   spdlog::logger& log);
+  // The same over an already connected front-end (tests: a socketpair).
+  VhostUserBackend(ipc::vhost::Frontend frontend, const VhostUserDeviceConfig& config,
+                   const GuestMemory& memory, spdlog::logger& log);
+  ~VhostUserBackend() override;
+  VhostUserBackend(const VhostUserBackend&) = delete;
+  VhostUserBackend& operator=(const VhostUserBackend&) = delete;
+
+  // Starts the watcher thread once the device has a place on the bus. `deviceName` names it
+  // in logs (its PCI address, "00:02.0"); `onDisconnect` runs on the watcher thread after
+  // the back-end hung up (may be empty).
+  void startWatching(std::string deviceName, std::function<void()> onDisconnect = {});
+
+  bool connected() const { return !disconnected_.load(); }
+  const VhostUserDeviceConfig& config() const { return config_; }
+  // Negotiated vhost-user protocol features and the back-end's raw virtio feature offer.
+  uint64_t protocolFeatures() const { return protocolFeatures_; }
+  uint64_t backendFeatures() const { return backendFeatures_; }
+  // Requests sent at activation so far (tests, diagnostics).
+  uint64_t activations() const { return activations_.load(); }
+
+  // VirtioDeviceBackend.
+  uint32_t deviceType() const override;
+  uint16_t numQueues() const override { return numQueues_; }
+  uint16_t maxQueueSize() const override { return config_.queueSize; }
+  uint64_t deviceFeatures() const override { return offeredFeatures_; }
+  uint32_t configSize() const override { return configSpace_.size(); }
+  void readConfig(uint32_t offset, std::span<uint8_t> data) override;
+  void writeConfig(uint32_t offset, std::span<const uint8_t> data) override;
+  void activate(const VirtioActivationInfo& info) override;
+  void reset() override;
+  void statusChanged(uint8_t oldStatus, uint8_t newStatus) override;
+
+ private:
+  void negotiate();
+  void fetchConfigLocked();
+  void resetLocked();
+  void watch();
+  void markDisconnected(const std::string& why);
+  std::string describe() const;  // "vhost-user-blk backend /path"
+
+  VhostUserDeviceConfig config_;
+  const GuestMemory& memory_;
+  spdlog::logger& log_;
+
+  std::mutex mutex_;  // guards frontend_ and everything below that vCPU threads change
+  ipc::vhost::Frontend frontend_;
+  uint64_t backendFeatures_ = 0;
+  uint64_t protocolFeatures_ = 0;
+  uint64_t offeredFeatures_ = 0;
+  uint16_t numQueues_ = 1;
+  std::vector<uint8_t> configSpace_;
+  std::vector<uint16_t> startedQueues_;
+  bool featuresSent_ = false;
+
+  // Config-change messages arrive on the watcher thread; the cache is refreshed lazily by
+  // the next readConfig.
+  std::atomic<bool> configStale_{false};
+  std::mutex callbackMutex_;  // never held across I/O
+  std::function<void()> configChanged_;
+
+  std::atomic<bool> disconnected_{false};
+  std::atomic<uint64_t> activations_{0};
+  std::string deviceName_ = "(not placed)";
+  std::function<void()> onDisconnect_;
+  std::optional<ipc::vhost::BackendRequestChannel> requestChannel_;
+  UniqueFd watchSocket_;  // a dup of the main socket, polled for hang-up
+  UniqueFd stopFd_;       // eventfd that ends the watcher
+  std::thread watcher_;
+};
+
+}  // namespace clonevm::vmm
