@@ -1,0 +1,103 @@
+#!/bin/bash
+# Issue 4 benchmark: 4K random-read IOPS of a vhost-user-blk disk served by
+# qemu-storage-daemon, through Clone's core and through QEMU (KVM, vhost-user-blk-pci), side by
+# side in one run, with the same kernel, benchmark initramfs, image, vCPUs, memory and queues.
+#
+#   tests/bench/vhost_user_blk.sh [ROUNDS] [SECONDS] [THREADS]      (CLONE_BUILD_DIR, default build)
+#
+# On a host without /dev/kvm it builds the benchmark initramfs here, then runs itself in the lab
+# (tests/lab/run). The guest runs clone-randread (tests/bench/randread.c) as its autorun job:
+# THREADS threads of O_DIRECT 4 KiB preads at random offsets for SECONDS. Rounds alternate
+# Clone and QEMU; each run gets a fresh qemu-storage-daemon. Prints every run and a RESULT line
+# with the medians and the ratio clone/qemu (>= 1.0: our frontend is not the bottleneck).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BUILD=${CLONE_BUILD_DIR:-build}
+ROUNDS=${1:-3}
+SECONDS_PER_RUN=${2:-10}
+THREADS=${3:-16}
+GUEST=$BUILD/guest-bench
+MEM=512
+VCPUS=2
+CMDLINE="console=ttyS0 panic=-1 quiet"
+
+if [ ! -e /dev/kvm ] && [ "${CLONE_LAB:-}" != 1 ]; then
+  # Host side: the image needs apt and dpkg tools, which the lab does not run.
+  [ -x "$BUILD/bench/clone-randread" ] || { echo "vhost_user_blk.sh: build $BUILD first" >&2; exit 2; }
+  overlay=$BUILD/bench/randread-overlay
+  mkdir -p "$overlay/etc"
+  printf '#!/bin/sh\nclone-randread /dev/vda %s %s 4096\n' "$SECONDS_PER_RUN" "$THREADS" \
+    >"$overlay/etc/clone-autorun"
+  CLONE_GUEST_EXTRA="$PWD/$BUILD/bench/clone-randread" CLONE_GUEST_OVERLAY="$PWD/$overlay" \
+    guest/build.sh "$GUEST" >/dev/null
+  export CLONE_BUILD_DIR="$BUILD"
+  exec tests/lab/run -- "$0" "$ROUNDS" "$SECONDS_PER_RUN" "$THREADS"
+fi
+[ -e /dev/kvm ] || { echo "vhost_user_blk.sh: no /dev/kvm" >&2; exit 2; }
+[ -f "$GUEST/initrd.img" ] || { echo "vhost_user_blk.sh: no $GUEST (run it on the host)" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/clone-vhost-bench.XXXXXX)
+qsd_pid=""
+cleanup() {
+  [ -n "$qsd_pid" ] && kill "$qsd_pid" 2>/dev/null && wait "$qsd_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+image=$work/disk.raw
+sock=$work/blk.sock
+# 256 MiB, allocated (tmpfs in the lab: the back-end reads from memory, so the path under test
+# is virtio + vhost-user + the two VMMs, not a disk).
+dd if=/dev/zero of="$image" bs=1M count=256 status=none
+
+start_qsd() {
+  rm -f "$sock"
+  qemu-storage-daemon \
+    --blockdev "driver=file,node-name=f,filename=$image,cache.direct=off" \
+    --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$sock,writable=on" \
+    >"$work/qsd.log" 2>&1 &
+  qsd_pid=$!
+  for _ in $(seq 200); do [ -S "$sock" ] && return 0; sleep 0.05; done
+  echo "vhost_user_blk.sh: qemu-storage-daemon did not start:" >&2; cat "$work/qsd.log" >&2; exit 1
+}
+stop_qsd() { kill "$qsd_pid" 2>/dev/null; wait "$qsd_pid" 2>/dev/null || true; qsd_pid=""; }
+
+clone_cmd() {
+  "$BUILD/bin/clone-vmm" --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initrd.img" \
+    --cmdline "$CMDLINE" --mem-mb $MEM --vcpus $VCPUS --vhost-user-blk "$sock"
+}
+qemu_cmd() {
+  qemu-system-x86_64 -accel kvm -M q35 -cpu host -smp $VCPUS -m $MEM \
+    -object memory-backend-memfd,id=mem,size=${MEM}M,share=on -numa node,memdev=mem \
+    -chardev socket,id=c,path="$sock" -device vhost-user-blk-pci,chardev=c,num-queues=1,queue-size=128 \
+    -nodefaults -display none -no-reboot -serial stdio \
+    -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd.img" -append "$CMDLINE"
+}
+
+# One run: prints the IOPS, or fails with the console output.
+run_one() {
+  local who=$1 out=$work/$1.out
+  start_qsd
+  if ! timeout 600 "${who}_cmd" </dev/null >"$out" 2>&1; then
+    echo "vhost_user_blk.sh: $who run failed:" >&2; tail -30 "$out" >&2; stop_qsd; return 1
+  fi
+  stop_qsd
+  local iops
+  iops=$(awk '/^randread:/ {print $7}' "$out" | tr -d '\r')
+  if [ -z "$iops" ] || ! grep -q 'CLONE-AUTORUN-EXIT 0' "$out"; then
+    echo "vhost_user_blk.sh: $who: no result:" >&2; tail -30 "$out" >&2; return 1
+  fi
+  grep '^randread:' "$out" | tr -d '\r' | sed "s/^/$who /" >&2
+  echo "$iops"
+}
+
+declare -a clone_iops qemu_iops
+for ((i = 0; i < ROUNDS; i++)); do
+  clone_iops+=("$(run_one clone)")
+  qemu_iops+=("$(run_one qemu)")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+c=$(median "${clone_iops[@]}")
+q=$(median "${qemu_iops[@]}")
+echo "clone runs (iops): ${clone_iops[*]}"
+echo "qemu runs (iops): ${qemu_iops[*]}"
+echo "RESULT randread_4k_iops threads $THREADS vcpus $VCPUS clone $c qemu $q ratio_clone_over_qemu $(awk -v a="$c" -v b="$q" 'BEGIN {printf "%.2f", a/b}')"
