@@ -13,7 +13,8 @@ namespace {
 
 class VmControlServer final : public rpc::VmControl::Server {
  public:
-  VmControlServer(Machine& machine, spdlog::logger& log) : machine_(machine), log_(log) {}
+  VmControlServer(Machine& machine, spdlog::logger& log, bool& stoppedByApi)
+      : machine_(machine), log_(log), stoppedByApi_(stoppedByApi) {}
 
   kj::Promise<void> status(StatusContext context) override {
     auto status = context.getResults().initStatus();
@@ -48,6 +49,7 @@ class VmControlServer final : public rpc::VmControl::Server {
       machine_.pressPowerButton();
     } else {
       log_.info("API: shutdown (stop now)");
+      stoppedByApi_ = true;
       machine_.requestExit(ExitReason::kPowerOff, "stopped through the API");
     }
     return kj::READY_NOW;
@@ -56,14 +58,19 @@ class VmControlServer final : public rpc::VmControl::Server {
  private:
   Machine& machine_;
   spdlog::logger& log_;
+  bool& stoppedByApi_;
 };
+
+// How long the loop keeps running after an API shutdown, so that the caller gets its reply.
+constexpr auto kReplyGrace = 200 * kj::MILLISECONDS;
 
 }  // namespace
 
 ExitReason runWithApi(Machine& machine, const std::string& socketPath, spdlog::logger& log) {
   auto io = kj::setupAsyncIo();
   auto listener = rpc::listenUnix(io, socketPath);
-  capnp::TwoPartyServer server(kj::heap<VmControlServer>(machine, log));
+  bool stoppedByApi = false;
+  capnp::TwoPartyServer server(kj::heap<VmControlServer>(machine, log, stoppedByApi));
   auto serving = server.listen(*listener).eagerlyEvaluate([&log](kj::Exception&& e) {
     log.error("API socket: {}", rpc::describeKjException(e));
   });
@@ -72,6 +79,10 @@ ExitReason runWithApi(Machine& machine, const std::string& socketPath, spdlog::l
   kj::UnixEventPort::FdObserver exitObserver(io.unixEventPort, machine.exitSignal().eventFd(),
                                              kj::UnixEventPort::FdObserver::OBSERVE_READ);
   exitObserver.whenBecomesReadable().wait(io.waitScope);
+  if (stoppedByApi) {
+    // The shutdown call's reply is written by this loop; leaving at once would drop it.
+    io.provider->getTimer().afterDelay(kReplyGrace).wait(io.waitScope);
+  }
   ExitReason reason = machine.finish();
   ::unlink(socketPath.c_str());
   return reason;
