@@ -13,6 +13,9 @@ BUILD_PKGS=(
   zlib1g-dev libzstd-dev
   acpica-tools
 )
+# qemu-system-x86 brings qemu-system-common, which holds qemu-storage-daemon and
+# /usr/lib/qemu/virtiofsd: the third-party vhost-user back-ends of the e2e tests and benchmarks.
+# The benchmark's guest load generator (tests/bench/randread.c) is static: libc6-dev's libc.a.
 LAB_PKGS=(
   qemu-system-x86 qemu-utils
   busybox-static cpio kmod xz-utils zstd
