@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include "common/error.h"
 #include "dev-block/image/image_test_util.h"
 #include "dev-block/image/open_image.h"
@@ -166,6 +168,23 @@ TEST(Qcow2Image, RefusedAtOpen) {
   EXPECT_EQ(loadBe64(&test::readFile(path)[kQcow2AutoclearFeaturesField]), 0u);
 }
 
+TEST(Qcow2Image, NeverAllocatesAMetadataCluster) {
+  test::ScratchDir dir;
+  std::string path = dir.file("a.qcow2");
+  createQcow2(path, {.size = 8 << 20});  // header, refcount table, refcount block, L1
+  auto bytes = test::readFile(path);
+  const uint64_t block = loadBe64(&bytes[65536]);
+  const uint64_t l1Cluster = loadBe64(&bytes[40]) / 65536;
+  storeBe16(&bytes[block + l1Cluster * 2], 0);  // the L1 table's refcount, corrupted to 0
+  test::writeFile(path, bytes);
+  auto image = open(path);
+  std::vector<ImageExtent> extents;
+  std::string error = errorOf([&] { image->mapWrite(0, 4096, extents); });
+  EXPECT_NE(error.find("holds metadata"), std::string::npos) << error;
+  EXPECT_EQ(test::readFile(path).size(), bytes.size());
+  EXPECT_EQ(loadBe64(&test::readFile(path)[l1Cluster * 65536]), 0u);  // L1 untouched
+}
+
 TEST(Qcow2Image, ReadOnlyRefusesChanges) {
   test::ScratchDir dir;
   std::string path = dir.file("a.qcow2");
@@ -192,6 +211,51 @@ TEST(Qcow2Image, ZeroesAndDiscardWithoutBacking) {
                 (i >= 503808 && i < 598016);  // discard: whole 4 KiB clusters only
     ASSERT_EQ(data[i], zero ? 0 : 0x5c) << "byte " << i;
   }
+}
+
+}  // namespace
+}  // namespace clonevm::block
+
+namespace clonevm::block {
+namespace {
+
+// Random corruption of the metadata of a small image: opening, reading and writing must either
+// work or fail with clonevm::Error, never crash (run it under CLONE_SANITIZE too).
+TEST(Qcow2Image, SurvivesRandomMetadataCorruption) {
+  test::ScratchDir dir;
+  std::string path = dir.file("a.qcow2"), base = dir.file("base.raw");
+  test::writeFile(base, std::vector<uint8_t>(256 << 10, 0x11));
+  createQcow2(path, {.size = 1 << 20, .clusterBits = 12, .backingFile = "base.raw", .backingFormat = "raw"});
+  {
+    auto image = openImage({path, ImageFormat::kQcow2, false});
+    for (uint64_t off = 0; off < (1 << 20); off += 12288) test::writeImage(*image, off, std::vector<uint8_t>(5000, 0x22));
+    image->writeZeroes(500000, 40000, false);
+  }
+  const auto pristine = test::readFile(path);
+  const size_t metadataBytes = 8 * 4096;  // header, refcount table and block, L1, first L2s
+  std::mt19937_64 rng(99);
+  int opened = 0, refused = 0;
+  for (int i = 0; i < 400; ++i) {
+    auto bytes = pristine;
+    int flips = 1 + static_cast<int>(rng() % 6);
+    for (int f = 0; f < flips; ++f) bytes[rng() % std::min(metadataBytes, bytes.size())] = static_cast<uint8_t>(rng());
+    test::writeFile(path, bytes);
+    try {
+      auto image = openImage({path, ImageFormat::kQcow2, (i % 2) == 0});
+      ++opened;
+      uint64_t length = std::min<uint64_t>(image->virtualSize(), 1 << 20);
+      try { test::readImage(*image, 0, length); } catch (const Error&) {}
+      if (!image->readOnly() && length > 70000) {
+        try { test::writeImage(*image, 4000, std::vector<uint8_t>(9000, 0x33)); } catch (const Error&) {}
+        try { image->discard(0, length); } catch (const Error&) {}
+        try { image->writeZeroes(60000, 10000, true); } catch (const Error&) {}
+      }
+    } catch (const Error&) {
+      ++refused;
+    }
+  }
+  EXPECT_GT(opened, 0);
+  EXPECT_GT(refused, 0);
 }
 
 }  // namespace
