@@ -256,6 +256,30 @@ TEST(QemuOracle, OverlayCopyOnWrite) {
   expectEqualsRaw(img, raw);
 }
 
+// v2 has no zero clusters: over a backing file, discard must leave data alone and write-zeroes
+// must write real zeros.
+TEST(QemuOracle, Version2OverBacking) {
+  ScratchDir dir;
+  std::string base = dir.file("base.raw"), img = dir.file("v2.qcow2");
+  run(fmt::format("head -c 2M /dev/urandom > {}", base));
+  run(fmt::format("qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4k -b {} -F raw {}", base, img));
+  auto expected = readFile(base);
+  {
+    auto image = openImage({img, ImageFormat::kAuto, false});
+    std::vector<uint8_t> data(10000, 0x6b);
+    writeImage(*image, 3000, data);
+    std::copy(data.begin(), data.end(), expected.begin() + 3000);
+    image->discard(0, 1 << 20);  // a no-op: the data stays
+    image->writeZeroes(100000, 50000, true);
+    std::fill(expected.begin() + 100000, expected.begin() + 150000, 0);
+    EXPECT_EQ(readImage(*image), expected);
+  }
+  std::string raw = dir.file("expected.raw");
+  test::writeFile(raw, expected);
+  expectCheckClean(img);
+  expectEqualsRaw(img, raw);
+}
+
 // 512-byte clusters with 64-bit refcounts: one refcount block covers 32 KiB and the first
 // table 2 MiB, so filling 24 MiB needs new blocks and several table moves.
 TEST(QemuOracle, RefcountTableGrowth) {
