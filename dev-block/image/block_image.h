@@ -72,12 +72,13 @@ struct ImageOpenOptions {
   bool readOnly = false;
 };
 
-// Opens an image and, for qcow2, its whole backing chain (read-only). Defined by the formats
-// library (dev-block/image/).
+// Opens an image and, for qcow2, its whole backing chain (read-only; at most 64 deep, no loops).
+// kAuto probes the qcow2 magic. Defined by the formats library (dev-block/image/, docs/BLOCK.md).
 std::unique_ptr<BlockImage> openImage(const ImageOpenOptions& options);
 
-// Creates a qcow2 v3 image at `path` whose backing file is `backingPath` (recorded with its
-// format), with the backing file's virtual size. Used for `clone run --disk PATH,overlay`.
+// Creates a qcow2 v3 image at `path` whose backing file is `backingPath` (recorded as an absolute
+// path, with its format), with the backing file's virtual size. Used for
+// `clone run --disk PATH,overlay`. Refuses to overwrite an existing `path`.
 void createQcow2Overlay(const std::string& path, const std::string& backingPath,
                         ImageFormat backingFormat);
 
