@@ -16,7 +16,8 @@
 // the driver did not fill). A back-end that completes nothing, completes twice, or returns
 // wrong data cannot produce a number.
 //
-// --fill writes the pattern over the whole region first (not timed). --verify fills, runs the
+// --fill writes the pattern over the whole region first (not timed); --fill-only does only that
+// (tests/bench/blk_backends.sh prepares its images with it). --verify fills, runs the
 // workload checking every byte it reads, then reads the whole region back and checks it.
 //
 // The hot path allocates nothing: buffers, descriptors and the latency histogram are set up
@@ -100,6 +101,7 @@ struct Options {
   uint32_t queueSize = 0;    // 0: the smallest power of two >= 128 that fits the depth
   uint64_t seed = 0x5eed;
   bool fill = false;
+  bool fillOnly = false;
   bool verify = false;
   bool noDataCheck = false;
   bool noEventIdx = false;
@@ -646,13 +648,21 @@ int run(const Options& o) {
   };
 
   bool fullCheck = o.verify;
-  if (o.fill || o.verify) {
+  if (o.fill || o.fillOnly || o.verify) {
     Phase fill{"fill", true, false, true, DataCheck::kNone, true};
     uint64_t t0 = nowNs();
-    runPhase(fill, true);
+    QueueStats filled = runPhase(fill, true);
+    double took = static_cast<double>(nowNs() - t0) / 1e9;
+    if (o.fillOnly) {
+      for (uint32_t q = 0; q < o.queues; ++q) frontend.getVringBase(q);
+      fmt::print("clone-blk-bench:{}{} fill bytes={} bs={} iodepth={} queues={} seconds={:.2f} "
+                 "mibps={:.1f}\n",
+                 o.label.empty() ? "" : " label=", o.label, filled.bytes, o.blockSize, o.iodepth,
+                 o.queues, took, static_cast<double>(filled.bytes) / took / (1024.0 * 1024.0));
+      return 0;
+    }
     if (o.verbose) {
-      fmt::print(stderr, "clone-blk-bench: filled {} bytes in {:.2f} s\n", region,
-                 static_cast<double>(nowNs() - t0) / 1e9);
+      fmt::print(stderr, "clone-blk-bench: filled {} bytes in {:.2f} s\n", region, took);
     }
   }
   DataCheck check = o.noDataCheck ? DataCheck::kNone : fullCheck ? DataCheck::kFull : DataCheck::kEdges;
@@ -703,6 +713,7 @@ int main(int argc, char** argv) {
   app.add_option("--queue-size", o.queueSize, "virtqueue size (default: fits the depth, >= 128)");
   app.add_option("--seed", o.seed, "data pattern seed");
   app.add_flag("--fill", o.fill, "write the pattern over the region before the workload");
+  app.add_flag("--fill-only", o.fillOnly, "write the pattern over the region and stop");
   app.add_flag("--verify", o.verify,
                "fill, check every byte read during the workload, then read the region back");
   app.add_flag("--no-data-check", o.noDataCheck, "do not check read data (disk not filled by us)");
