@@ -27,6 +27,7 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -113,6 +114,14 @@ uint64_t nowNs() {
   timespec ts;
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// User + system CPU time of this process, all threads.
+double processCpuSeconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; };
+  return seconds(usage.ru_utime) + seconds(usage.ru_stime);
 }
 
 // Latency histogram, log-linear: exact below 128 ns, then 64 buckets per power of two (error
@@ -219,6 +228,7 @@ struct QueueStats {
   uint64_t bytes = 0;
   uint64_t kicks = 0;
   uint64_t interrupts = 0;
+  uint64_t completions = 0;  // warm-up and drain included
 };
 
 // Layout of one queue, computed once for the memory size.
@@ -450,6 +460,7 @@ class QueueDriver {
             "queue {}: {} at offset {}: used length {}, expected {} (data written + status byte)",
             index_, slot.write ? "write" : "read", slot.offset, length, expected);
     if (!slot.write) checkData(slot, p.check);
+    ++stats_->completions;
     if (done >= p.measureFromNs && (p.singlePass || done <= p.deadlineNs)) {
       stats_->latency.record(done - slot.submittedNs);
       stats_->bytes += g_.blockSize;
@@ -643,6 +654,7 @@ int run(const Options& o) {
       total.bytes += s.bytes;
       total.kicks += s.kicks;
       total.interrupts += s.interrupts;
+      total.completions += s.completions;
     }
     return total;
   };
@@ -670,7 +682,10 @@ int run(const Options& o) {
   uint64_t start = nowNs();
   main.measureFromNs = start + static_cast<uint64_t>(o.warmup * 1e9);
   main.deadlineNs = main.measureFromNs + static_cast<uint64_t>(o.seconds * 1e9);
+  double cpuBefore = processCpuSeconds();
   QueueStats stats = runPhase(main, !random);
+  double driverCpuUsPerIo = (processCpuSeconds() - cpuBefore) * 1e6 /
+                            static_cast<double>(std::max<uint64_t>(stats.completions, 1));
   double window = o.seconds;
   if (o.verify) {
     Phase readBack{"read-back", false, false, true, DataCheck::kFull, true};
@@ -685,11 +700,11 @@ int run(const Options& o) {
   fmt::print(
       "clone-blk-bench:{}{} rw={} bs={} iodepth={} queues={} seconds={:.2f} ios={} iops={:.0f} "
       "mibps={:.1f} lat_mean_us={:.1f} lat_p50_us={:.1f} lat_p99_us={:.1f} kicks={} "
-      "interrupts={} event_idx={} verify={}\n",
+      "interrupts={} event_idx={} driver_cpu_us_per_io={:.1f} verify={}\n",
       o.label.empty() ? "" : " label=", o.label, o.rw, o.blockSize, o.iodepth, o.queues, window, ios,
       iops, mibps, stats.latency.meanNs() / 1e3, stats.latency.quantileNs(0.5) / 1e3,
       stats.latency.quantileNs(0.99) / 1e3, stats.kicks, stats.interrupts, eventIdx ? 1 : 0,
-      o.verify ? "ok" : "off");
+      driverCpuUsPerIo, o.verify ? "ok" : "off");
   return 0;
 }
 
