@@ -8,9 +8,11 @@
 # Environment: CLONE_BUILD_DIR (default build), CLONE_BLOCK (default $CLONE_BUILD_DIR/bin/clone-block;
 # skipped with a note when missing), BLK_BENCH_DIR (default /dev/shm: a tmpfs, so the back-ends
 # serve from memory and the path under test is vhost-user + virtio-blk + the image format, not a
-# disk), BLK_BENCH_SIZE (default 1G), BLK_BENCH_WARMUP (default 0.5 s), BLK_BENCH_QSD_AIO
-# (default threads, qemu-storage-daemon's default; io_uring is the other choice with the page
-# cache), BLK_BENCH_WORKLOADS (default all six below), BLK_BENCH_FORMATS (default "raw qcow2").
+# disk), BLK_BENCH_SIZE (default 1G), BLK_BENCH_WARMUP (default 0.5 s), BLK_BENCH_WORKLOADS
+# (default all six below), BLK_BENCH_FORMATS (default "raw qcow2"), BLK_BENCH_BACKENDS (default
+# "qsd clone"; "qsd" is qemu-storage-daemon with aio=io_uring, the same kernel interface as
+# clone-block's data path and the cheaper of its two choices with the page cache, "qsd-threads"
+# is its default aio=threads).
 #
 # Images: a raw file (truncate) and a qcow2 (qemu-img create -f qcow2 -o
 # preallocation=off,cluster_size=64k), both of SIZE, both then written completely through
@@ -29,7 +31,6 @@ SECONDS_PER_RUN=${2:-3}
 WARMUP=${BLK_BENCH_WARMUP:-0.5}
 SIZE=${BLK_BENCH_SIZE:-1G}
 BASE=${BLK_BENCH_DIR:-/dev/shm}
-QSD_AIO=${BLK_BENCH_QSD_AIO:-threads}
 FORMATS=${BLK_BENCH_FORMATS:-raw qcow2}
 DRIVER=$BUILD/bench/clone-blk-bench
 CLONE_BLOCK=${CLONE_BLOCK:-$BUILD/bin/clone-block}
@@ -38,11 +39,10 @@ WORKLOADS=${BLK_BENCH_WORKLOADS:-"randread-4k-qd1:randread:4096:1 randread-4k-qd
 
 [ -x "$DRIVER" ] || { echo "blk_backends.sh: build $DRIVER first (ninja -C $BUILD clone-blk-bench)" >&2; exit 2; }
 command -v qemu-storage-daemon >/dev/null || { echo "blk_backends.sh: no qemu-storage-daemon" >&2; exit 2; }
-BACKENDS="qsd"
-if [ -x "$CLONE_BLOCK" ]; then
-  BACKENDS="qsd clone"
-else
+BACKENDS=${BLK_BENCH_BACKENDS:-qsd clone}
+if [[ " $BACKENDS " == *" clone "* ]] && [ ! -x "$CLONE_BLOCK" ]; then
   echo "blk_backends.sh: no $CLONE_BLOCK, measuring qemu-storage-daemon only" >&2
+  BACKENDS=$(echo "$BACKENDS" | sed 's/\bclone\b//')
 fi
 
 work=$(mktemp -d "$BASE/clone-blk-bench.XXXXXX")
@@ -60,8 +60,10 @@ start_backend() {
   local backend=$1 format=$2 image=$work/disk.$2
   rm -f "$sock"
   case $backend in
-    qsd)
-      local node="driver=file,node-name=f,filename=$image,cache.direct=off,aio=$QSD_AIO"
+    qsd | qsd-threads)
+      local aio=io_uring
+      [ "$backend" = qsd-threads ] && aio=threads
+      local node="driver=file,node-name=f,filename=$image,cache.direct=off,aio=$aio"
       local args=(--blockdev "$node")
       if [ "$format" = qcow2 ]; then
         args=(--blockdev "${node/node-name=f/node-name=file}" --blockdev "driver=qcow2,node-name=f,file=file")
@@ -142,15 +144,15 @@ stat_of() {  # name format backend -> "median min max p50 p99 cpu"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
 echo
-echo "RESULT medians of $ROUNDS rounds, ${SECONDS_PER_RUN} s each after ${WARMUP} s warm-up, 1 queue; qsd aio=$QSD_AIO, cache.direct=off"
-printf '| %-17s | %-6s | %-6s | %9s | %17s | %8s | %8s | %10s |\n' workload format backend IOPS "min-max" "p50 us" "p99 us" "CPU us/IO"
+echo "RESULT medians of $ROUNDS rounds, ${SECONDS_PER_RUN} s each after ${WARMUP} s warm-up, 1 queue; qsd: cache.direct=off, aio=io_uring (qsd-threads: aio=threads)"
+printf '| %-17s | %-6s | %-11s | %9s | %17s | %8s | %8s | %10s |\n' workload format backend IOPS "min-max" "p50 us" "p99 us" "CPU us/IO"
 echo "|---|---|---|---|---|---|---|---|"
 for workload in $WORKLOADS; do
   name=${workload%%:*}
   for format in $FORMATS; do
     for backend in $BACKENDS; do
       read -r med lo hi p50 p99 cpu <<<"$(stat_of "$name" "$format" "$backend")"
-      printf '| %-17s | %-6s | %-6s | %9s | %17s | %8s | %8s | %10s |\n' "$name" "$format" "$backend" "$med" "$lo-$hi" "$p50" "$p99" "$cpu"
+      printf '| %-17s | %-6s | %-11s | %9s | %17s | %8s | %8s | %10s |\n' "$name" "$format" "$backend" "$med" "$lo-$hi" "$p50" "$p99" "$cpu"
     done
   done
 done
