@@ -5,19 +5,13 @@
 #include <CLI/CLI.hpp>
 
 #include "common/error.h"
+#include "dev-block/image/open_image.h"
 #include "ipc/vhost-user/backend.h"
 
 namespace clonevm::block {
 
 namespace {
 constexpr int kExitUsage = 2;
-}
-
-ImageFormat parseImageFormat(const std::string& text) {
-  if (text == "raw") return ImageFormat::kRaw;
-  if (text == "qcow2") return ImageFormat::kQcow2;
-  if (text == "auto") return ImageFormat::kAuto;
-  throw Error(fmt::format("unknown image format '{}' (raw, qcow2 or auto)", text));
 }
 
 std::string blockCapabilities() {
@@ -62,7 +56,7 @@ ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv) {
       }
       if (options.imagePath.empty()) throw CLI::RequiredError("--image");
     }
-    options.format = parseImageFormat(format);
+    options.format = format == "auto" ? ImageFormat::kAuto : parseImageFormat(format);
   } catch (const CLI::ParseError& error) {
     int code = app.exit(error, std::cout, std::cerr);
     result.exitCode = code == 0 ? 0 : kExitUsage;

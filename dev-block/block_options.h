@@ -35,8 +35,6 @@ struct ParsedBlockOptions {
 // --print-capabilities). Usage errors exit with 2 after printing to stderr.
 ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv);
 
-ImageFormat parseImageFormat(const std::string& text);
-
 // The --print-capabilities document.
 std::string blockCapabilities();
 
