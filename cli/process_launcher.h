@@ -1,0 +1,33 @@
+#pragma once
+// How `clone run` (and later `clone fork`) starts the processes of one VM: the core and one
+// process per device. The plain launcher execs them directly (--no-jail); the jailed launcher
+// (jailer/) runs each through clone-jailer with the sandbox its kind needs. Wired in main.
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+namespace clonevm::cli {
+
+// What a process needs from its sandbox. The jailer grants exactly this and nothing more.
+struct ProcessSpec {
+  std::string kind;                     // "vmm", "block", "net", "fs", "vfio": selects the policy
+  std::string id;                       // unique per VM process, e.g. "vm-1234-block0"
+  std::string program;                  // absolute path of the executable
+  std::vector<std::string> args;        // argv[1..]
+  std::vector<int> keepFds;             // inherited fds (stdin/out/err are always kept)
+  std::vector<std::string> readPaths;   // files/dirs visible read-only inside the jail
+  std::vector<std::string> writePaths;  // files/dirs visible read-write (sockets, images)
+  std::vector<std::string> devices;     // device nodes, e.g. "/dev/kvm", "/dev/vhost-vsock"
+  bool needsNetwork = false;            // false: an empty network namespace
+};
+
+class ProcessLauncher {
+ public:
+  virtual ~ProcessLauncher() = default;
+  // Starts the process and returns its pid; the caller waits for it. Throws clonevm::Error.
+  virtual pid_t launch(const ProcessSpec& spec) = 0;
+};
+
+}  // namespace clonevm::cli
