@@ -4,6 +4,7 @@
 # front-end and guest driver with no VM, so it runs on the host: vhost-user needs no KVM).
 #
 #   tests/bench/blk_backends.sh [ROUNDS] [SECONDS]        (defaults 5 and 3)
+#   tests/bench/blk_backends.sh --summarize FILE          (the tables again, from a kept results file)
 #
 # Environment: CLONE_BUILD_DIR (default build), CLONE_BLOCK (default $CLONE_BUILD_DIR/bin/clone-block;
 # skipped with a note when missing), BLK_BENCH_DIR (default /dev/shm: a tmpfs, so the back-ends
@@ -37,6 +38,63 @@ CLONE_BLOCK=${CLONE_BLOCK:-$BUILD/bin/clone-block}
 # name rw bs iodepth
 WORKLOADS=${BLK_BENCH_WORKLOADS:-"randread-4k-qd1:randread:4096:1 randread-4k-qd32:randread:4096:32 randwrite-4k-qd1:randwrite:4096:1 randwrite-4k-qd32:randwrite:4096:32 read-1m-qd4:read:1M:4 write-1m-qd4:write:1M:4"}
 
+summarize() {
+# Ratios two ways: of the medians, and the median of the per-round ratios (the two back-ends'
+# runs of one round are seconds apart, so a paired ratio cancels most of the load drift).
+awk -v workloads="$WORKLOADS" -v formats="$FORMATS" -v backends="$BACKENDS" '
+  function median(list,    n, a, i, j, t) {
+    n = split(list, a, " ")
+    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j > 0 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
+    return n ? a[int((n + 1) / 2)] : "-"
+  }
+  function lo(list,    n, a, i, m) { n = split(list, a, " "); m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 < m + 0) m = a[i]; return m }
+  function hi(list,    n, a, i, m) { n = split(list, a, " "); m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 > m + 0) m = a[i]; return m }
+  function ratio(a, b) { return (a == "-" || b == "-" || b + 0 == 0) ? "-" : sprintf("%.2f", a / b) }
+  # Median [min-max] of x/y over the rounds that have both.
+  function paired(kx, ky,    r, list) {
+    list = ""
+    for (r = 1; r <= rounds; r++) if ((kx, r) in iops && (ky, r) in iops && iops[ky, r] > 0) list = list " " sprintf("%.3f", iops[kx, r] / iops[ky, r])
+    return list == "" ? "-" : sprintf("%.2f [%.2f-%.2f]", median(list), lo(list), hi(list))
+  }
+  {
+    k = $2 SUBSEP $3 SUBSEP $4
+    all[k] = all[k] " " $5; p50[k] = p50[k] " " $6; p99[k] = p99[k] " " $7; cpu[k] = cpu[k] " " $8
+    iops[k, $1] = $5; if ($1 > rounds) rounds = $1
+  }
+  END {
+    nw = split(workloads, W, " "); nf = split(formats, F, " "); nb = split(backends, B, " ")
+    printf "| %-17s | %-6s | %-11s | %9s | %13s | %8s | %8s | %9s |\n", "workload", "format", "backend", "IOPS", "min-max", "p50 us", "p99 us", "CPU us/IO"
+    print "|---|---|---|---|---|---|---|---|"
+    for (w = 1; w <= nw; w++) { split(W[w], parts, ":"); name[w] = parts[1]
+      for (f = 1; f <= nf; f++) for (b = 1; b <= nb; b++) { k = name[w] SUBSEP F[f] SUBSEP B[b]
+        if (!(k in all)) continue
+        med[k] = median(all[k]); mcpu[k] = median(cpu[k])
+        printf "| %-17s | %-6s | %-11s | %9s | %13s | %8s | %8s | %9s |\n", name[w], F[f], B[b], med[k], lo(all[k]) "-" hi(all[k]), median(p50[k]), median(p99[k]), mcpu[k] } }
+    print ""
+    print "IOPS ratios: of the medians; then the median [min-max] of the per-round ratios. CPU: qsd CPU us/IO over clone CPU us/IO (above 1: clone-block spends less)."
+    print ""
+    print "| workload | format | clone/qsd | per round | qsd/clone CPU per IO |"
+    print "|---|---|---|---|---|"
+    for (w = 1; w <= nw; w++) for (f = 1; f <= nf; f++) {
+      c = name[w] SUBSEP F[f] SUBSEP "clone"; q = name[w] SUBSEP F[f] SUBSEP "qsd"
+      if (!(c in med) || !(q in med)) continue
+      printf "| %s | %s | %s | %s | %s |\n", name[w], F[f], ratio(med[c], med[q]), paired(c, q), ratio(mcpu[q], mcpu[c]) }
+    print ""
+    print "| workload | backend | qcow2/raw | per round |"
+    print "|---|---|---|---|"
+    for (w = 1; w <= nw; w++) for (b = 1; b <= nb; b++) {
+      r = name[w] SUBSEP "raw" SUBSEP B[b]; q = name[w] SUBSEP "qcow2" SUBSEP B[b]
+      if (!(r in med) || !(q in med)) continue
+      printf "| %s | %s | %s | %s |\n", name[w], B[b], ratio(med[q], med[r]), paired(q, r) }
+  }' "$results"
+}
+if [ "${1:-}" = --summarize ]; then
+  results=$2 ROUNDS=$(awk '$1 > n {n = $1} END {print n}' "$2")
+  BACKENDS=${BLK_BENCH_BACKENDS:-qsd clone}
+  summarize
+  exit 0
+fi
+
 [ -x "$DRIVER" ] || { echo "blk_backends.sh: build $DRIVER first (ninja -C $BUILD clone-blk-bench)" >&2; exit 2; }
 command -v qemu-storage-daemon >/dev/null || { echo "blk_backends.sh: no qemu-storage-daemon" >&2; exit 2; }
 BACKENDS=${BLK_BENCH_BACKENDS:-qsd clone}
@@ -53,7 +111,8 @@ cleanup() {
 }
 trap cleanup EXIT
 sock=$work/blk.sock
-results=$work/results
+mkdir -p "$BUILD/bench-results"
+results=$BUILD/bench-results/blk_backends.$(date +%Y%m%d-%H%M%S).txt  # one line per run, kept
 
 # start_backend BACKEND FORMAT: starts it on the image of FORMAT, waits for its socket.
 start_backend() {
@@ -123,7 +182,7 @@ for round in $(seq "$ROUNDS"); do
           BEGIN { match(l, /ios=[0-9]+/); ios = substr(l, RSTART + 4, RLENGTH - 4);
                   printf "%.1f", t / hz * 1e6 / (ios * (s + w) / s) }')
         echo "round $round $line backend_cpu_us_per_io=$cpu_us"
-        echo "$name $format $backend $(awk -v l="$line" 'BEGIN {
+        echo "$round $name $format $backend $(awk -v l="$line" 'BEGIN {
           n = split(l, f, " "); for (i = 1; i <= n; i++) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
           print v["iops"], v["lat_p50_us"], v["lat_p99_us"] }') $cpu_us" >>"$results"
       done
@@ -131,36 +190,6 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-# Medians per (workload, format, backend): iops min max p50 p99 cpu.
-median() { sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
-col() { awk -v n="$1" -v f="$2" -v b="$3" -v c="$4" '$1 == n && $2 == f && $3 == b {print $c}' "$results"; }
-stat_of() {  # name format backend -> "median min max p50 p99 cpu"
-  local iops
-  iops=$(col "$1" "$2" "$3" 4)
-  [ -n "$iops" ] || { echo "- - - - - -"; return; }
-  echo "$(median <<<"$iops") $(sort -g <<<"$iops" | head -1) $(sort -g <<<"$iops" | tail -1)" \
-       "$(col "$1" "$2" "$3" 5 | median) $(col "$1" "$2" "$3" 6 | median) $(col "$1" "$2" "$3" 7 | median)"
-}
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
-
 echo
-echo "RESULT medians of $ROUNDS rounds, ${SECONDS_PER_RUN} s each after ${WARMUP} s warm-up, 1 queue; qsd: cache.direct=off, aio=io_uring (qsd-threads: aio=threads)"
-printf '| %-17s | %-6s | %-11s | %9s | %17s | %8s | %8s | %10s |\n' workload format backend IOPS "min-max" "p50 us" "p99 us" "CPU us/IO"
-echo "|---|---|---|---|---|---|---|---|"
-for workload in $WORKLOADS; do
-  name=${workload%%:*}
-  for format in $FORMATS; do
-    for backend in $BACKENDS; do
-      read -r med lo hi p50 p99 cpu <<<"$(stat_of "$name" "$format" "$backend")"
-      printf '| %-17s | %-6s | %-11s | %9s | %17s | %8s | %8s | %10s |\n' "$name" "$format" "$backend" "$med" "$lo-$hi" "$p50" "$p99" "$cpu"
-    done
-  done
-done
-echo
-echo "| workload | clone/qsd raw | clone/qsd qcow2 | qcow2/raw qsd | qcow2/raw clone |"
-echo "|---|---|---|---|---|"
-for workload in $WORKLOADS; do
-  name=${workload%%:*}
-  m() { stat_of "$name" "$1" "$2" | cut -d' ' -f1; }
-  echo "| $name | $(ratio "$(m raw clone)" "$(m raw qsd)") | $(ratio "$(m qcow2 clone)" "$(m qcow2 qsd)") | $(ratio "$(m qcow2 qsd)" "$(m raw qsd)") | $(ratio "$(m qcow2 clone)" "$(m raw clone)") |"
-done
+echo "RESULT medians of $ROUNDS rounds, ${SECONDS_PER_RUN} s each after ${WARMUP} s warm-up, 1 queue; qsd: cache.direct=off, aio=io_uring (qsd-threads: aio=threads); runs in $results"
+summarize
