@@ -12,8 +12,7 @@
 # disk), BLK_BENCH_SIZE (default 1G), BLK_BENCH_WARMUP (default 0.5 s), BLK_BENCH_WORKLOADS
 # (default all six below), BLK_BENCH_FORMATS (default "raw qcow2"), BLK_BENCH_BACKENDS (default
 # "qsd clone"; "qsd" is qemu-storage-daemon with aio=io_uring, the same kernel interface as
-# clone-block's data path and the cheaper of its two choices with the page cache, "qsd-threads"
-# is its default aio=threads).
+# clone-block's data path, "qsd-threads" is its default aio=threads).
 #
 # Images: a raw file (truncate) and a qcow2 (qemu-img create -f qcow2 -o
 # preallocation=off,cluster_size=64k), both of SIZE, both then written completely through
