@@ -12,8 +12,8 @@
 // request in flight, the used length must be what the request wrote (data + status for a read,
 // status for a write), the status byte must be VIRTIO_BLK_S_OK, and reads are checked against
 // the pattern the driver writes (clone_blk_bench_pattern.h): the stamps of the first and last
-// sector of each read by default, every byte with --verify, nothing with --no-data-check (a disk
-// the driver did not fill). A back-end that completes nothing, completes twice, or returns
+// sector of each read by default, every byte with --check-all or --verify, nothing with
+// --no-data-check (a disk the driver did not fill). A back-end that completes nothing, completes twice, or returns
 // wrong data cannot produce a number.
 //
 // --fill writes the pattern over the whole region first (not timed); --fill-only does only that
@@ -105,6 +105,7 @@ struct Options {
   bool fillOnly = false;
   bool verify = false;
   bool noDataCheck = false;
+  bool checkAll = false;
   bool noEventIdx = false;
   bool verbose = false;
   std::string label;
@@ -677,7 +678,9 @@ int run(const Options& o) {
       fmt::print(stderr, "clone-blk-bench: filled {} bytes in {:.2f} s\n", region, took);
     }
   }
-  DataCheck check = o.noDataCheck ? DataCheck::kNone : fullCheck ? DataCheck::kFull : DataCheck::kEdges;
+  DataCheck check = o.noDataCheck              ? DataCheck::kNone
+                    : fullCheck || o.checkAll ? DataCheck::kFull
+                                              : DataCheck::kEdges;
   Phase main{"workload", write, random, false, check, fullCheck};
   uint64_t start = nowNs();
   main.measureFromNs = start + static_cast<uint64_t>(o.warmup * 1e9);
@@ -731,6 +734,8 @@ int main(int argc, char** argv) {
   app.add_flag("--fill-only", o.fillOnly, "write the pattern over the region and stop");
   app.add_flag("--verify", o.verify,
                "fill, check every byte read during the workload, then read the region back");
+  app.add_flag("--check-all", o.checkAll,
+               "check every byte read (default: the first and last sector of each read)");
   app.add_flag("--no-data-check", o.noDataCheck, "do not check read data (disk not filled by us)");
   app.add_flag("--no-event-idx", o.noEventIdx, "do not negotiate VIRTIO_RING_F_EVENT_IDX");
   app.add_option("--label", o.label, "a tag copied into the result line");

@@ -143,8 +143,8 @@ TEST_F(BlkBenchTest, VerifyAgainstQemuStorageDaemonLeavesThePatternInTheImage) {
   EXPECT_EQ(run.output.find(" ios=0 "), std::string::npos) << run.output;
 
   // The random reads of a read workload check every byte against the same pattern.
-  run = runDriver(fmt::format("--socket {} --rw randread --iodepth 4 --seconds 0.5 --seed {}",
-                              socket_, kSeed));
+  run = runDriver(fmt::format(
+      "--socket {} --rw randread --iodepth 4 --seconds 0.5 --check-all --seed {}", socket_, kSeed));
   ASSERT_EQ(run.exitCode, 0) << run.output << qsd.log();
   EXPECT_NE(run.output.find("iops="), std::string::npos) << run.output;
 
