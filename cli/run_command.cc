@@ -4,6 +4,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <optional>
+
+#include "cli/direct_launcher.h"
+#include "cli/disks.h"
 #include "cli/program_path.h"
 #include "common/error.h"
 
@@ -61,12 +65,29 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
                   "SOCKET:TAG[,queues=N]: a virtio-fs share served by a vhost-user-fs back-end "
                   "(mount -t virtiofs TAG in the guest); repeatable")
       ->allow_extra_args(false);
+  run->add_option("--disk", options.disks,
+                  "PATH[,readonly][,overlay][,format=raw|qcow2|auto]: a disk served by clone-block "
+                  "(overlay: writes go to a temporary qcow2 over PATH); repeatable")
+      ->allow_extra_args(false);
   run->add_flag("--verbose", options.verbose, "print a boot-time breakdown to stderr");
   run->callback([&options, &global, streams, &exitCode] {
     if (options.noJail) {
       streams.err << "clone: warning: --no-jail: the VMM runs without its sandbox\n";
     }
-    exitCode = spawnAndWait(siblingProgram("clone-vmm"), vmmArguments(options, global.toArgs()));
+    std::vector<std::string> vmmArgs = vmmArguments(options, global.toArgs());
+    std::vector<DiskSpec> diskSpecs;
+    for (const auto& value : options.disks) diskSpecs.push_back(parseDiskOption(value));
+    // One clone-block per disk, stopped (and overlays deleted) when the VM exits.
+    DirectLauncher launcher;
+    std::optional<DiskProcesses> disks;
+    if (!diskSpecs.empty()) {
+      disks.emplace(launcher, siblingProgram("clone-block"), fmt::format("vm-{}", ::getpid()),
+                    global.toArgs());
+      for (const auto& disk : diskSpecs) {
+        vmmArgs.insert(vmmArgs.end(), {"--vhost-user-blk", disks->start(disk)});
+      }
+    }
+    exitCode = spawnAndWait(siblingProgram("clone-vmm"), vmmArgs);
   });
 }
 

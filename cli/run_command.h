@@ -23,6 +23,7 @@ struct RunOptions {
   std::string apiSocket;
   std::vector<std::string> vhostUserBlk;  // SOCKET[,queues=N], passed to clone-vmm as is
   std::vector<std::string> vhostUserFs;   // SOCKET:TAG[,queues=N]
+  std::vector<std::string> disks;         // PATH[,readonly][,overlay][,format=FMT]: clone-block
 };
 
 // Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.

@@ -176,6 +176,7 @@ std::optional<Message> BackendSession::dispatch(Message& message) {
       return replyTo(request, uint64_t{device_.queueCount()});
 
     case R::kSetMemTable: {
+      drainDevice();
       auto header = message.payloadAs<MemoryTableHeader>();
       std::vector<MemoryRegion> regions(header.regionCount);
       if (!regions.empty()) {
@@ -194,6 +195,7 @@ std::optional<Message> BackendSession::dispatch(Message& message) {
     case R::kAddMemReg: {
       requireProtocolFeature(protocol::kConfigureMemSlots, request);
       auto body = message.payloadAs<SingleMemoryRegion>();
+      drainDevice();
       memory_.addRegion(body.region, std::move(message.fds.front()));
       return std::nullopt;
     }
@@ -201,6 +203,7 @@ std::optional<Message> BackendSession::dispatch(Message& message) {
     case R::kRemMemReg: {
       requireProtocolFeature(protocol::kConfigureMemSlots, request);
       message.fds.clear();  // the spec allows one stray fd; close it unused
+      drainDevice();
       memory_.removeRegion(message.payloadAs<SingleMemoryRegion>().region);
       return std::nullopt;
     }
@@ -366,7 +369,35 @@ void BackendSession::stopQueue(Virtqueue& queue) {
   if (!queue.started()) return;
   if (watcher_ != nullptr && queue.kickFd() >= 0) watcher_->unwatchKick(queue.index(), queue.kickFd());
   device_.onQueueStopped(queue);
+  queue.notifyIfNeeded();  // for requests the device finished while stopping
   queue.stop();
+}
+
+void BackendSession::drainDevice() {
+  try {
+    device_.drain();
+  } catch (const Error& e) {
+    // The device could not finish its requests: none of them may touch memory any more.
+    for (auto& queue : queues_) {
+      if (queue.started()) queue.markBroken(fmt::format("the device failed to drain: {}", e.what()));
+    }
+  }
+  notifyStartedQueues();
+}
+
+void BackendSession::notifyStartedQueues() {
+  for (auto& queue : queues_) {
+    if (queue.started()) queue.notifyIfNeeded();
+  }
+}
+
+void BackendSession::onDeviceEvent() {
+  try {
+    device_.onDeviceEvent();
+  } catch (const Error& e) {
+    log_.error("vhost-user: the device failed to complete requests: {}", e.what());
+  }
+  notifyStartedQueues();
 }
 
 void BackendSession::resetDevice() {
@@ -499,6 +530,7 @@ constexpr uint64_t kTagStop = 1ull << 40;
 constexpr uint64_t kTagSocket = 2ull << 40;
 constexpr uint64_t kTagListener = 3ull << 40;
 constexpr uint64_t kTagKick = 4ull << 40;  // | queue index
+constexpr uint64_t kTagDevice = 5ull << 40;
 constexpr uint64_t kTagMask = 0xffull << 40;
 
 void epollAdd(int epoll, int fd, uint64_t tag) {
@@ -581,6 +613,7 @@ void VhostUserBackend::serveConnection(UniqueFd connection) {
   // Messages are read only once epoll says the socket is readable, so the timeout bites only
   // on a message that stops half-way.
   channel.setReceiveTimeout(options_.messageTimeout);
+  if (device_.deviceEventFd() >= 0) epollAdd(epoll.get(), device_.deviceEventFd(), kTagDevice);
   Loop loop(epoll.get());
   session_ = std::make_unique<BackendSession>(device_, log_, &loop);
   ++connectionsServed_;
@@ -623,6 +656,8 @@ void VhostUserBackend::runConnection(int epoll, Channel& channel) {
         }
       } else if (tag == kTagKick) {
         session_->onKick(static_cast<uint16_t>(events[i].data.u64 & 0xffff));
+      } else if (tag == kTagDevice) {
+        session_->onDeviceEvent();
       }
     }
   }

@@ -11,7 +11,7 @@
 // connection is dropped (logged), the device hears onDisconnect(), and the back-end waits for
 // the next front-end on the listening socket. Everything runs on the thread that called
 // serve*(): an epoll loop over the socket, one kick eventfd per started queue and a stop
-// eventfd. Devices process requests synchronously in processQueue() for now.
+// eventfd, plus the device's own event fd when it has one (asynchronous completion, below).
 //
 // Replies: a request that fails (bad payload, bad queue index, overlapping memory, ring
 // addresses outside memory, ...) is answered with a non-zero REPLY_ACK when the front-end
@@ -92,6 +92,18 @@ class VhostUserDevice {
   virtual void onReset() {}
   // The front-end went away; the next one starts from scratch.
   virtual void onDisconnect() {}
+
+  // --- Asynchronous completion (optional). A device that finishes requests after
+  // processQueue() returned (io_uring) keeps them and gives the loop an fd to watch. When it
+  // is readable the loop calls onDeviceEvent(), where the device complete()s what finished;
+  // the library then signals every started queue. A request's spans point into guest memory,
+  // so the library calls drain() before the memory table changes, and onQueueStopped() (also
+  // called on reset and disconnect) must likewise complete everything in flight on its queue.
+  // The fd is read once when the connection starts and must stay the same while it lasts.
+  virtual int deviceEventFd() const { return -1; }
+  virtual void onDeviceEvent() {}
+  // Waits for every request in flight and complete()s it.
+  virtual void drain() {}
 };
 
 // Hooks the event loop gives a session to watch kick eventfds. A failure to watch throws and
@@ -122,6 +134,10 @@ class BackendSession {
   // delivered by hand): processes the queue if it is started and enabled.
   void onKick(uint16_t queue, bool consumeEventfd = true);
 
+  // The device's event fd is readable: lets the device complete requests, then signals the
+  // queues that have new used entries.
+  void onDeviceEvent();
+
   // The front-end disconnected: stops every queue and tells the device.
   void close();
 
@@ -144,6 +160,8 @@ class BackendSession {
   void stopQueue(Virtqueue& queue);
   void processQueue(Virtqueue& queue);
   void resetDevice();
+  void drainDevice();  // before the memory table changes
+  void notifyStartedQueues();
 
   std::optional<Message> getInflightFd(const Message& message);
   void setInflightFd(Message& message);

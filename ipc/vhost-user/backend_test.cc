@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -598,6 +599,140 @@ TEST(BackendConventionsTest, ServeFdAcceptsAConnectedSocket) {
   thread.join();  // returns by itself once the only front-end is gone
   EXPECT_EQ(backend.connectionsServed(), 1u);
   EXPECT_EQ(device.disconnects, 1);
+}
+
+// A device that completes requests later, from its event fd, as an io_uring device does.
+class AsyncXorDevice : public XorDevice {
+ public:
+  AsyncXorDevice() { eventFd_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
+  int deviceEventFd() const override { return eventFd_.get(); }
+  void processQueue(Virtqueue& queue) override {
+    while (auto request = queue.pop()) {
+      pending_.push_back({&queue, std::move(*request)});
+      ++popped;
+    }
+  }
+  // The test plays the I/O finishing by writing the event fd.
+  void finishAll() {
+    uint64_t one = 1;
+    ASSERT_EQ(::write(eventFd_.get(), &one, 8), 8);
+  }
+  void onDeviceEvent() override {
+    uint64_t count;
+    ssize_t n = ::read(eventFd_.get(), &count, 8);
+    (void)n;
+    completeAll();
+  }
+  void drain() override {
+    drainedWithPending += static_cast<int>(pending_.size());
+    completeAll();
+  }
+  void onQueueStopped(Virtqueue& queue) override {
+    std::erase_if(pending_, [&](Pending& p) {
+      if (p.queue != &queue) return false;
+      ++stoppedWithPending;
+      complete(p);
+      return true;
+    });
+  }
+
+  std::atomic<int> popped{0}, completed{0}, drainedWithPending{0}, stoppedWithPending{0};
+
+ private:
+  struct Pending {
+    Virtqueue* queue;
+    VirtqueueRequest request;
+  };
+  void complete(Pending& p) {
+    std::vector<uint8_t> data(p.request.readableBytes());
+    p.request.read(0, data);
+    for (auto& b : data) b ^= 0xff;
+    p.queue->complete(p.request, static_cast<uint32_t>(p.request.write(0, data)));
+    ++completed;
+  }
+  void completeAll() {
+    for (auto& p : pending_) complete(p);
+    pending_.clear();
+  }
+  UniqueFd eventFd_;
+  std::vector<Pending> pending_;  // loop thread only
+};
+
+bool waitFor(const std::function<bool()>& condition) {
+  for (int i = 0; i < 500; ++i) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+TEST(BackendAsyncTest, CompletesFromTheDeviceEventAndDrainsBeforeMemoryChangesAndStops) {
+  AsyncXorDevice device;
+  auto log = std::make_shared<spdlog::logger>("vhost-test", std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(64));
+  VhostUserBackend backend(device, *log);
+  auto [ours, theirs] = makeSocketPair();
+  std::thread thread([&, fd = theirs.release()] { backend.serveFd(UniqueFd(fd)); });
+  TestGuestMemory guest(1 << 20, 0x80000000);
+  UniqueFd kickFd(::eventfd(0, EFD_CLOEXEC)), callFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  {
+    Frontend frontend(std::move(ours), "socketpair", FrontendOptions{kTimeout});
+    frontend.setFeatures(frontend.getFeatures());
+    frontend.setProtocolFeatures(frontend.getProtocolFeatures());
+    frontend.setOwner();
+    TestRing ring(guest, 16);
+    auto spec = guest.spec();
+    frontend.setMemTable(std::span<const MemoryRegionSpec>(&spec, 1));
+    frontend.setVringNum(0, ring.size());
+    frontend.setVringBase(0, 0);
+    frontend.setVringAddr(0, ring.addresses());
+    frontend.setVringCall(0, callFd.get());
+    frontend.setVringKick(0, kickFd.get());
+    frontend.setVringEnable(0, true);
+
+    auto submit = [&](uint16_t head, uint8_t value) {
+      uint64_t in = guest.put({value});
+      uint64_t out = guest.allocate(1);
+      ring.setDescriptor(head, in, 1, kDescFlagNext, static_cast<uint16_t>(head + 1));
+      ring.setDescriptor(static_cast<uint16_t>(head + 1), out, 1, kDescFlagWrite);
+      ring.publish(head);
+      kick(kickFd.get());
+      return out;
+    };
+
+    // Taken by processQueue, not completed: nothing on the used ring, no interrupt.
+    uint64_t out = submit(0, 0x0f);
+    ASSERT_TRUE(waitFor([&] { return device.popped == 1; }));
+    EXPECT_EQ(ring.usedIndex(), 0);
+    EXPECT_FALSE(waitReadable(callFd.get(), std::chrono::milliseconds(50)));
+    // The device's event completes it from the loop, and the library signals the driver.
+    device.finishAll();
+    ASSERT_TRUE(waitReadable(callFd.get()));
+    drain(callFd.get());
+    EXPECT_EQ(ring.usedIndex(), 1);
+    EXPECT_EQ(guest.get(out, 1), std::vector<uint8_t>{0xf0});
+
+    // A new memory table waits for the request in flight first.
+    ring.setUsedEvent(1);  // EVENT_IDX: interrupt once the next entry is used
+    out = submit(2, 0x01);
+    ASSERT_TRUE(waitFor([&] { return device.popped == 2; }));
+    frontend.setMemTable(std::span<const MemoryRegionSpec>(&spec, 1));
+    EXPECT_EQ(device.drainedWithPending, 1);
+    EXPECT_EQ(ring.usedIndex(), 2);
+    EXPECT_EQ(guest.get(out, 1), std::vector<uint8_t>{0xfe});
+    EXPECT_TRUE(waitReadable(callFd.get()));
+    drain(callFd.get());
+
+    // So does GET_VRING_BASE, and the base it returns counts the finished request.
+    frontend.setVringKick(0, kickFd.get());  // restart after the table change
+    out = submit(4, 0x02);
+    ASSERT_TRUE(waitFor([&] { return device.popped == 3; }));
+    EXPECT_EQ(frontend.getVringBase(0), 3u);
+    EXPECT_EQ(device.stoppedWithPending, 1);
+    EXPECT_EQ(ring.usedIndex(), 3);
+    EXPECT_EQ(guest.get(out, 1), std::vector<uint8_t>{0xfd});
+  }
+  thread.join();
+  EXPECT_EQ(device.completed, 3);
 }
 
 }  // namespace

@@ -63,7 +63,8 @@ constexpr uint64_t usedRingBytes(uint32_t size) { return 6ull + 8ull * size; }
 // One descriptor chain taken from the avail ring: the buffers the device reads (driver to
 // device) and the buffers it writes, already translated and bounds-checked. The spans stay
 // valid until the memory table changes; a device that completes requests synchronously from
-// processQueue() never sees that happen.
+// processQueue() never sees that happen, an asynchronous one is drained first
+// (VhostUserDevice::drain and onQueueStopped).
 class VirtqueueRequest {
  public:
   uint16_t head() const { return head_; }

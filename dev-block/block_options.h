@@ -1,0 +1,41 @@
+#pragma once
+// clone-block's command line (the vhost-user back-end program conventions of vhost-user.rst
+// plus the image and log options), parsed apart from main so it can be tested.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dev-block/image/block_image.h"
+
+namespace clonevm::block {
+
+struct BlockProgramOptions {
+  std::string socketPath;  // --socket-path
+  int fd = -1;             // --fd
+  bool printCapabilities = false;
+  std::string imagePath;
+  ImageFormat format = ImageFormat::kAuto;
+  bool readOnly = false;
+  uint16_t queues = 1;
+  std::string serial = "clone-block";
+  std::string controlSocket;  // --control-socket
+  std::string logLevel = "info";
+  bool logJson = false;
+};
+
+// Either the options, or the exit code after CLI11 printed help or an error (`exitCode`).
+struct ParsedBlockOptions {
+  std::optional<BlockProgramOptions> options;
+  int exitCode = 0;
+};
+
+// Parses and checks the combinations (exactly one of --socket-path and --fd, --image unless
+// --print-capabilities). Usage errors exit with 2 after printing to stderr.
+ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv);
+
+// The --print-capabilities document.
+std::string blockCapabilities();
+
+}  // namespace clonevm::block
