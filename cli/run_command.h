@@ -23,6 +23,8 @@ struct RunOptions {
   std::string apiSocket;
   std::vector<std::string> vhostUserBlk;  // SOCKET[,queues=N], passed to clone-vmm as is
   std::vector<std::string> vhostUserFs;   // SOCKET:TAG[,queues=N]
+  uint64_t vsockCid = 0;                  // 0: automatic
+  bool noVsock = false;
 };
 
 // Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.

@@ -31,15 +31,16 @@ void withVm(const std::string& socket, Call&& call) {
 void printStatus(const rpc::VmStatus::Reader& status, bool json, std::ostream& out) {
   if (json) {
     out << fmt::format(
-        R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}"}})"
+        R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}","vsock_cid":{}}})"
         "\n",
         stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
-        status.getUptimeMs(), status.getPid(), status.getKernel().cStr());
+        status.getUptimeMs(), status.getPid(), status.getKernel().cStr(), status.getVsockCid());
     return;
   }
   out << fmt::format("state: {}\nvcpus: {}\nmemory: {} MiB\nuptime: {:.1f} s\npid: {}\nkernel: {}\n",
                      stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
                      status.getUptimeMs() / 1000.0, status.getPid(), status.getKernel().cStr());
+  if (status.getVsockCid() != 0) out << fmt::format("vsock cid: {}\n", status.getVsockCid());
 }
 
 CLI::App* addVerb(CLI::App& app, const std::string& name, const std::string& help,
