@@ -53,6 +53,14 @@ CLI::App* addVerb(CLI::App& app, const std::string& name, const std::string& hel
 
 }  // namespace
 
+uint32_t vmVsockCid(const std::string& socket) {
+  uint32_t cid = 0;
+  withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+    cid = vm.statusRequest().send().wait(waitScope).getStatus().getVsockCid();
+  });
+  return cid;
+}
+
 void addVmCommands(CLI::App& app, VmCommandOptions& options, Streams streams) {
   auto* status = addVerb(app, "status", "show a running VM's state", options);
   status->add_flag("--json", options.json, "print one JSON object");
