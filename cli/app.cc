@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cli/exec_command.h"
 #include "cli/global_options.h"
 #include "cli/run_command.h"
 #include "cli/vm_commands.h"
@@ -41,6 +42,8 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
   addRunCommand(app, runOptions, global, streams, exitCode);
   VmCommandOptions vmOptions;
   addVmCommands(app, vmOptions, streams);
+  ExecOptions execOptions;
+  addExecCommand(app, execOptions, streams, exitCode);
 
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
   try {

@@ -44,6 +44,8 @@ std::vector<std::string> vmmArguments(const RunOptions& options,
   if (!options.apiSocket.empty()) args.insert(args.end(), {"--api-socket", options.apiSocket});
   for (const auto& value : options.vhostUserBlk) args.insert(args.end(), {"--vhost-user-blk", value});
   for (const auto& value : options.vhostUserFs) args.insert(args.end(), {"--vhost-user-fs", value});
+  if (options.vsockCid != 0) args.insert(args.end(), {"--vsock-cid", std::to_string(options.vsockCid)});
+  if (options.noVsock) args.push_back("--no-vsock");
   return args;
 }
 
@@ -69,6 +71,9 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
                   "PATH[,readonly][,overlay][,format=raw|qcow2|auto]: a disk served by clone-block "
                   "(overlay: writes go to a temporary qcow2 over PATH); repeatable")
       ->allow_extra_args(false);
+  run->add_option("--vsock-cid", options.vsockCid,
+                  "the guest's vsock CID, 3..4294967294 (default: a free one, automatically)");
+  run->add_flag("--no-vsock", options.noVsock, "no vsock device (no guest agent, no clone exec)");
   run->add_flag("--verbose", options.verbose, "print a boot-time breakdown to stderr");
   run->callback([&options, &global, streams, &exitCode] {
     if (options.noJail) {

@@ -24,6 +24,8 @@ struct RunOptions {
   std::vector<std::string> vhostUserBlk;  // SOCKET[,queues=N], passed to clone-vmm as is
   std::vector<std::string> vhostUserFs;   // SOCKET:TAG[,queues=N]
   std::vector<std::string> disks;         // PATH[,readonly][,overlay][,format=FMT]: clone-block
+  uint64_t vsockCid = 0;                  // 0: automatic
+  bool noVsock = false;
 };
 
 // Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.

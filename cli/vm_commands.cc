@@ -31,15 +31,16 @@ void withVm(const std::string& socket, Call&& call) {
 void printStatus(const rpc::VmStatus::Reader& status, bool json, std::ostream& out) {
   if (json) {
     out << fmt::format(
-        R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}"}})"
+        R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}","vsock_cid":{}}})"
         "\n",
         stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
-        status.getUptimeMs(), status.getPid(), status.getKernel().cStr());
+        status.getUptimeMs(), status.getPid(), status.getKernel().cStr(), status.getVsockCid());
     return;
   }
   out << fmt::format("state: {}\nvcpus: {}\nmemory: {} MiB\nuptime: {:.1f} s\npid: {}\nkernel: {}\n",
                      stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
                      status.getUptimeMs() / 1000.0, status.getPid(), status.getKernel().cStr());
+  if (status.getVsockCid() != 0) out << fmt::format("vsock cid: {}\n", status.getVsockCid());
 }
 
 CLI::App* addVerb(CLI::App& app, const std::string& name, const std::string& help,
@@ -51,6 +52,14 @@ CLI::App* addVerb(CLI::App& app, const std::string& name, const std::string& hel
 }
 
 }  // namespace
+
+uint32_t vmVsockCid(const std::string& socket) {
+  uint32_t cid = 0;
+  withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+    cid = vm.statusRequest().send().wait(waitScope).getStatus().getVsockCid();
+  });
+  return cid;
+}
 
 void addVmCommands(CLI::App& app, VmCommandOptions& options, Streams streams) {
   auto* status = addVerb(app, "status", "show a running VM's state", options);

@@ -15,4 +15,7 @@ struct VmCommandOptions {
 
 void addVmCommands(CLI::App& app, VmCommandOptions& options, Streams streams);
 
+// The VM's vsock CID from its status (0: no vsock device).
+uint32_t vmVsockCid(const std::string& socket);
+
 }  // namespace clonevm::cli

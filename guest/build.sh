@@ -41,7 +41,7 @@ case "$compress" in
   gzip|none) ;;
   *) die "CLONE_GUEST_COMPRESS=$compress: want zstd, gzip or none" ;;
 esac
-for tool in dpkg-deb depmod cpio ldd busybox flock perl; do
+for tool in dpkg-deb depmod cpio ldd busybox flock perl cc; do
   command -v "$tool" >/dev/null || die "missing host tool '$tool' (scripts/install-deps.sh lab)"
 done
 
@@ -248,8 +248,9 @@ step="fingerprint inputs"
 fingerprint="$(
   {
     echo "kernel $krel $(basename "$kdir") compress $compress"
-    (cd "$here" && find build.sh init modules.txt rootfs -printf '%p %m %l\n' | sort &&
-     find build.sh init modules.txt rootfs -type f -print0 | sort -z | xargs -0 sha256sum)
+    (cd "$here" && find build.sh init modules.txt rootfs agent -printf '%p %m %l\n' | sort &&
+     find build.sh init modules.txt rootfs agent -type f -print0 | sort -z | xargs -0 sha256sum)
+    echo "cc $(cc --version | head -n1)"
     printf '%s\n' "${load_order[@]}"
     for p in "${plan[@]}"; do echo "$p $(sha256sum <"${p%%$'\t'*}")"; done
     for d in "${overlays[@]}"; do
@@ -324,6 +325,11 @@ cp "$kmoddir/modules.builtin" "$kmoddir/modules.builtin.modinfo" "$kmoddir/modul
 step="depmod for the initramfs"
 # A modules.dep of our own so `modprobe` also works in the guest.
 depmod -b "$r" "$krel" || die "depmod -b $r $krel failed"
+
+step="build the guest agent"
+# clone-agent (docs/AGENT.md): static, since the initramfs has no C library.
+cc -static -Os -s -Wall -o "$r/usr/bin/clone-agent" "$here/agent/agent.c" "$here/agent/agent_protocol.c" ||
+  die "cc -static of guest/agent failed (glibc static libraries: libc6-dev)"
 
 step="copy guest/rootfs and /init"
 cp -a "$here/rootfs/." "$r/"

@@ -75,6 +75,11 @@ int runVmm(int argc, char** argv) {
                  "SOCKET:TAG[,queues=N]: a virtio-fs share served by a vhost-user back-end "
                  "(virtiofsd, ...), mounted in the guest as TAG; repeatable")
       ->allow_extra_args(false);
+  uint64_t vsockCid = 0;
+  bool noVsock = false;
+  app.add_option("--vsock-cid", vsockCid,
+                 "the guest's vsock CID, 3..4294967294 (default: a free one chosen automatically)");
+  app.add_flag("--no-vsock", noVsock, "no virtio-vsock device (and so no guest agent)");
   std::string apiSocket;
   app.add_option("--api-socket", apiSocket, "serve the VM control API (Cap'n Proto) on this unix socket");
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
@@ -96,6 +101,15 @@ int runVmm(int argc, char** argv) {
     }
     for (const auto& value : vhostUserFs) {
       config.vhostUserDevices.push_back(parseVhostUserFsOption(value));
+    }
+    require(!(noVsock && vsockCid != 0), "--vsock-cid and --no-vsock exclude each other");
+    config.vsock.enabled = !noVsock;
+    config.vsock.guestCid = vsockCid;
+    // Without the module the VM still boots, unless a CID was asked for.
+    if (config.vsock.enabled && vsockCid == 0 && ::access(config.vsock.devicePath.c_str(), F_OK) != 0) {
+      log->warn("{} is missing (modprobe vhost_vsock): no vsock device, so no guest agent",
+                config.vsock.devicePath);
+      config.vsock.enabled = false;
     }
     KvmSystem kvm;
     validate(config, kvm);

@@ -19,6 +19,7 @@ struct VmStatus {
   uptimeMs @3 :UInt64;      # since the first vCPU entry
   pid @4 :UInt32;           # of clone-vmm
   kernel @5 :Text;
+  vsockCid @6 :UInt32;      # the guest's vsock CID (the agent's address); 0 without vsock
 }
 
 interface VmControl {

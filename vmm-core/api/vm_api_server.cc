@@ -28,6 +28,7 @@ class VmControlServer final : public rpc::VmControl::Server {
     status.setUptimeMs(static_cast<uint64_t>(machine_.uptimeMillis()));
     status.setPid(static_cast<uint32_t>(::getpid()));
     status.setKernel(machine_.config().kernelPath);
+    if (auto* vsock = machine_.vsock()) status.setVsockCid(static_cast<uint32_t>(vsock->guestCid()));
     return kj::READY_NOW;
   }
 

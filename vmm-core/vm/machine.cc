@@ -139,25 +139,19 @@ void Machine::attachDevices() {
   devices_ = std::make_unique<LegacyDevices>(
       LegacyDevices::Config{memory_, config_.consoleOutputFd, vm_, exitSignal_, log_}, pio_, mmio_);
   attachVhostUserDevices();
+  attachVsock();
 }
 
 void Machine::attachVhostUserDevices() {
   if (config_.vhostUserDevices.empty()) return;
-  deviceEvents_ = std::make_unique<KvmDeviceEvents>(vm_);
-  // BAR 0 of each device goes into the 64-bit window (AcpiConfig::pciMmio64Start, in the
-  // host bridge's _CRS, so Linux keeps it), one after the other, each aligned to its size.
-  uint64_t windowStart = pciMmio64Start(memory_);
-  uint64_t next = windowStart;
+  if (!deviceEvents_) deviceEvents_ = std::make_unique<KvmDeviceEvents>(vm_);
   for (const auto& deviceConfig : config_.vhostUserDevices) {
     // Connects and negotiates before the transport is built: the transport fixes its feature
     // offer and queue count at construction.
     auto backend = VhostUserBackend::connect(deviceConfig, memory_, log_);
     uint64_t size = VirtioPciDevice::barSizeFor(*backend);
-    uint64_t bar = (next + size - 1) / size * size;
-    require(bar + size <= windowStart + layout::kPciMmio64Size,
-            "{} {}: no room left in the 64-bit PCI window", vhostUserKindName(deviceConfig.kind),
-            deviceConfig.socketPath);
-    next = bar + size;
+    uint64_t bar = allocateBar(size, fmt::format("{} {}", vhostUserKindName(deviceConfig.kind),
+                                                 deviceConfig.socketPath));
     auto device = std::make_shared<VirtioPciDevice>(backend, memory_, *deviceEvents_,
                                                     *deviceEvents_, log_, bar);
     Bdf bdf = devices_->pciRoot().addDevice(device);
@@ -168,6 +162,32 @@ void Machine::attachVhostUserDevices() {
     vhostUserBackends_.push_back(std::move(backend));
     virtioDevices_.push_back(std::move(device));
   }
+}
+
+uint64_t Machine::allocateBar(uint64_t size, const std::string& what) {
+  // BAR 0 of each device goes into the 64-bit window (AcpiConfig::pciMmio64Start, in the
+  // host bridge's _CRS, so Linux keeps it), one after the other, each aligned to its size.
+  uint64_t windowStart = pciMmio64Start(memory_);
+  if (nextBar_ == 0) nextBar_ = windowStart;
+  uint64_t bar = (nextBar_ + size - 1) / size * size;
+  require(bar + size <= windowStart + layout::kPciMmio64Size,
+          "{}: no room left in the 64-bit PCI window", what);
+  nextBar_ = bar + size;
+  return bar;
+}
+
+void Machine::attachVsock() {
+  if (!config_.vsock.enabled) return;
+  if (!deviceEvents_) deviceEvents_ = std::make_unique<KvmDeviceEvents>(vm_);
+  vsock_ = VhostVsockBackend::create(config_.vsock, memory_, log_);
+  uint64_t size = VirtioPciDevice::barSizeFor(*vsock_);
+  uint64_t bar = allocateBar(size, "vsock");
+  auto device = std::make_shared<VirtioPciDevice>(vsock_, memory_, *deviceEvents_,
+                                                  *deviceEvents_, log_, bar);
+  Bdf bdf = devices_->pciRoot().addDevice(device);
+  mmio_.insert(bar, device->layout().size, device);
+  log_.info("vsock (vhost-vsock) at {}, guest CID {}", bdf.toString(), vsock_->guestCid());
+  virtioDevices_.push_back(std::move(device));
 }
 
 void Machine::start() {

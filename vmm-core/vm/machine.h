@@ -17,6 +17,7 @@
 #include "vmm-core/kvm/kvm.h"
 #include "vmm-core/memory/guest_memory.h"
 #include "vmm-core/virtio/vhost_user_backend.h"
+#include "vmm-core/virtio/vhost_vsock_backend.h"
 #include "vmm-core/vm/exit_signal.h"
 
 namespace clonevm::vmm {
@@ -32,6 +33,9 @@ struct MachineConfig {
   // vhost-user devices (--vhost-user-blk, --vhost-user-fs), in slot order after the host
   // bridge: the first is 00:01.0.
   std::vector<VhostUserDeviceConfig> vhostUserDevices;
+  // virtio-vsock over kernel vhost-vsock (--vsock-cid, --no-vsock), after the vhost-user
+  // devices.
+  VsockConfig vsock;
 };
 
 // Milliseconds since the VMM started, at each step of setting up the VM.
@@ -83,6 +87,9 @@ class Machine {
   const std::vector<std::shared_ptr<VhostUserBackend>>& vhostUserBackends() const {
     return vhostUserBackends_;
   }
+  // The vsock device (null with --no-vsock): its CID, and the fork's hooks
+  // (setGuestCid, sendTransportReset, save/restoreState).
+  VhostVsockBackend* vsock() const { return vsock_.get(); }
 
  private:
 
@@ -90,6 +97,9 @@ class Machine {
   void createVcpus();
   void attachDevices();
   void attachVhostUserDevices();
+  void attachVsock();
+  // Places a virtio-pci device's BAR 0 in the 64-bit window, after the previous one.
+  uint64_t allocateBar(uint64_t size, const std::string& what);
   void loadKernel();
 
   MachineConfig config_;
@@ -109,6 +119,8 @@ class Machine {
   LinuxBootInfo bootInfo_{};
   std::unique_ptr<LegacyDevices> devices_;
   std::vector<std::shared_ptr<VhostUserBackend>> vhostUserBackends_;
+  std::shared_ptr<VhostVsockBackend> vsock_;
+  uint64_t nextBar_ = 0;
   std::vector<std::shared_ptr<VirtioPciDevice>> virtioDevices_;
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
   std::vector<std::unique_ptr<VcpuRunner>> runners_;

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "common/error.h"
-#include "vmm-core/virtio/test_devices/split_queue.h"
+#include "vmm-core/virtio/split_queue.h"
 #include "vmm-core/virtio/virtio.h"
 
 namespace clonevm::vmm {

@@ -11,7 +11,7 @@
 #include <gtest/gtest.h>
 #include <spdlog/sinks/null_sink.h>
 
-#include "vmm-core/virtio/test_devices/split_queue.h"
+#include "vmm-core/virtio/split_queue.h"
 #include "vmm-core/virtio/testing/fake_device_events.h"
 #include "vmm-core/virtio/testing/virtio_pci_test_driver.h"
 #include "vmm-core/virtio/virtio_pci_device.h"

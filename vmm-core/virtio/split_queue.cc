@@ -1,4 +1,4 @@
-#include "vmm-core/virtio/test_devices/split_queue.h"
+#include "vmm-core/virtio/split_queue.h"
 
 #include <atomic>
 

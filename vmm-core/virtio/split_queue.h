@@ -1,6 +1,6 @@
 #pragma once
 // The device side of a split virtqueue (virtio 1.2 section 2.7) over GuestMemory, for
-// in-process test devices. Every descriptor the guest supplies is validated: chains are
+// queues the core serves itself (the vsock event queue) and in-process test devices. Every descriptor the guest supplies is validated: chains are
 // bounded by the queue size (no loops), indexes stay inside the ring, and buffers are
 // reached only through GuestMemory::slice. No indirect descriptors, no EVENT_IDX.
 //
@@ -50,6 +50,15 @@ class SplitQueue {
 
   // Writes `bytes` into the chain's device-writable buffers in order; returns how many fit.
   size_t writeToChain(const VirtqChain& chain, std::span<const uint8_t> bytes) const;
+
+  // The device's ring positions (next available entry to read, next used entry to write),
+  // for snapshots; restoreIndexes() puts them back on a queue rebuilt after a restore.
+  uint16_t nextAvail() const { return nextAvail_; }
+  uint16_t nextUsed() const { return nextUsed_; }
+  void restoreIndexes(uint16_t nextAvail, uint16_t nextUsed) {
+    nextAvail_ = nextAvail;
+    nextUsed_ = nextUsed;
+  }
 
  private:
   uint16_t availIndex() const;
