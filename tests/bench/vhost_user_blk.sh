@@ -26,8 +26,17 @@ if [ ! -e /dev/kvm ] && [ "${CLONE_LAB:-}" != 1 ]; then
   [ -x "$BUILD/bench/clone-randread" ] || { echo "vhost_user_blk.sh: build $BUILD first" >&2; exit 2; }
   overlay=$BUILD/bench/randread-overlay
   mkdir -p "$overlay/etc"
-  printf '#!/bin/sh\nclone-randread /dev/vda %s %s 4096\n' "$SECONDS_PER_RUN" "$THREADS" \
-    >"$overlay/etc/clone-autorun"
+  # The job also reports what the guest negotiated and how many request-queue interrupts
+  # the run took ("bench:" lines), so the two VMMs can be checked for like-with-like.
+  cat >"$overlay/etc/clone-autorun" <<EOF
+#!/bin/sh
+irqs() { awk '/virtio[0-9]+-req/ { for (i = 2; i <= NF && \$i ~ /^[0-9]+\$/; i++) n += \$i } END { print n + 0 }' /proc/interrupts; }
+before=\$(irqs)
+clone-randread /dev/vda $SECONDS_PER_RUN $THREADS 4096 || exit \$?
+after=\$(irqs)
+sleep 2  # the host samples KVM's counters for this VM before it goes away
+echo "bench: features \$(cat /sys/block/vda/device/features) hw-queues \$(ls /sys/block/vda/mq | wc -l) nr_requests \$(cat /sys/block/vda/queue/nr_requests) request-irqs \$((after - before)) clocksource \$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+EOF
   CLONE_GUEST_EXTRA="$PWD/$BUILD/bench/clone-randread" CLONE_GUEST_OVERLAY="$PWD/$overlay" \
     guest/build.sh "$GUEST" >/dev/null
   export CLONE_BUILD_DIR="$BUILD"
@@ -69,27 +78,50 @@ qemu_cmd=(qemu-system-x86_64 -accel kvm -M q35 -cpu host -smp $VCPUS -m $MEM
   -nodefaults -display none -no-reboot -serial stdio
   -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd.img" -append "$CMDLINE")
 
+# Seconds a run may take (boot, warm-up, SECONDS, power-off) before it counts as wedged.
+RUN_LIMIT=$((120 + SECONDS_PER_RUN))
+log() { echo "[$(printf '%(%H:%M:%S)T' -1)] $*" >&2; }
+
 # One run: prints the IOPS, or fails with the console output.
 run_one() {
   local who=$1 out=$work/$1.out
   local -n cmd="${who}_cmd"
   start_qsd
+  local started=$EPOCHREALTIME
   "${cmd[@]}" </dev/null >"$out" 2>&1 &
-  local pid=$! waited=0
-  while kill -0 "$pid" 2>/dev/null && [ $waited -lt 1200 ]; do sleep 0.1; waited=$((waited + 1)); done
-  if kill -0 "$pid" 2>/dev/null; then
+  local pid=$!
+  # A timer process and `wait -n`: a polling loop of `sleep 0.1` would fork a host binary
+  # over 9p per step, which costs more than the step under TCG.
+  sleep "$RUN_LIMIT" &
+  local timer=$! finished="" status=0
+  # KVM's counters for this VM (debugfs, while the VM lives), sampled when the guest is up
+  # and when the load ends: exits per operation is where a VMM's costs show.
+  (
+    snap() {
+      until grep -q "$1" "$out" 2>/dev/null; do sleep 0.2; kill -0 "$pid" 2>/dev/null || return 1; done
+      grep -H . /sys/kernel/debug/kvm/"$pid"-*/{exits,io_exits,mmio_exits,halt_exits,irq_exits,irq_injections,halt_wakeup,insn_emulation,hypercalls,signal_exits,irq_window_exits,request_irq_exits} 2>/dev/null |
+        sed 's,.*/,,' >"$2"
+    }
+    snap CLONE-GUEST-READY "$work/$who.kvm0" && snap '^randread:' "$work/$who.kvm1"
+  ) &
+  local sampler=$!
+  wait -n -p finished "$pid" "$timer" || status=$?
+  if [ "$finished" != "$pid" ]; then
     # Stuck: show where every thread of the VMM and the back-end waits, then give up.
-    echo "vhost_user_blk.sh: $who did not finish in 120 s; thread states (name state wchan):" >&2
+    echo "vhost_user_blk.sh: $who did not finish in $RUN_LIMIT s; thread states (name state wchan):" >&2
     for p in "$pid" "$qsd_pid"; do
       for t in /proc/"$p"/task/*; do
         echo "  $p/$(basename "$t") $(cat "$t/comm") $(awk '{print $3}' "$t/stat") $(cat "$t/wchan")" >&2
       done
     done
     kill -9 "$pid"; wait "$pid" 2>/dev/null
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
     tail -30 "$out" >&2; stop_qsd; return 1
   fi
-  if ! wait "$pid"; then
-    echo "vhost_user_blk.sh: $who run failed:" >&2; tail -30 "$out" >&2; stop_qsd; return 1
+  kill "$timer" 2>/dev/null; wait "$timer" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  if [ "$status" != 0 ]; then
+    echo "vhost_user_blk.sh: $who run failed (exit $status):" >&2; tail -30 "$out" >&2; stop_qsd; return 1
   fi
   stop_qsd
   local iops
@@ -97,7 +129,17 @@ run_one() {
   if [ -z "$iops" ] || ! grep -q 'CLONE-AUTORUN-EXIT 0' "$out"; then
     echo "vhost_user_blk.sh: $who: no result:" >&2; tail -30 "$out" >&2; return 1
   fi
-  grep '^randread:' "$out" | tr -d '\r' | sed "s/^/$who /" >&2
+  local wall=$(( (${EPOCHREALTIME/./} - ${started/./}) / 1000 ))
+  log "$who: $(grep -h '^randread:' "$out" | tr -d '\r') (VM wall time ${wall} ms)"
+  # What the guest negotiated and how many request-queue interrupts it took: the two VMMs
+  # must match on the first, and the second is a frontend cost.
+  log "$who: $(grep -h '^bench:' "$out" | tr -d '\r')"
+  if [ -s "$work/$who.kvm1" ]; then
+    local all
+    all=$(awk '/^randread:/ {print $(NF-3)}' "$out")
+    log "$who: KVM per op from guest ready to load end: $(awk -F: -v ops="$all" '
+      NR == FNR { a[$1] = $2; next } { printf "%s %.2f ", $1, ($2 - a[$1]) / ops }' "$work/$who.kvm0" "$work/$who.kvm1")"
+  fi
   echo "$iops"
 }
 
@@ -114,6 +156,7 @@ run_retrying() {
   return 1
 }
 declare -a clone_iops qemu_iops
+log "$ROUNDS rounds of $SECONDS_PER_RUN s, $THREADS threads, $VCPUS vCPUs, $MEM MiB; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for ((i = 0; i < ROUNDS; i++)); do
   clone_iops+=("$(run_retrying clone)")
   qemu_iops+=("$(run_retrying qemu)")
