@@ -102,7 +102,15 @@ run_one() {
       grep -H . /sys/kernel/debug/kvm/"$pid"-*/{exits,io_exits,mmio_exits,halt_exits,irq_exits,irq_injections,halt_wakeup,insn_emulation,hypercalls,signal_exits,irq_window_exits,request_irq_exits} 2>/dev/null |
         sed 's,.*/,,' >"$2"
     }
-    snap CLONE-GUEST-READY "$work/$who.kvm0" && snap '^randread:' "$work/$who.kvm1"
+    snap CLONE-GUEST-READY "$work/$who.kvm0" && snap '^randread:' "$work/$who.kvm1" &&
+      # CPU time (user+system ticks) of every VMM and back-end thread so far: vCPU threads
+      # carry the guest's time, the others are what each VMM and qemu-storage-daemon cost.
+      for p in "$pid" "$qsd_pid"; do
+        awk -v who="$p" '{ open_at = index($0, "("); close_at = match($0, /\) [A-Z] /)
+          comm = substr($0, open_at + 1, close_at - open_at - 1); gsub(/ /, "_", comm)
+          split(substr($0, close_at + 2), f, " "); printf "%s:%s=%d ", who, comm, f[12] + f[13] }' \
+          /proc/"$p"/task/*/stat
+      done >"$work/$who.cpu"
   ) &
   local sampler=$!
   wait -n -p finished "$pid" "$timer" || status=$?
@@ -137,6 +145,7 @@ run_one() {
   if [ -s "$work/$who.kvm1" ]; then
     local all
     all=$(awk '/^randread:/ {print $(NF-3)}' "$out")
+    log "$who: CPU ticks per thread: $(cat "$work/$who.cpu" 2>/dev/null)"
     log "$who: KVM per op from guest ready to load end: $(awk -F: -v ops="$all" '
       NR == FNR { a[$1] = $2; next } { printf "%s %.2f ", $1, ($2 - a[$1]) / ops }' "$work/$who.kvm0" "$work/$who.kvm1")"
   fi
@@ -160,6 +169,7 @@ log "$ROUNDS rounds of $SECONDS_PER_RUN s, $THREADS threads, $VCPUS vCPUs, $MEM 
 for ((i = 0; i < ROUNDS; i++)); do
   clone_iops+=("$(run_retrying clone)")
   qemu_iops+=("$(run_retrying qemu)")
+  log "after round $((i + 1)): clone ${clone_iops[*]} qemu ${qemu_iops[*]}"
 done
 failures[clone]=$(grep -c '^clone$' "$work/failures" 2>/dev/null || true)
 failures[qemu]=$(grep -c '^qemu$' "$work/failures" 2>/dev/null || true)
@@ -168,5 +178,12 @@ c=$(median "${clone_iops[@]}")
 q=$(median "${qemu_iops[@]}")
 echo "clone runs (iops): ${clone_iops[*]}"
 echo "qemu runs (iops): ${qemu_iops[*]}"
+# Each round's ratio (its two runs were next to each other in time, so they saw similar
+# load from the rest of the machine) and their median.
+ratios=()
+for ((i = 0; i < ROUNDS; i++)); do
+  ratios+=("$(awk -v a="${clone_iops[i]}" -v b="${qemu_iops[i]}" 'BEGIN {printf "%.2f", a/b}')")
+done
+echo "per-round ratios clone/qemu: ${ratios[*]} (median $(median "${ratios[@]}"))"
 echo "failed attempts (retried): clone ${failures[clone]:-0} qemu ${failures[qemu]:-0}"
-echo "RESULT randread_4k_iops threads $THREADS vcpus $VCPUS clone $c qemu $q ratio_clone_over_qemu $(awk -v a="$c" -v b="$q" 'BEGIN {printf "%.2f", a/b}')"
+echo "RESULT randread_4k_iops threads $THREADS vcpus $VCPUS clone $c qemu $q ratio_clone_over_qemu $(awk -v a="$c" -v b="$q" 'BEGIN {printf "%.2f", a/b}') median_round_ratio $(median "${ratios[@]}")"
