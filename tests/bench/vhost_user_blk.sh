@@ -40,7 +40,10 @@ EOF
   CLONE_GUEST_EXTRA="$PWD/$BUILD/bench/clone-randread" CLONE_GUEST_OVERLAY="$PWD/$overlay" \
     guest/build.sh "$GUEST" >/dev/null
   export CLONE_BUILD_DIR="$BUILD"
-  exec tests/lab/run -- "$0" "$ROUNDS" "$SECONDS_PER_RUN" "$THREADS"
+  # Budget: ~4 min per pair of runs under load, plus the lab's boot. L1 itself once stopped
+  # mid-run (no output, its own watchdog silent); the lab's timeout ends that.
+  exec tests/lab/run --timeout $((300 + ROUNDS * 2 * (120 + SECONDS_PER_RUN))) -- \
+    "$0" "$ROUNDS" "$SECONDS_PER_RUN" "$THREADS"
 fi
 [ -e /dev/kvm ] || { echo "vhost_user_blk.sh: no /dev/kvm" >&2; exit 2; }
 [ -f "$GUEST/initrd.img" ] || { echo "vhost_user_blk.sh: no $GUEST (run it on the host)" >&2; exit 2; }
@@ -106,10 +109,9 @@ run_one() {
       # CPU time (user+system ticks) of every VMM and back-end thread so far: vCPU threads
       # carry the guest's time, the others are what each VMM and qemu-storage-daemon cost.
       for p in "$pid" "$qsd_pid"; do
-        awk -v who="$p" '{ open_at = index($0, "("); close_at = match($0, /\) [A-Z] /)
+        cat /proc/"$p"/task/*/stat 2>/dev/null | awk -v who="$p" '{ open_at = index($0, "("); close_at = match($0, /\) [A-Z] /)
           comm = substr($0, open_at + 1, close_at - open_at - 1); gsub(/ /, "_", comm)
-          split(substr($0, close_at + 2), f, " "); printf "%s:%s=%d ", who, comm, f[12] + f[13] }' \
-          /proc/"$p"/task/*/stat
+          split(substr($0, close_at + 2), f, " "); printf "%s:%s=%d ", who, comm, f[12] + f[13] }'
       done >"$work/$who.cpu"
   ) &
   local sampler=$!
@@ -167,13 +169,20 @@ run_retrying() {
 declare -a clone_iops qemu_iops
 log "$ROUNDS rounds of $SECONDS_PER_RUN s, $THREADS threads, $VCPUS vCPUs, $MEM MiB; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for ((i = 0; i < ROUNDS; i++)); do
-  clone_iops+=("$(run_retrying clone)")
-  qemu_iops+=("$(run_retrying qemu)")
+  # Who goes first alternates, so a cost of following the other VM (freeing its memory,
+  # a warmer or colder L1) does not always land on the same side.
+  if ((i % 2 == 0)); then
+    clone_iops+=("$(run_retrying clone)")
+    qemu_iops+=("$(run_retrying qemu)")
+  else
+    qemu_iops+=("$(run_retrying qemu)")
+    clone_iops+=("$(run_retrying clone)")
+  fi
   log "after round $((i + 1)): clone ${clone_iops[*]} qemu ${qemu_iops[*]}"
 done
 failures[clone]=$(grep -c '^clone$' "$work/failures" 2>/dev/null || true)
 failures[qemu]=$(grep -c '^qemu$' "$work/failures" 2>/dev/null || true)
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2)}'; }
 c=$(median "${clone_iops[@]}")
 q=$(median "${qemu_iops[@]}")
 echo "clone runs (iops): ${clone_iops[*]}"
