@@ -7,9 +7,12 @@
 #
 # On a host without /dev/kvm it builds the benchmark initramfs here, then runs itself in the lab
 # (tests/lab/run). The guest runs clone-randread (tests/bench/randread.c) as its autorun job:
-# THREADS threads of O_DIRECT 4 KiB preads at random offsets for SECONDS. Rounds alternate
-# Clone and QEMU; each run gets a fresh qemu-storage-daemon. Prints every run and a RESULT line
-# with the medians and the ratio clone/qemu (>= 1.0: our frontend is not the bottleneck).
+# THREADS threads of O_DIRECT 4 KiB preads at random offsets for SECONDS. Each round runs
+# Clone and QEMU back to back (who goes first alternates); each run gets a fresh
+# qemu-storage-daemon. Logs every run (IOPS, the guest's negotiated features and interrupts,
+# KVM exits per read, per-thread CPU) and prints a RESULT line with the medians, their ratio
+# clone/qemu and the median of the per-round ratios (>= 1.0: our frontend is not the
+# bottleneck).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${CLONE_BUILD_DIR:-build}
