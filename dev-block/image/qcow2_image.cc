@@ -244,7 +244,7 @@ Qcow2Image::L2Table* Qcow2Image::l2ForRead(uint64_t l1Index) {
 Qcow2Image::L2Table* Qcow2Image::l2ForWrite(uint64_t l1Index) {
   if (L2Table* table = l2ForRead(l1Index)) return table;
   markDirty();
-  auto allocation = refcounts_->allocate();
+  auto allocation = allocateCluster();
   if (!allocation.readsZero) writeZeroBytes(fd_.get(), allocation.offset, clusterSize_, path_);
   l2Clusters_.insert(allocation.offset >> clusterBits_);
   uint8_t field[8];
@@ -389,6 +389,16 @@ void Qcow2Image::mapRead(uint64_t offset, uint64_t length, std::vector<ImageExte
   }
 }
 
+Qcow2Refcounts::Allocation Qcow2Image::allocateCluster() {
+  auto allocation = refcounts_->allocate();
+  // A corrupt refcount of 0 on a metadata cluster must not turn it into a data cluster.
+  require(!isMetadataCluster(allocation.offset >> clusterBits_),
+          "qcow2 {}: cluster 0x{:x} holds metadata but its refcount was 0 (corrupt image; run "
+          "`qemu-img check -r all {}`)",
+          path_, allocation.offset, path_);
+  return allocation;
+}
+
 void Qcow2Image::requireWritable() const {
   require(!readOnly_, "qcow2 {} is opened read-only", path_);
 }
@@ -443,7 +453,7 @@ uint64_t Qcow2Image::prepareWrite(L2Table* table, uint64_t guestCluster, const M
   const uint64_t guestBase = guestCluster << clusterBits_;
   if (m.compressed) {
     auto data = decompressed(m.word);
-    auto allocation = refcounts_->allocate();
+    auto allocation = allocateCluster();
     pwriteFull(fd_.get(), data->data(), clusterSize_, allocation.offset, path_);
     storeL2(table, guestCluster, allocation.offset | kCopied, extended_ ? fullMask_ : 0);
     freeCompressed(m.word);
@@ -452,7 +462,7 @@ uint64_t Qcow2Image::prepareWrite(L2Table* table, uint64_t guestCluster, const M
   uint64_t host = m.host;
   bool readsZero = false;
   if (!host) {
-    auto allocation = refcounts_->allocate();
+    auto allocation = allocateCluster();
     host = allocation.offset;
     readsZero = allocation.readsZero;
   }

@@ -72,6 +72,7 @@ class Qcow2Image final : public BlockImage {
   Mapping decode(const L2Table* table, uint64_t guestCluster) const;
   void storeL2(L2Table* table, uint64_t guestCluster, uint64_t word, uint64_t bitmap);
   bool isMetadataCluster(uint64_t clusterIndex) const;
+  Qcow2Refcounts::Allocation allocateCluster();
 
   void readBacking(uint64_t offset, uint64_t length, std::vector<ImageExtent>& out);
   void appendHostExtent(uint64_t host, uint64_t length, std::vector<ImageExtent>& out);

@@ -63,6 +63,11 @@ struct Geometry {
   bool lazyRefcounts = false;
 };
 
+void PrintTo(const Geometry& g, std::ostream* os) {
+  *os << "compat=" << g.compat << " cluster=" << g.clusterSize << " refcount_bits=" << g.refcountBits
+      << (g.extendedL2 ? " extended_l2" : "") << (g.lazyRefcounts ? " lazy_refcounts" : "");
+}
+
 std::string createOptions(const Geometry& g) {
   std::string o = fmt::format("compat={},cluster_size={},refcount_bits={}", g.compat,
                               g.clusterSize, g.refcountBits);
