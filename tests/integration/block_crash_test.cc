@@ -12,7 +12,12 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <capnp/rpc-twoparty.h>
+#include <kj/async-io.h>
+
 #include "dev-block/image/block_image.h"
+#include "device_control.capnp.h"
+#include "ipc/capnp/rpc_socket.h"
 #include "dev-block/test_block.h"
 #include "ipc/vhost-user/frontend.h"
 #include "tests/integration/block_process.h"
@@ -69,8 +74,10 @@ TEST(BlockCrashTest, FlushAcknowledgedWritesSurviveSigkill) {
   }
   createQcow2Overlay(disk.string(), base.string(), ImageFormat::kRaw);
   std::string socket = fmt::format("/tmp/clone-block-crash-{}.sock", ::getpid());
+  std::string controlSocket = fmt::format("/tmp/clone-block-crash-{}.control", ::getpid());
   BlockProcess process(e2e::buildBin("clone-block"),
-                       {"--socket-path", socket, "--image", disk.string(), "--format", "qcow2"},
+                       {"--socket-path", socket, "--image", disk.string(), "--format", "qcow2",
+                        "--control-socket", controlSocket},
                        dir / "clone-block.log", socket);
   ASSERT_TRUE(process.waitSocket()) << process.log();
 
@@ -127,7 +134,29 @@ TEST(BlockCrashTest, FlushAcknowledgedWritesSurviveSigkill) {
   ASSERT_TRUE(waitUsed(4)) << process.log();
   for (uint64_t status : statuses) EXPECT_EQ(guest.get(status, 1)[0], blk::kStatusOk);
 
+  // The control socket counts what was done (and says the device is healthy).
+  {
+    auto io = kj::setupAsyncIo();
+    auto stream = rpc::connectUnix(io, controlSocket);
+    capnp::TwoPartyClient client(*stream);
+    auto control = client.bootstrap().castAs<rpc::DeviceControl>();
+    auto health = control.healthRequest().send().wait(io.waitScope).getHealth();
+    EXPECT_TRUE(health.getHealthy()) << health.getDetail().cStr();
+    EXPECT_NE(std::string(health.getDetail()).find("front-end connected"), std::string::npos);
+    std::map<std::string, uint64_t> stats;
+    for (auto stat : control.statsRequest().send().wait(io.waitScope).getStats()) {
+      stats[stat.getName()] = stat.getValue();
+    }
+    uint64_t bytes = 0;
+    for (const auto& w : writes) bytes += w.data.size();
+    EXPECT_EQ(stats["queue0.requests"], 4u);
+    EXPECT_EQ(stats["queue0.bytes_written"], bytes);
+    EXPECT_EQ(stats["queue0.flushes"], 1u);
+    EXPECT_EQ(stats["errors"], 0u);
+  }
+
   int status = process.stop(SIGKILL);
+  ::unlink(controlSocket.c_str());
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
 
   // Reopened: the flushed writes are there, the rest reads from the backing file.
