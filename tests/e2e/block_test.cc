@@ -3,6 +3,7 @@
 // read-only disks leave the base untouched; the device processes and the runtime directory
 // are gone when the VM exits.
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -50,12 +51,16 @@ void makeBase(const fs::path& path) {
 }
 
 // The runtime directory `clone run` makes lives in XDG_RUNTIME_DIR; point it at a test
-// directory so the test can see it appear and go.
+// directory so the test can see it appear and go. It is under /tmp: unix sockets cannot be
+// bound on the lab's shared tree (9p), and socket paths are limited to 107 bytes.
 struct RuntimeDir {
-  explicit RuntimeDir(const fs::path& dir) : path(dir / "runtime") {
+  explicit RuntimeDir(const fs::path& dir)
+      : path(fmt::format("/tmp/clone-e2e-block-{}-{}", ::getpid(), dir.filename().string())) {
+    fs::remove_all(path);
     fs::create_directories(path);
     ::setenv("XDG_RUNTIME_DIR", path.c_str(), 1);
   }
+  ~RuntimeDir() { fs::remove_all(path); }
   bool empty() const { return fs::is_empty(path); }
   fs::path path;
 };
