@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "dev-block/block_options.h"
+#include "dev-block/control_server.h"
 #include "dev-block/image/block_image.h"
 #include "dev-block/virtio_blk_device.h"
 #include "ipc/vhost-user/backend.h"
@@ -60,6 +61,12 @@ int runBlock(int argc, char** argv) {
     deviceOptions.serial = options.serial;
     VirtioBlkDevice device(*image, deviceOptions, *log);
     ipc::vhost::VhostUserBackend backend(device, *log);
+    std::unique_ptr<BlockControlServer> control;
+    if (!options.controlSocket.empty()) {
+      control = std::make_unique<BlockControlServer>(
+          device, fmt::format("{} ({})", options.imagePath, image->describe()), *log);
+      control->start(options.controlSocket);
+    }
 
     UniqueFd socket = options.fd >= 0 ? UniqueFd(options.fd)
                                       : ipc::vhost::listenUnixSocket(options.socketPath);

@@ -70,6 +70,7 @@ void VirtioBlkDevice::readConfig(uint32_t offset, std::span<uint8_t> out) const 
 void VirtioBlkDevice::onFeaturesAcked(uint64_t features) {
   limits_.discard = hasBit(features, blkfeature::kDiscard);
   limits_.writeZeroes = hasBit(features, blkfeature::kWriteZeroes);
+  frontendConnected_ = true;
   log_.info("virtio-blk features acked {:#x}", features);
 }
 
@@ -172,6 +173,9 @@ void VirtioBlkDevice::processQueue(Virtqueue& queue) {
         break;
     }
   }
+  if (queue.broken() && queue.index() < 64) {
+    brokenQueues_.fetch_or(uint64_t{1} << queue.index(), std::memory_order_relaxed);
+  }
 }
 
 void VirtioBlkDevice::onDeviceEvent() {
@@ -187,11 +191,22 @@ void VirtioBlkDevice::drainAll() {
 
 void VirtioBlkDevice::drain() { drainAll(); }
 
+void VirtioBlkDevice::onQueueStarted(Virtqueue& queue) {
+  // A restarted queue is set up afresh by the front-end.
+  if (queue.index() < 64) {
+    brokenQueues_.fetch_and(~(uint64_t{1} << queue.index()), std::memory_order_relaxed);
+  }
+}
+
 void VirtioBlkDevice::onQueueStopped(Virtqueue& queue) { rings_.at(queue.index())->drain(); }
 
 void VirtioBlkDevice::onReset() { drainAll(); }
 
-void VirtioBlkDevice::onDisconnect() { drainAll(); }
+void VirtioBlkDevice::onDisconnect() {
+  drainAll();
+  brokenQueues_ = 0;
+  frontendConnected_ = false;
+}
 
 size_t VirtioBlkDevice::inFlight() const {
   size_t total = 0;

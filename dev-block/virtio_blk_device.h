@@ -93,6 +93,7 @@ class VirtioBlkDevice : public ipc::vhost::VhostUserDevice {
   void readConfig(uint32_t offset, std::span<uint8_t> out) const override;
   void onFeaturesAcked(uint64_t features) override;
   void processQueue(ipc::vhost::Virtqueue& queue) override;
+  void onQueueStarted(ipc::vhost::Virtqueue& queue) override;
   void onQueueStopped(ipc::vhost::Virtqueue& queue) override;
   void onReset() override;
   void onDisconnect() override;
@@ -104,8 +105,12 @@ class VirtioBlkDevice : public ipc::vhost::VhostUserDevice {
   const BlkLimits& limits() const { return limits_; }
   bool readOnly() const { return limits_.readOnly; }
   const BlkQueueStats& stats(uint16_t queue) const { return *stats_.at(queue); }
-  // Requests whose I/O is still running, over all queues.
+  // Requests whose I/O is still running, over all queues (loop thread).
   size_t inFlight() const;
+  // For the control socket (any thread): queues the ring walker refused (bit per queue) and
+  // whether a front-end has negotiated features since the last disconnect.
+  uint64_t brokenQueueMask() const { return brokenQueues_.load(std::memory_order_relaxed); }
+  bool frontendConnected() const { return frontendConnected_.load(std::memory_order_relaxed); }
 
  private:
   void finish(ipc::vhost::Virtqueue& queue, const ipc::vhost::VirtqueueRequest& request,
@@ -122,6 +127,8 @@ class VirtioBlkDevice : public ipc::vhost::VhostUserDevice {
   std::vector<std::unique_ptr<UringQueue>> rings_;
   std::vector<std::unique_ptr<BlkQueueStats>> stats_;
   uint64_t loggedFailures_ = 0;
+  std::atomic<uint64_t> brokenQueues_{0};
+  std::atomic<bool> frontendConnected_{false};
 };
 
 }  // namespace clonevm::block
