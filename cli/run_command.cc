@@ -5,12 +5,20 @@
 #include <unistd.h>
 
 #include "cli/program_path.h"
+#include "cli/vmm_process.h"
 #include "common/error.h"
 
 extern char** environ;
 
 namespace clonevm::cli {
 namespace {
+
+int waitForExit(pid_t pid, const std::string& program) {
+  int status = 0;
+  CLONE_SYSCALL(::waitpid(pid, &status, 0), "wait for", program);
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 128 + WTERMSIG(status);
+}
 
 int spawnAndWait(const std::string& program, const std::vector<std::string>& args) {
   std::vector<char*> argv;
@@ -20,10 +28,7 @@ int spawnAndWait(const std::string& program, const std::vector<std::string>& arg
   pid_t pid = 0;
   int rc = ::posix_spawn(&pid, program.c_str(), nullptr, nullptr, argv.data(), environ);
   if (rc != 0) throwSystemError(rc, "start", program);
-  int status = 0;
-  CLONE_SYSCALL(::waitpid(pid, &status, 0), "wait for", program);
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return 128 + WTERMSIG(status);
+  return waitForExit(pid, program);
 }
 
 }  // namespace
@@ -37,6 +42,7 @@ std::vector<std::string> vmmArguments(const RunOptions& options,
   if (!options.initrd.empty()) args.insert(args.end(), {"--initrd", options.initrd});
   if (!options.cmdline.empty()) args.insert(args.end(), {"--cmdline", options.cmdline});
   if (options.verbose) args.push_back("--verbose");
+  if (options.seccomp != "kill") args.insert(args.end(), {"--seccomp", options.seccomp});
   if (!options.apiSocket.empty()) args.insert(args.end(), {"--api-socket", options.apiSocket});
   for (const auto& value : options.vhostUserBlk) args.insert(args.end(), {"--vhost-user-blk", value});
   for (const auto& value : options.vhostUserFs) args.insert(args.end(), {"--vhost-user-fs", value});
@@ -44,7 +50,7 @@ std::vector<std::string> vmmArguments(const RunOptions& options,
 }
 
 void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& global,
-                   Streams streams, int& exitCode) {
+                   Streams streams, int& exitCode, ProcessLauncher& jailed) {
   auto* run = app.add_subcommand("run", "boot a VM from a Linux kernel; its serial console is this terminal");
   run->add_option("--kernel", options.kernel, "bzImage or ELF vmlinux")->required();
   run->add_option("--initrd", options.initrd, "initial ramdisk");
@@ -62,11 +68,18 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
                   "(mount -t virtiofs TAG in the guest); repeatable")
       ->allow_extra_args(false);
   run->add_flag("--verbose", options.verbose, "print a boot-time breakdown to stderr");
-  run->callback([&options, &global, streams, &exitCode] {
+  run->add_option("--seccomp", options.seccomp,
+                  "kill|log|off: what a syscall outside a process's seccomp policy does "
+                  "(log: allowed and logged to the kernel audit log; docs/JAILER.md)")
+      ->capture_default_str();
+  run->callback([&options, &global, streams, &exitCode, &jailed] {
     if (options.noJail) {
       streams.err << "clone: warning: --no-jail: the VMM runs without its sandbox\n";
+      exitCode = spawnAndWait(siblingProgram("clone-vmm"), vmmArguments(options, global.toArgs()));
+      return;
     }
-    exitCode = spawnAndWait(siblingProgram("clone-vmm"), vmmArguments(options, global.toArgs()));
+    auto spec = vmmProcessSpec(options, global.toArgs(), siblingProgram("clone-vmm"));
+    exitCode = waitForExit(jailed.launch(spec), "clone-jailer");
   });
 }
 

@@ -9,6 +9,7 @@
 
 #include "cli/app.h"
 #include "cli/global_options.h"
+#include "cli/process_launcher.h"
 
 namespace clonevm::cli {
 
@@ -23,11 +24,13 @@ struct RunOptions {
   std::string apiSocket;
   std::vector<std::string> vhostUserBlk;  // SOCKET[,queues=N], passed to clone-vmm as is
   std::vector<std::string> vhostUserFs;   // SOCKET:TAG[,queues=N]
+  std::string seccomp = "kill";           // clone-vmm --seccomp
 };
 
-// Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.
+// Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code. Unless --no-jail,
+// the processes start through `jailed`.
 void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& global,
-                   Streams streams, int& exitCode);
+                   Streams streams, int& exitCode, ProcessLauncher& jailed);
 
 // The clone-vmm argument vector for `options` (without the program path).
 std::vector<std::string> vmmArguments(const RunOptions& options,
