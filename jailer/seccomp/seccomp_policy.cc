@@ -14,6 +14,7 @@
 #include <seccomp.h>
 
 #include <cerrno>
+#include <ctime>
 #include <memory>
 
 #include "common/error.h"
@@ -314,6 +315,9 @@ const Policy& policyFor(Kind kind) {
 
 void install(Kind kind, Mode mode) {
   if (mode == Mode::kOff) return;
+  // glibc opens /etc/localtime on the first localtime() of the process (spdlog's timestamps),
+  // which may come after the lockdown: load it now.
+  ::tzset();
   const Policy& policy = policyFor(kind);
   uint32_t violation = mode == Mode::kKill ? SCMP_ACT_KILL_PROCESS : SCMP_ACT_LOG;
   std::unique_ptr<void, FilterDeleter> ctx(seccomp_init(violation));
