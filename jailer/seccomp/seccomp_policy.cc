@@ -1,6 +1,12 @@
 #include "jailer/seccomp/seccomp_policy.h"
 
 #include <fcntl.h>
+// As vmm-core/kvm/kvm_uapi.h: Debian 12's headers declare flexible arrays in a way that, in C++,
+// changes the struct sizes encoded in ioctl numbers (KVM_SET_GSI_ROUTING, KVM_SET_MSRS...).
+// Filter the numbers the core really uses, which are the kernel's.
+#include <linux/stddef.h>
+#undef __DECLARE_FLEX_ARRAY
+#define __DECLARE_FLEX_ARRAY(TYPE, NAME) TYPE NAME[0]
 #include <linux/kvm.h>
 #include <linux/sched.h>
 #include <linux/vfio.h>
@@ -23,6 +29,9 @@ namespace clonevm::seccomp {
 namespace {
 
 constexpr uint64_t kAll32 = 0xffffffffu;
+
+static_assert(KVM_SET_GSI_ROUTING == 0x4008ae6a, "ioctl numbers must match the kernel's");
+static_assert(KVM_SET_MSRS == 0x4008ae89, "ioctl numbers must match the kernel's");
 
 // What every threaded C++ process of ours does in its steady state (glibc, libstdc++, spdlog,
 // kj's event loop). Anything that reaches outside the process (open, socket, exec) is not here.
