@@ -4,6 +4,7 @@
 
 #include "cli/exec_command.h"
 #include "cli/global_options.h"
+#include "cli/jailed_launcher.h"
 #include "cli/run_command.h"
 #include "cli/vm_commands.h"
 #include "clone/version.h"
@@ -39,7 +40,10 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
 
   RunOptions runOptions;
   int exitCode = 0;
-  addRunCommand(app, runOptions, global, streams, exitCode);
+  JailOptions jailOptions;
+  JailedLauncher jailedLauncher(jailOptions);
+  addRunCommand(app, runOptions, global, streams, exitCode, jailedLauncher);
+  addJailOptions(*app.get_subcommand("run"), jailOptions);
   VmCommandOptions vmOptions;
   addVmCommands(app, vmOptions, streams);
   ExecOptions execOptions;

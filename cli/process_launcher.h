@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,7 @@ struct ProcessSpec {
   std::vector<std::string> writePaths;  // files/dirs visible read-write (sockets, images)
   std::vector<std::string> devices;     // device nodes, e.g. "/dev/kvm", "/dev/vhost-vsock"
   bool needsNetwork = false;            // false: an empty network namespace
+  uint64_t memoryBytes = 0;             // memory it needs (guest RAM for the core); 0: unknown
 };
 
 class ProcessLauncher {

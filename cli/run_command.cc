@@ -9,12 +9,20 @@
 #include "cli/direct_launcher.h"
 #include "cli/disks.h"
 #include "cli/program_path.h"
+#include "cli/vmm_process.h"
 #include "common/error.h"
 
 extern char** environ;
 
 namespace clonevm::cli {
 namespace {
+
+int waitForExit(pid_t pid, const std::string& program) {
+  int status = 0;
+  CLONE_SYSCALL(::waitpid(pid, &status, 0), "wait for", program);
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 128 + WTERMSIG(status);
+}
 
 int spawnAndWait(const std::string& program, const std::vector<std::string>& args) {
   std::vector<char*> argv;
@@ -24,10 +32,7 @@ int spawnAndWait(const std::string& program, const std::vector<std::string>& arg
   pid_t pid = 0;
   int rc = ::posix_spawn(&pid, program.c_str(), nullptr, nullptr, argv.data(), environ);
   if (rc != 0) throwSystemError(rc, "start", program);
-  int status = 0;
-  CLONE_SYSCALL(::waitpid(pid, &status, 0), "wait for", program);
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return 128 + WTERMSIG(status);
+  return waitForExit(pid, program);
 }
 
 }  // namespace
@@ -41,6 +46,7 @@ std::vector<std::string> vmmArguments(const RunOptions& options,
   if (!options.initrd.empty()) args.insert(args.end(), {"--initrd", options.initrd});
   if (!options.cmdline.empty()) args.insert(args.end(), {"--cmdline", options.cmdline});
   if (options.verbose) args.push_back("--verbose");
+  if (options.seccomp != "kill") args.insert(args.end(), {"--seccomp", options.seccomp});
   if (!options.apiSocket.empty()) args.insert(args.end(), {"--api-socket", options.apiSocket});
   for (const auto& value : options.vhostUserBlk) args.insert(args.end(), {"--vhost-user-blk", value});
   for (const auto& value : options.vhostUserFs) args.insert(args.end(), {"--vhost-user-fs", value});
@@ -50,7 +56,7 @@ std::vector<std::string> vmmArguments(const RunOptions& options,
 }
 
 void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& global,
-                   Streams streams, int& exitCode) {
+                   Streams streams, int& exitCode, ProcessLauncher& jailed) {
   auto* run = app.add_subcommand("run", "boot a VM from a Linux kernel; its serial console is this terminal");
   run->add_option("--kernel", options.kernel, "bzImage or ELF vmlinux")->required();
   run->add_option("--initrd", options.initrd, "initial ramdisk");
@@ -75,24 +81,28 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
                   "the guest's vsock CID, 3..4294967294 (default: a free one, automatically)");
   run->add_flag("--no-vsock", options.noVsock, "no vsock device (no guest agent, no clone exec)");
   run->add_flag("--verbose", options.verbose, "print a boot-time breakdown to stderr");
-  run->callback([&options, &global, streams, &exitCode] {
+  run->add_option("--seccomp", options.seccomp,
+                  "kill|log|off: what a syscall outside a process's seccomp policy does "
+                  "(log: allowed and logged to the kernel audit log; docs/JAILER.md)")
+      ->capture_default_str();
+  run->callback([&options, &global, streams, &exitCode, &jailed] {
+    DirectLauncher direct;
+    ProcessLauncher* launcher = options.noJail ? static_cast<ProcessLauncher*>(&direct) : &jailed;
     if (options.noJail) {
       streams.err << "clone: warning: --no-jail: the VMM runs without its sandbox\n";
     }
-    std::vector<std::string> vmmArgs = vmmArguments(options, global.toArgs());
-    std::vector<DiskSpec> diskSpecs;
-    for (const auto& value : options.disks) diskSpecs.push_back(parseDiskOption(value));
-    // One clone-block per disk, stopped (and overlays deleted) when the VM exits.
-    DirectLauncher launcher;
+    // Device processes first (each through the same launcher as the core), then the core.
+    RunOptions vmmOptions = options;
     std::optional<DiskProcesses> disks;
-    if (!diskSpecs.empty()) {
-      disks.emplace(launcher, siblingProgram("clone-block"), fmt::format("vm-{}", ::getpid()),
+    if (!options.disks.empty()) {
+      disks.emplace(*launcher, siblingProgram("clone-block"), fmt::format("vm-{}", ::getpid()),
                     global.toArgs());
-      for (const auto& disk : diskSpecs) {
-        vmmArgs.insert(vmmArgs.end(), {"--vhost-user-blk", disks->start(disk)});
+      for (const auto& value : options.disks) {
+        vmmOptions.vhostUserBlk.push_back(disks->start(parseDiskOption(value)));
       }
     }
-    exitCode = spawnAndWait(siblingProgram("clone-vmm"), vmmArgs);
+    auto spec = vmmProcessSpec(vmmOptions, global.toArgs(), siblingProgram("clone-vmm"));
+    exitCode = waitForExit(launcher->launch(spec), options.noJail ? spec.program : "clone-jailer");
   });
 }
 

@@ -9,6 +9,7 @@
 
 #include "cli/app.h"
 #include "cli/global_options.h"
+#include "cli/process_launcher.h"
 
 namespace clonevm::cli {
 
@@ -26,11 +27,13 @@ struct RunOptions {
   std::vector<std::string> disks;         // PATH[,readonly][,overlay][,format=FMT]: clone-block
   uint64_t vsockCid = 0;                  // 0: automatic
   bool noVsock = false;
+  std::string seccomp = "kill";           // clone-vmm --seccomp
 };
 
-// Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code.
+// Adds the `run` verb to `app`; `exitCode` receives clone-vmm's exit code. Unless --no-jail,
+// the processes start through `jailed`.
 void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& global,
-                   Streams streams, int& exitCode);
+                   Streams streams, int& exitCode, ProcessLauncher& jailed);
 
 // The clone-vmm argument vector for `options` (without the program path).
 std::vector<std::string> vmmArguments(const RunOptions& options,

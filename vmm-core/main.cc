@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "jailer/seccomp/seccomp_policy.h"
 #include "vmm-core/api/vm_api_server.h"
 #include "vmm-core/vm/machine.h"
 #include "vmm-core/vm/vmm_exit_codes.h"
@@ -85,6 +86,11 @@ int runVmm(int argc, char** argv) {
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
+  std::string seccompMode = "kill";
+  app.add_option("--seccomp", seccompMode,
+                 "kill|log|off: the seccomp policy installed before the vCPUs run; log lets "
+                 "violations through and logs them to the kernel audit log (docs/JAILER.md)")
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -111,9 +117,11 @@ int runVmm(int argc, char** argv) {
                 config.vsock.devicePath);
       config.vsock.enabled = false;
     }
+    auto seccomp = seccomp::parseMode(seccompMode);
     KvmSystem kvm;
     validate(config, kvm);
     Machine machine(config, kvm, *log, start);
+    machine.setLockdown([seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); });
     ExitReason reason = apiSocket.empty() ? machine.run() : runWithApi(machine, apiSocket, *log);
     if (verbose) printTimings(machine.timings());
     if (!machine.exitDetail().empty()) log->info("{}: {}", describe(reason), machine.exitDetail());

@@ -196,6 +196,7 @@ void Machine::start() {
   for (auto& vcpu : vcpus_) {
     runners_.push_back(std::make_unique<VcpuRunner>(*vcpu, pio_, mmio_, exitSignal_, log_));
   }
+  if (lockdown_) lockdown_();
   for (size_t i = 0; i < runners_.size(); ++i) {
     std::function<void()> hook;
     if (i == 0) {

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <mutex>
 #include <memory>
 #include <optional>
@@ -67,6 +68,9 @@ class Machine {
 
   // Starts the vCPU threads and the console.
   void start();
+  // Called once by start(), after the console and vCPU runners are set up and before any vCPU
+  // runs guest code: where the process locks itself down (seccomp).
+  void setLockdown(std::function<void()> lockdown) { lockdown_ = std::move(lockdown); }
   // Parks every vCPU (returns once all are parked) / lets them run again.
   void pause();
   void resume();
@@ -116,6 +120,7 @@ class Machine {
   Bus pio_{"port I/O"};
   Bus mmio_{"MMIO"};
   ExitSignal exitSignal_;
+  std::function<void()> lockdown_;
   LinuxBootInfo bootInfo_{};
   std::unique_ptr<LegacyDevices> devices_;
   std::vector<std::shared_ptr<VhostUserBackend>> vhostUserBackends_;

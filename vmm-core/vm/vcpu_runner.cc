@@ -33,8 +33,12 @@ VcpuRunner::VcpuRunner(KvmVcpu& vcpu, const Bus& pio, const Bus& mmio, ExitSigna
 VcpuRunner::~VcpuRunner() { stop(); }
 
 void VcpuRunner::start(std::function<void()> beforeFirstEntry) {
-  thread_ = std::thread([this, hook = std::move(beforeFirstEntry)]() mutable { loop(std::move(hook)); });
-  pthread_setname_np(thread_.native_handle(), fmt::format("vcpu{}", vcpu_.id()).c_str());
+  thread_ = std::thread([this, hook = std::move(beforeFirstEntry)]() mutable {
+    // Named from inside: naming another thread opens /proc/self/task/N/comm, which the
+    // seccomp policy does not allow.
+    pthread_setname_np(pthread_self(), fmt::format("vcpu{}", vcpu_.id()).c_str());
+    loop(std::move(hook));
+  });
 }
 
 void VcpuRunner::kick() {
