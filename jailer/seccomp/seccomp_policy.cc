@@ -10,6 +10,8 @@
 #include <linux/kvm.h>
 #include <linux/sched.h>
 #include <linux/vfio.h>
+// Without legacy vring helpers: <linux/virtio_ring.h>'s inline C does not compile as C++.
+#define VIRTIO_RING_NO_LEGACY
 #include <linux/vhost.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
