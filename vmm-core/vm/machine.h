@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <spdlog/logger.h>
@@ -21,6 +22,11 @@
 
 namespace clonevm::vmm {
 
+namespace snapshot {
+struct VerifiedTemplate;
+}
+class LazyMemoryFill;
+
 struct MachineConfig {
   std::string kernelPath;
   std::string initrdPath;  // empty: none
@@ -32,6 +38,20 @@ struct MachineConfig {
   // vhost-user devices (--vhost-user-blk, --vhost-user-fs), in slot order after the host
   // bridge: the first is 00:01.0.
   std::vector<VhostUserDeviceConfig> vhostUserDevices;
+  // Set: build the VM from this checked template (clone-vmm --restore) instead of booting
+  // a kernel; memoryBytes, vcpuCount and cmdline must be the manifest's. Not owned.
+  const snapshot::VerifiedTemplate* restoreFrom = nullptr;
+};
+
+struct SnapshotOptions {
+  std::string outputDir;  // created; must not exist yet, or be empty
+  bool leavePaused = false;
+};
+
+struct SnapshotResult {
+  double pausedMillis = 0;  // how long the vCPUs stood still for it
+  uint64_t memoryDataBytes = 0;
+  uint64_t stateBytes = 0;
 };
 
 // Milliseconds since the VMM started, at each step of setting up the VM.
@@ -71,6 +91,12 @@ class Machine {
   void requestExit(ExitReason reason, std::string detail);
   // Presses the ACPI power button: a guest that handles it powers off by itself.
   void pressPowerButton();
+  // Writes a template of this VM (docs/FORK.md): pauses the vCPUs, writes memory, state and
+  // manifest.json, then resumes them unless options.leavePaused. Refuses a VM with
+  // vhost-user devices. Called from the API thread.
+  SnapshotResult snapshot(const SnapshotOptions& options);
+  // True for a VM restored from a template.
+  bool restored() const { return config_.restoreFrom != nullptr; }
   // Stops vCPUs and console after an exit was requested; returns the reason.
   ExitReason finish();
   ExitSignal& exitSignal() { return exitSignal_; }
@@ -91,6 +117,8 @@ class Machine {
   void attachDevices();
   void attachVhostUserDevices();
   void loadKernel();
+  void restoreFromTemplate();
+  void recordWorkingSet();
 
   MachineConfig config_;
   KvmSystem& kvm_;
@@ -111,6 +139,12 @@ class Machine {
   std::vector<std::shared_ptr<VhostUserBackend>> vhostUserBackends_;
   std::vector<std::shared_ptr<VirtioPciDevice>> virtioDevices_;
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
+  std::vector<std::vector<kvm_cpuid_entry2>> vcpuCpuids_;  // as set on each vCPU
+  // Before the vCPUs' runners (destroyed after them): faults wait on its thread.
+  std::unique_ptr<LazyMemoryFill> lazyFill_;
+  std::thread workingSetRecorder_;
+  std::mutex snapshotMutex_;
+  bool recordWorkingSetPending_ = false;
   std::vector<std::unique_ptr<VcpuRunner>> runners_;
   std::unique_ptr<ConsoleInput> console_;
   std::mutex pauseMutex_;
