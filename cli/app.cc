@@ -4,6 +4,7 @@
 
 #include "cli/global_options.h"
 #include "cli/run_command.h"
+#include "cli/fork_commands.h"
 #include "cli/vm_commands.h"
 #include "clone/version.h"
 #include "common/error.h"
@@ -41,6 +42,8 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
   addRunCommand(app, runOptions, global, streams, exitCode);
   VmCommandOptions vmOptions;
   addVmCommands(app, vmOptions, streams);
+  ForkCommandOptions forkOptions;
+  addForkCommands(app, forkOptions, streams);
 
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
   try {

@@ -6,6 +6,7 @@
 
 #include <fstream>
 #include <iostream>
+#include <optional>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -13,6 +14,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "vmm-core/api/vm_api_server.h"
+#include "vmm-core/snapshot/template_files.h"
 #include "vmm-core/vm/machine.h"
 #include "vmm-core/vm/vmm_exit_codes.h"
 
@@ -60,7 +62,12 @@ int runVmm(int argc, char** argv) {
   std::string logLevel = "info";
   bool logJson = false;
   bool verbose = false;
-  app.add_option("--kernel", config.kernelPath, "bzImage or ELF vmlinux")->required();
+  std::string restoreDir;
+  auto* kernel = app.add_option("--kernel", config.kernelPath, "bzImage or ELF vmlinux");
+  app.add_option("--restore", restoreDir,
+                 "build the VM from this template directory (clone snapshot) instead of "
+                 "booting a kernel: a fork")
+      ->excludes(kernel);
   app.add_option("--initrd", config.initrdPath, "initial ramdisk");
   app.add_option("--cmdline", config.cmdline, "kernel command line")->capture_default_str();
   app.add_option("--mem-mb", memoryMib, "guest memory in MiB")->capture_default_str();
@@ -96,6 +103,20 @@ int runVmm(int argc, char** argv) {
     }
     for (const auto& value : vhostUserFs) {
       config.vhostUserDevices.push_back(parseVhostUserFsOption(value));
+    }
+    std::optional<snapshot::VerifiedTemplate> source;
+    if (!restoreDir.empty()) {
+      require(config.vhostUserDevices.empty(),
+              "--restore: a template has no vhost-user devices to reconnect (docs/FORK.md)");
+      source = snapshot::verifyTemplate(restoreDir);
+      config.memoryBytes = source->manifest.memoryBytes;
+      config.vcpuCount = source->manifest.vcpus;
+      config.cmdline = source->manifest.cmdline;
+      config.kernelPath = source->manifest.kernel;
+      config.initrdPath = source->manifest.initrd;
+      config.restoreFrom = &*source;
+    } else {
+      require(!config.kernelPath.empty(), "--kernel or --restore is required");
     }
     KvmSystem kvm;
     validate(config, kvm);
