@@ -59,6 +59,9 @@ LazyMemoryFill::LazyMemoryFill(const GuestMemory& memory, const std::string& ima
 }
 
 LazyMemoryFill::~LazyMemoryFill() {
+  auto s = stats();
+  log_.info("memory fill: {} faults, {} chunks copied, {} zero-filled, {} prefetched", s.faults,
+            s.copiedChunks, s.zeroedChunks, s.prefetchedChunks);
   if (thread_.joinable()) {
     uint64_t one = 1;
     (void)!::write(stopEvent_.get(), &one, sizeof(one));
@@ -81,9 +84,9 @@ void LazyMemoryFill::fillChunk(uint64_t chunkIndex, bool prefetching) {
   bool data = chunkHasData(start, end);
   if (prefetching && !data) return;  // zero chunks cost a fault later, not memory now
   // A page of the chunk may exist already (EEXIST): then fill the rest page by page.
-  auto fill = [&](uint64_t from, uint64_t to) -> int {
+  auto fill = [&](uint64_t from, uint64_t to, bool copy) -> int {
     while (true) {
-      if (data) {
+      if (copy) {
         uffdio_copy copy{};
         copy.dst = reinterpret_cast<uint64_t>(base_ + from);
         copy.src = reinterpret_cast<uint64_t>(imageMapping_ + from);
@@ -98,14 +101,33 @@ void LazyMemoryFill::fillChunk(uint64_t chunkIndex, bool prefetching) {
       if (errno != EAGAIN) return errno;
     }
   };
-  int error = fill(start, end);
-  if (error == EEXIST) {
-    for (uint64_t page = start; page < end; page += kPage) {
-      int pageError = fill(page, page + kPage);
-      if (pageError != 0 && pageError != EEXIST) throwSystemError(pageError, "userfaultfd fill page");
+  auto fillRange = [&](uint64_t from, uint64_t to, bool copy) {
+    int error = fill(from, to, copy);
+    if (error == EEXIST) {
+      for (uint64_t page = from; page < to; page += kPage) {
+        int pageError = fill(page, page + kPage, copy);
+        if (pageError != 0 && pageError != EEXIST) throwSystemError(pageError, "userfaultfd fill page");
+      }
+    } else if (error != 0) {
+      throwSystemError(error, copy ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE", imagePath_);
     }
-  } else if (error != 0) {
-    throwSystemError(error, data ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE", imagePath_);
+  };
+  if (!data) {
+    fillRange(start, end, false);
+  } else {
+    // Copy only the image's data; zero-fill its holes instead of reading them: a read fault
+    // on a hole of a tmpfs file allocates a page in it (and changes its extent map).
+    uint64_t at = start;
+    auto it = std::upper_bound(extents_.begin(), extents_.end(), start,
+                               [](uint64_t value, const auto& e) { return value < e.first + e.second; });
+    for (; it != extents_.end() && it->first < end; ++it) {
+      uint64_t dataStart = std::max(at, it->first);
+      uint64_t dataEnd = std::min(end, it->first + it->second);
+      if (dataStart > at) fillRange(at, dataStart, false);
+      fillRange(dataStart, dataEnd, true);
+      at = dataEnd;
+    }
+    if (at < end) fillRange(at, end, false);
   }
   filled_[chunkIndex] = 1;
   std::lock_guard lock(mutex_);
