@@ -39,6 +39,13 @@ double percentile(std::vector<double> values, double p) {
 }
 
 bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 120s) {
+  // Bytes typed while a restore is still loading can be lost (QEMU's UART state is replaced
+  // when the migration stream arrives): press Enter until the shell prompts, for every VM
+  // alike, then ask.
+  auto deadline = Clock::now() + timeout;
+  do {
+    vm.sendLine("");
+  } while (!vm.expect("# ", 100ms) && Clock::now() < deadline);
   auto answer = vm.run("echo R-$((40+2))", timeout);
   return answer && *answer == "R-42";
 }
