@@ -122,6 +122,7 @@ int main(int argc, char** argv) {
   app.add_option("--idle-seconds", idleSeconds);
   app.add_option("--mem-mb", memMib);
   CLI11_PARSE(app, argc, argv);
+  std::cout << std::unitbuf;  // partial results survive a timeout
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   std::string templateDir = dir + "/template";
