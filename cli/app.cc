@@ -6,6 +6,7 @@
 #include "cli/global_options.h"
 #include "cli/jailed_launcher.h"
 #include "cli/run_command.h"
+#include "cli/fork_commands.h"
 #include "cli/vm_commands.h"
 #include "clone/version.h"
 #include "common/error.h"
@@ -48,6 +49,8 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
   addVmCommands(app, vmOptions, streams);
   ExecOptions execOptions;
   addExecCommand(app, execOptions, streams, exitCode);
+  ForkCommandOptions forkOptions;
+  addForkCommands(app, forkOptions, streams);
 
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
   try {

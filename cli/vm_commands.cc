@@ -3,11 +3,9 @@
 #include <capnp/rpc-twoparty.h>
 #include <fmt/format.h>
 
-#include "ipc/capnp/rpc_socket.h"
-#include "vm_control.capnp.h"
+#include "cli/vm_client.h"
 
 namespace clonevm::cli {
-namespace {
 
 const char* stateName(rpc::VmState state) {
   switch (state) {
@@ -18,15 +16,7 @@ const char* stateName(rpc::VmState state) {
   return "unknown";
 }
 
-// Connects to the VM's API socket and runs `call` with its VmControl capability.
-template <typename Call>
-void withVm(const std::string& socket, Call&& call) {
-  auto io = kj::setupAsyncIo();
-  auto connection = rpc::connectUnix(io, socket);
-  capnp::TwoPartyClient client(*connection);
-  auto vm = client.bootstrap().castAs<rpc::VmControl>();
-  rpc::rethrowKj("VM API " + socket, [&] { call(vm, io.waitScope); });
-}
+namespace {
 
 void printStatus(const rpc::VmStatus::Reader& status, bool json, std::ostream& out) {
   if (json) {

@@ -6,6 +6,7 @@
 
 #include <fstream>
 #include <iostream>
+#include <optional>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -14,6 +15,7 @@
 #include "common/log.h"
 #include "jailer/seccomp/seccomp_policy.h"
 #include "vmm-core/api/vm_api_server.h"
+#include "vmm-core/snapshot/template_files.h"
 #include "vmm-core/vm/machine.h"
 #include "vmm-core/vm/vmm_exit_codes.h"
 
@@ -61,7 +63,12 @@ int runVmm(int argc, char** argv) {
   std::string logLevel = "info";
   bool logJson = false;
   bool verbose = false;
-  app.add_option("--kernel", config.kernelPath, "bzImage or ELF vmlinux")->required();
+  std::string restoreDir;
+  auto* kernel = app.add_option("--kernel", config.kernelPath, "bzImage or ELF vmlinux");
+  app.add_option("--restore", restoreDir,
+                 "build the VM from this template directory (clone snapshot) instead of "
+                 "booting a kernel: a fork")
+      ->excludes(kernel);
   app.add_option("--initrd", config.initrdPath, "initial ramdisk");
   app.add_option("--cmdline", config.cmdline, "kernel command line")->capture_default_str();
   app.add_option("--mem-mb", memoryMib, "guest memory in MiB")->capture_default_str();
@@ -118,6 +125,22 @@ int runVmm(int argc, char** argv) {
       config.vsock.enabled = false;
     }
     auto seccomp = seccomp::parseMode(seccompMode);
+    std::optional<snapshot::VerifiedTemplate> source;
+    if (!restoreDir.empty()) {
+      require(config.vhostUserDevices.empty(),
+              "--restore: a template has no vhost-user devices to reconnect (docs/FORK.md)");
+      source = snapshot::verifyTemplate(restoreDir);
+      config.memoryBytes = source->manifest.memoryBytes;
+      config.vcpuCount = source->manifest.vcpus;
+      config.cmdline = source->manifest.cmdline;
+      config.kernelPath = source->manifest.kernel;
+      config.initrdPath = source->manifest.initrd;
+      config.restoreFrom = &*source;
+      // Templates hold no virtio device yet (clone snapshot refuses them), so neither does a fork.
+      config.vsock.enabled = false;
+    } else {
+      require(!config.kernelPath.empty(), "--kernel or --restore is required");
+    }
     KvmSystem kvm;
     validate(config, kvm);
     Machine machine(config, kvm, *log, start);

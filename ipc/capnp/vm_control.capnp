@@ -30,4 +30,14 @@ interface VmControl {
   # graceful: presses the ACPI power button and leaves the rest to the guest.
   # Otherwise the VM stops now, as if powered off.
   shutdown @3 (graceful :Bool) -> ();
+  # Writes a template of this VM into outputDir (created; must not exist or be empty):
+  # memory, state, manifest.json (docs/FORK.md). The vCPUs are paused meanwhile and resumed
+  # after, unless leavePaused. Fails for a VM with vhost-user devices.
+  snapshot @4 (outputDir :Text, leavePaused :Bool) -> (result :SnapshotResult);
+}
+
+struct SnapshotResult {
+  memoryDataBytes @0 :UInt64;  # non-zero guest memory written
+  stateBytes @1 :UInt64;
+  pausedMs @2 :Float64;        # how long the vCPUs stood still
 }

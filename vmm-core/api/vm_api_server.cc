@@ -56,6 +56,27 @@ class VmControlServer final : public rpc::VmControl::Server {
     return kj::READY_NOW;
   }
 
+  kj::Promise<void> snapshot(SnapshotContext context) override {
+    auto params = context.getParams();
+    SnapshotOptions options;
+    options.outputDir = params.getOutputDir();
+    options.leavePaused = params.getLeavePaused();
+    log_.info("API: snapshot to {}", options.outputDir);
+    // Errors (bad directory, vhost-user devices) go back to the caller as the call's exception.
+    SnapshotResult done;
+    try {
+      done = machine_.snapshot(options);
+    } catch (const std::exception& e) {
+      log_.error("snapshot to {} failed: {}", options.outputDir, e.what());
+      kj::throwFatalException(KJ_EXCEPTION(FAILED, e.what()));
+    }
+    auto result = context.getResults().initResult();
+    result.setMemoryDataBytes(done.memoryDataBytes);
+    result.setStateBytes(done.stateBytes);
+    result.setPausedMs(done.pausedMillis);
+    return kj::READY_NOW;
+  }
+
  private:
   Machine& machine_;
   spdlog::logger& log_;

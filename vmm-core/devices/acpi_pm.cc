@@ -95,6 +95,22 @@ void AcpiPm::pressPowerButton() {
   updateSci();
 }
 
+AcpiPm::State AcpiPm::saveState() {
+  std::lock_guard lock(mutex_);
+  return State{status_, enable_, control_, timerValue()};
+}
+
+void AcpiPm::restoreState(const State& state) {
+  std::lock_guard lock(mutex_);
+  status_ = state.status;
+  enable_ = state.enable;
+  control_ = state.control;
+  uint64_t elapsed = static_cast<uint64_t>(
+      static_cast<unsigned __int128>(state.timer) * 1'000'000'000u / kTimerHz);
+  timerBase_ = clock_() - elapsed;
+  updateSci();
+}
+
 uint32_t AcpiPm::timerValue() const {
   uint64_t elapsed = clock_() - timerBase_;
   unsigned __int128 ticks = static_cast<unsigned __int128>(elapsed) * kTimerHz / 1'000'000'000u;

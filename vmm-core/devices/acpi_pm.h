@@ -63,6 +63,15 @@ class AcpiPm : public BusDevice {
   // with acpid or systemd-logind shuts down cleanly. Thread-safe.
   void pressPowerButton();
 
+  // For snapshots: the registers and the PM timer's count (restored as a count, so the
+  // timer continues from where it stood).
+  struct State {
+    uint16_t status, enable, control;
+    uint32_t timer;
+  };
+  State saveState();
+  void restoreState(const State& state);
+
  private:
   uint32_t timerValue() const;
   void updateSci();
@@ -71,7 +80,7 @@ class AcpiPm : public BusDevice {
   std::function<void()> onPowerOff_;
   MonotonicClock clock_;
   spdlog::logger& log_;
-  const uint64_t timerBase_;
+  uint64_t timerBase_;
 
   std::mutex mutex_;
   uint16_t status_ = 0;

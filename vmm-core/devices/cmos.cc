@@ -130,6 +130,31 @@ void Cmos::write(uint64_t offset, std::span<const uint8_t> data) {
   timerWakeup_.notify_all();  // register B may have enabled or disabled update interrupts
 }
 
+Cmos::State Cmos::saveState() {
+  std::lock_guard lock(mutex_);
+  State state{};
+  state.index = index_;
+  std::copy(std::begin(nvram_), std::end(nvram_), state.nvram.begin());
+  state.regA = regA_;
+  state.regB = regB_;
+  state.flags = flags_;
+  state.offsetNanos = offsetNanos_;
+  return state;
+}
+
+void Cmos::restoreState(const State& state) {
+  std::lock_guard lock(mutex_);
+  index_ = state.index & 0x7f;
+  std::copy(state.nvram.begin(), state.nvram.end(), std::begin(nvram_));
+  regA_ = state.regA;
+  regB_ = state.regB;
+  flags_ = state.flags;
+  offsetNanos_ = state.offsetNanos;
+  frozen_.reset();
+  lastUpdate_ = floorDiv(guestNanos(), kNanosPerSecond);
+  updateIrqLocked();
+}
+
 int64_t Cmos::guestNanos() const { return clock_() + offsetNanos_; }
 
 Cmos::DateTime Cmos::now() const {

@@ -25,6 +25,7 @@
 //   (640 KiB), 0x17/0x18 and 0x30/0x31 KiB above 1 MiB (max 0xffff), 0x34/0x35 64 KiB
 //   units above 16 MiB below 4 GiB, 0x5b-0x5d 64 KiB units above 4 GiB. The rest is NVRAM.
 
+#include <array>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -63,6 +64,17 @@ class Cmos : public BusDevice {
   // Processes the update cycles (second boundaries) up to now: sets UF/AF and drives the
   // interrupt. The timer thread calls it; so can a caller without one.
   void poll();
+
+  // For snapshots: the registers and NVRAM, and the guest clock as an offset from the host's
+  // wall clock (so a restored VM's RTC keeps following real time).
+  struct State {
+    uint8_t index;
+    std::array<uint8_t, 128> nvram;
+    uint8_t regA, regB, flags;
+    int64_t offsetNanos;
+  };
+  State saveState();
+  void restoreState(const State& state);
 
  private:
   struct DateTime {

@@ -182,6 +182,40 @@ void I8042::loadOutputBuffer() {
   queue_.pop_front();
 }
 
+I8042::State I8042::saveState() {
+  std::lock_guard lock(mutex_);
+  auto pack = [](const OutputByte& b) {
+    return static_cast<uint16_t>(b.value | (b.aux ? 0x100 : 0) | (b.timeout ? 0x200 : 0));
+  };
+  State state{};
+  std::copy(std::begin(ram_), std::end(ram_), state.ram.begin());
+  state.outputPort = outputPort_;
+  state.lastOutput = lastOutput_;
+  state.lastWriteWasCommand = lastWriteWasCommand_;
+  state.pendingCommand = pendingCommand_ ? *pendingCommand_ : -1;
+  state.outputBuffer = outputBuffer_ ? pack(*outputBuffer_) : -1;
+  for (const auto& b : queue_) state.queue.push_back(pack(b));
+  return state;
+}
+
+void I8042::restoreState(const State& state) {
+  std::lock_guard lock(mutex_);
+  auto unpack = [](uint32_t v) {
+    return OutputByte{static_cast<uint8_t>(v & 0xff), (v & 0x100) != 0, (v & 0x200) != 0};
+  };
+  std::copy(state.ram.begin(), state.ram.end(), std::begin(ram_));
+  outputPort_ = state.outputPort;
+  lastOutput_ = state.lastOutput;
+  lastWriteWasCommand_ = state.lastWriteWasCommand;
+  pendingCommand_.reset();
+  if (state.pendingCommand >= 0) pendingCommand_ = static_cast<uint8_t>(state.pendingCommand);
+  outputBuffer_.reset();
+  if (state.outputBuffer >= 0) outputBuffer_ = unpack(static_cast<uint32_t>(state.outputBuffer));
+  queue_.clear();
+  for (size_t i = 0; i < state.queue.size() && i < 64; ++i) queue_.push_back(unpack(state.queue[i]));
+  updateIrqs(false);
+}
+
 void I8042::updateIrqs(bool pulse) {
   bool keyboard = outputBuffer_ && !outputBuffer_->aux && (commandByte() & kCtrKeyboardInterrupt);
   bool aux = outputBuffer_ && outputBuffer_->aux && (commandByte() & kCtrAuxInterrupt);

@@ -27,6 +27,8 @@
 #include <functional>
 #include <mutex>
 #include <optional>
+#include <array>
+#include <vector>
 #include <span>
 
 #include <spdlog/logger.h>
@@ -47,6 +49,18 @@ class I8042 : public BusDevice {
 
   void read(uint64_t offset, std::span<uint8_t> data) override;
   void write(uint64_t offset, std::span<const uint8_t> data) override;
+
+  // For snapshots. Output bytes are packed as value | aux << 8 | timeout << 9; -1 is none.
+  struct State {
+    std::array<uint8_t, 32> ram;
+    uint8_t outputPort, lastOutput;
+    bool lastWriteWasCommand;
+    int16_t pendingCommand;
+    int32_t outputBuffer;
+    std::vector<uint16_t> queue;
+  };
+  State saveState();
+  void restoreState(const State& state);
 
  private:
   struct OutputByte {

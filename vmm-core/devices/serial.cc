@@ -312,6 +312,34 @@ uint8_t Serial::interruptIdentification() const {
   return high | kIirNoInterrupt;
 }
 
+Serial::State Serial::saveState() const {
+  std::lock_guard lock(mutex_);
+  return State{ier_, lcr_, mcr_, lsrErrors_, msrDelta_, scr_, dll_, dlm_, fcr_, thrInterrupt_,
+               lastWasLsrRead_, irqLevel_, std::vector<uint8_t>(rxFifo_.begin(), rxFifo_.end())};
+}
+
+void Serial::restoreState(const State& state) {
+  std::lock_guard lock(mutex_);
+  ier_ = state.ier;
+  lcr_ = state.lcr;
+  mcr_ = state.mcr;
+  lsrErrors_ = state.lsrErrors;
+  msrDelta_ = state.msrDelta;
+  scr_ = state.scr;
+  dll_ = state.dll;
+  dlm_ = state.dlm;
+  fcr_ = state.fcr;
+  thrInterrupt_ = state.thrInterrupt;
+  lastWasLsrRead_ = state.lastWasLsrRead;
+  size_t keep = std::min(state.rxFifo.size(), kFifoSize);
+  rxFifo_.assign(state.rxFifo.begin(), state.rxFifo.begin() + static_cast<ptrdiff_t>(keep));
+  // The irqchip state (restored separately) holds the line's level; set ours to match and
+  // let updateIrq() correct it if the registers disagree.
+  irqLevel_ = state.irqLevel;
+  irq_.set(irqLevel_);
+  updateIrq();
+}
+
 void Serial::updateIrq() {
   bool level = (interruptIdentification() & kIirNoInterrupt) == 0;
   if (level == irqLevel_) return;

@@ -68,6 +68,17 @@ class Serial : public BusDevice {
   // Hands any batched output to the sink now.
   void flush();
 
+  // The guest-visible registers and receive FIFO, for snapshots. Host input not yet in the
+  // FIFO is not part of it (it belongs to the host side of this process, not to the chip).
+  struct State {
+    uint8_t ier, lcr, mcr, lsrErrors, msrDelta, scr, dll, dlm, fcr;
+    bool thrInterrupt, lastWasLsrRead, irqLevel;
+    std::vector<uint8_t> rxFifo;
+  };
+  State saveState() const;
+  // Loads `state` and drives the interrupt line to match it.
+  void restoreState(const State& state);
+
  private:
   enum class Access { kThrWrite, kLsrRead, kOther };
 

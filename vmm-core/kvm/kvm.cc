@@ -67,6 +67,11 @@ std::vector<uint32_t> KvmSystem::msrIndexList() const {
   return {first, first + list.get()->nmsrs};
 }
 
+size_t KvmSystem::xsaveSize() const {
+  int size = checkExtension(KVM_CAP_XSAVE2);
+  return std::max<size_t>(sizeof(kvm_xsave), size > 0 ? static_cast<size_t>(size) : 0);
+}
+
 KvmVm::KvmVm(const KvmSystem& system)
     : system_(system),
       fd_(CLONE_SYSCALL(::ioctl(system.fd(), KVM_CREATE_VM, 0), "KVM_CREATE_VM")) {
@@ -145,6 +150,39 @@ void KvmVm::setGsiRouting(std::span<const kvm_irq_routing_entry> entries) {
   CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_GSI_ROUTING, routing.get()), "KVM_SET_GSI_ROUTING");
 }
 
+kvm_irqchip KvmVm::getIrqchip(uint32_t chip) const {
+  kvm_irqchip irqchip{};
+  irqchip.chip_id = chip;
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_IRQCHIP, &irqchip), "KVM_GET_IRQCHIP");
+  return irqchip;
+}
+
+void KvmVm::setIrqchip(const kvm_irqchip& irqchip) {
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_IRQCHIP, &irqchip), "KVM_SET_IRQCHIP");
+}
+
+kvm_pit_state2 KvmVm::getPit() const {
+  kvm_pit_state2 pit{};
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_PIT2, &pit), "KVM_GET_PIT2");
+  return pit;
+}
+
+void KvmVm::setPit(const kvm_pit_state2& pit) {
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_PIT2, &pit), "KVM_SET_PIT2");
+}
+
+kvm_clock_data KvmVm::getClock() const {
+  kvm_clock_data clock{};
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_CLOCK, &clock), "KVM_GET_CLOCK");
+  return clock;
+}
+
+void KvmVm::setClock(const kvm_clock_data& clock) {
+  kvm_clock_data value{};
+  value.clock = clock.clock;  // flags 0: no realtime/host_tsc adjustment
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_CLOCK, &value), "KVM_SET_CLOCK");
+}
+
 KvmVcpu::KvmVcpu(const KvmVm& vm, uint32_t id)
     : id_(id),
       fd_(CLONE_SYSCALL(::ioctl(vm.fd(), KVM_CREATE_VCPU, static_cast<unsigned long>(id)),
@@ -184,6 +222,87 @@ kvm_sregs KvmVcpu::getSregs() const {
 
 void KvmVcpu::setSregs(const kvm_sregs& sregs) {
   CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_SREGS, &sregs), "KVM_SET_SREGS");
+}
+
+kvm_fpu KvmVcpu::getFpu() const {
+  kvm_fpu fpu{};
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_FPU, &fpu), "KVM_GET_FPU");
+  return fpu;
+}
+
+std::vector<uint32_t> KvmVcpu::getXsave(size_t bytes) const {
+  bytes = std::max(bytes, sizeof(kvm_xsave));
+  std::vector<uint32_t> area((bytes + 3) / 4);
+  unsigned long request = bytes > sizeof(kvm_xsave) ? KVM_GET_XSAVE2 : KVM_GET_XSAVE;
+  CLONE_SYSCALL(::ioctl(fd_.get(), request, area.data()),
+                bytes > sizeof(kvm_xsave) ? "KVM_GET_XSAVE2" : "KVM_GET_XSAVE");
+  return area;
+}
+
+void KvmVcpu::setXsave(std::span<const uint32_t> area) {
+  require(area.size() * 4 >= sizeof(kvm_xsave), "XSAVE area of {} bytes is too small",
+          area.size() * 4);
+  // KVM_SET_XSAVE reads as many bytes as the XSAVE2 size; the buffer is copied so that a
+  // short (older-kernel) area is padded.
+  std::vector<uint32_t> copy(area.begin(), area.end());
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_XSAVE, copy.data()), "KVM_SET_XSAVE");
+}
+
+kvm_xcrs KvmVcpu::getXcrs() const {
+  kvm_xcrs xcrs{};
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_XCRS, &xcrs), "KVM_GET_XCRS");
+  return xcrs;
+}
+
+void KvmVcpu::setXcrs(const kvm_xcrs& xcrs) {
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_XCRS, &xcrs), "KVM_SET_XCRS");
+}
+
+size_t KvmVcpu::getMsrs(std::vector<kvm_msr_entry>& entries) const {
+  FlexibleArray<kvm_msrs, kvm_msr_entry> msrs(entries.size());
+  msrs.get()->nmsrs = static_cast<uint32_t>(entries.size());
+  std::copy(entries.begin(), entries.end(), msrs.get()->entries);
+  int got = CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_MSRS, msrs.get()), "KVM_GET_MSRS");
+  std::copy(msrs.get()->entries, msrs.get()->entries + entries.size(), entries.begin());
+  return static_cast<size_t>(got);
+}
+
+size_t KvmVcpu::trySetMsrs(std::span<const kvm_msr_entry> entries) {
+  FlexibleArray<kvm_msrs, kvm_msr_entry> msrs(entries.size());
+  msrs.get()->nmsrs = static_cast<uint32_t>(entries.size());
+  std::copy(entries.begin(), entries.end(), msrs.get()->entries);
+  return static_cast<size_t>(
+      CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_MSRS, msrs.get()), "KVM_SET_MSRS"));
+}
+
+kvm_vcpu_events KvmVcpu::getEvents() const {
+  kvm_vcpu_events events{};
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_VCPU_EVENTS, &events), "KVM_GET_VCPU_EVENTS");
+  return events;
+}
+
+void KvmVcpu::setEvents(const kvm_vcpu_events& events) {
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_VCPU_EVENTS, &events), "KVM_SET_VCPU_EVENTS");
+}
+
+kvm_mp_state KvmVcpu::getMpState() const {
+  kvm_mp_state state{};
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_MP_STATE, &state), "KVM_GET_MP_STATE");
+  return state;
+}
+
+void KvmVcpu::setMpState(const kvm_mp_state& state) {
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_MP_STATE, &state), "KVM_SET_MP_STATE");
+}
+
+kvm_debugregs KvmVcpu::getDebugRegs() const {
+  kvm_debugregs regs{};
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_GET_DEBUGREGS, &regs), "KVM_GET_DEBUGREGS");
+  return regs;
+}
+
+void KvmVcpu::setDebugRegs(const kvm_debugregs& regs) {
+  CLONE_SYSCALL(::ioctl(fd_.get(), KVM_SET_DEBUGREGS, &regs), "KVM_SET_DEBUGREGS");
 }
 
 void KvmVcpu::setFpu(const kvm_fpu& fpu) {

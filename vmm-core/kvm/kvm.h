@@ -24,6 +24,8 @@ class KvmSystem {
   int maxVcpus() const;
   std::vector<kvm_cpuid_entry2> supportedCpuid() const;
   std::vector<uint32_t> msrIndexList() const;
+  // Bytes of the vCPU XSAVE area (KVM_CAP_XSAVE2), at least sizeof(kvm_xsave).
+  size_t xsaveSize() const;
 
  private:
   UniqueFd fd_;
@@ -56,6 +58,15 @@ class KvmVm {
   // routes included. Use GsiRouting (gsi_routing.h), which keeps the table, not this.
   void setGsiRouting(std::span<const kvm_irq_routing_entry> entries);
 
+  // Snapshot state of the in-kernel devices: chip is KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or
+  // _IOAPIC.
+  kvm_irqchip getIrqchip(uint32_t chip) const;
+  void setIrqchip(const kvm_irqchip& irqchip);
+  kvm_pit_state2 getPit() const;
+  void setPit(const kvm_pit_state2& pit);
+  kvm_clock_data getClock() const;
+  void setClock(const kvm_clock_data& clock);
+
  private:
   const KvmSystem& system_;
   UniqueFd fd_;
@@ -79,10 +90,26 @@ class KvmVcpu {
   void setRegs(const kvm_regs& regs);
   kvm_sregs getSregs() const;
   void setSregs(const kvm_sregs& sregs);
+  kvm_fpu getFpu() const;
   void setFpu(const kvm_fpu& fpu);
+  // The XSAVE area as raw words, sized by KvmSystem::xsaveSize().
+  std::vector<uint32_t> getXsave(size_t bytes) const;
+  void setXsave(std::span<const uint32_t> area);
+  kvm_xcrs getXcrs() const;
+  void setXcrs(const kvm_xcrs& xcrs);
+  // Reads the MSRs in `indices`; returns how many leading entries KVM filled.
+  size_t getMsrs(std::vector<kvm_msr_entry>& entries) const;
+  kvm_vcpu_events getEvents() const;
+  void setEvents(const kvm_vcpu_events& events);
+  kvm_mp_state getMpState() const;
+  void setMpState(const kvm_mp_state& state);
+  kvm_debugregs getDebugRegs() const;
+  void setDebugRegs(const kvm_debugregs& regs);
   void setCpuid(const std::vector<kvm_cpuid_entry2>& entries);
   // Sets each (index, value) pair; throws unless KVM accepted all of them.
   void setMsrs(const std::vector<kvm_msr_entry>& entries);
+  // Like setMsrs, but returns how many leading entries KVM accepted instead of throwing.
+  size_t trySetMsrs(std::span<const kvm_msr_entry> entries);
   kvm_lapic_state getLapic() const;
   void setLapic(const kvm_lapic_state& lapic);
 

@@ -11,7 +11,7 @@
 
 namespace clonevm::vmm {
 
-GuestMemory GuestMemory::create(uint64_t size, const std::string& name) {
+GuestMemory GuestMemory::create(uint64_t size, const std::string& name, bool hugePages) {
   require(size >= 2 * layout::kMiB && size % (2 * layout::kMiB) == 0,
           "guest memory size must be a non-zero multiple of 2 MiB, got {} bytes", size);
   GuestMemory memory;
@@ -25,7 +25,7 @@ GuestMemory GuestMemory::create(uint64_t size, const std::string& name) {
   memory.mapping_ = static_cast<uint8_t*>(mapping);
   memory.size_ = size;
   // THP for shmem is per-mount policy; the hint is harmless where it is off.
-  ::madvise(mapping, size, MADV_HUGEPAGE);
+  if (hugePages) ::madvise(mapping, size, MADV_HUGEPAGE);
 
   uint64_t low = std::min(size, layout::kLowRamEnd);
   memory.regions_.push_back({0, low, 0, memory.mapping_});

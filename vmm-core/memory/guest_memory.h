@@ -26,7 +26,10 @@ struct MemoryRegion {
 class GuestMemory {
  public:
   // Creates `size` bytes of guest RAM (a multiple of 2 MiB; RAM above 3 GiB moves to 4 GiB).
-  static GuestMemory create(uint64_t size, const std::string& name = "clone-guest-ram");
+  // `hugePages`: ask for transparent huge pages (off for a fork filled through userfaultfd,
+  // which places 4 KiB pages).
+  static GuestMemory create(uint64_t size, const std::string& name = "clone-guest-ram",
+                            bool hugePages = true);
 
   GuestMemory(GuestMemory&&) noexcept;
   GuestMemory& operator=(GuestMemory&&) noexcept;
@@ -49,6 +52,9 @@ class GuestMemory {
   // lies inside one region.
   std::span<uint8_t> slice(uint64_t address, uint64_t length) const;
   bool contains(uint64_t address, uint64_t length) const;
+  // The whole mapping (memfd offset 0 at its first byte), for registering it with
+  // userfaultfd and nothing else: guest data goes through slice().
+  std::span<uint8_t> mappingForRegistration() const { return {mapping_, size_}; }
 
   void write(uint64_t address, std::span<const uint8_t> bytes) const;
   void read(uint64_t address, std::span<uint8_t> bytes) const;

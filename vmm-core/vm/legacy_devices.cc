@@ -14,6 +14,7 @@
 #include "vmm-core/devices/port_stubs.h"
 #include "vmm-core/devices/reset_control.h"
 #include "vmm-core/devices/serial.h"
+#include "vmm-core/snapshot/machine_state.h"
 
 namespace clonevm::vmm {
 namespace {
@@ -41,7 +42,7 @@ LegacyDevices::LegacyDevices(const Config& config, Bus& pio, Bus& mmio) : config
   pio.insert(layout::kCom1Port, Serial::kPortCount, serial_);
 
   ExitSignal& exitSignal = config.exitSignal;
-  auto i8042 = std::make_shared<I8042>(
+  auto i8042 = i8042_ = std::make_shared<I8042>(
       irqLine(kKeyboardIrq), irqLine(kMouseIrq),
       [&exitSignal] { exitSignal.request(ExitReason::kReset, "i8042 reset"); }, config.log);
   pio.insert(layout::kI8042DataPort, 1, i8042);
@@ -52,9 +53,9 @@ LegacyDevices::LegacyDevices(const Config& config, Bus& pio, Bus& mmio) : config
   for (const auto& region : config.memory.regions()) {
     (region.guestAddress < layout::kHighRamStart ? below4G : above4G) += region.size;
   }
-  pio.insert(layout::kCmosPort, Cmos::kPortCount,
-             std::make_shared<Cmos>(below4G, above4G, systemWallClock(), config.log,
-                                    Cmos::Options{.irq = &irqLine(layout::kRtcIrq)}));
+  cmos_ = std::make_shared<Cmos>(below4G, above4G, systemWallClock(), config.log,
+                                 Cmos::Options{.irq = &irqLine(layout::kRtcIrq)});
+  pio.insert(layout::kCmosPort, Cmos::kPortCount, cmos_);
 
   acpiPm_ = std::make_shared<AcpiPm>(
       irqLine(layout::kSciIrq), [&exitSignal] { exitSignal.request(ExitReason::kPowerOff); },
@@ -87,6 +88,20 @@ void LegacyDevices::consoleInput(std::span<const uint8_t> bytes) {
 }
 
 void LegacyDevices::flushConsole() { serial_->flush(); }
+
+void LegacyDevices::saveState(snapshot::DeviceStates& states) const {
+  states.serial = serial_->saveState();
+  states.cmos = cmos_->saveState();
+  states.acpiPm = acpiPm_->saveState();
+  states.i8042 = i8042_->saveState();
+}
+
+void LegacyDevices::restoreState(const snapshot::DeviceStates& states) {
+  serial_->restoreState(states.serial);
+  cmos_->restoreState(states.cmos);
+  acpiPm_->restoreState(states.acpiPm);
+  i8042_->restoreState(states.i8042);
+}
 
 void LegacyDevices::pressPowerButton() { acpiPm_->pressPowerButton(); }
 

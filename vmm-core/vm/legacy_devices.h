@@ -17,8 +17,13 @@
 namespace clonevm::vmm {
 
 class AcpiPm;
+class Cmos;
+class I8042;
 class PciRoot;
 class Serial;
+namespace snapshot {
+struct DeviceStates;
+}
 
 // An ISA interrupt line of the in-kernel PIC/IOAPIC pair.
 class KvmIrqLine : public IrqLine {
@@ -49,6 +54,9 @@ class LegacyDevices {
   void flushConsole();
   void pressPowerButton();
   PciRoot& pciRoot() { return *pciRoot_; }
+  // Snapshot state of COM1, the CMOS, ACPI PM and i8042 (the vCPUs must be parked).
+  void saveState(snapshot::DeviceStates& states) const;
+  void restoreState(const snapshot::DeviceStates& states);
 
  private:
   KvmIrqLine& irqLine(uint32_t gsi);
@@ -58,6 +66,8 @@ class LegacyDevices {
   std::shared_ptr<Serial> serial_;
   std::shared_ptr<PciRoot> pciRoot_;
   std::shared_ptr<AcpiPm> acpiPm_;
+  std::shared_ptr<Cmos> cmos_;
+  std::shared_ptr<I8042> i8042_;
 };
 
 }  // namespace clonevm::vmm

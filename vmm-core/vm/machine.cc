@@ -11,6 +11,7 @@
 #include "vmm-core/kvm/cpuid.h"
 #include "vmm-core/kvm/kvm_device_events.h"
 #include "vmm-core/kvm/msrs.h"
+#include "vmm-core/memory/lazy_fill.h"
 #include "vmm-core/virtio/virtio_pci_device.h"
 #include "vmm-core/vm/console.h"
 #include "vmm-core/vm/legacy_devices.h"
@@ -65,7 +66,8 @@ Machine::Machine(const MachineConfig& config, KvmSystem& kvm, spdlog::logger& lo
       kvm_(kvm),
       log_(log),
       processStart_(processStart),
-      memory_(GuestMemory::create(config.memoryBytes)),
+      memory_(GuestMemory::create(config.memoryBytes, "clone-guest-ram",
+                                  /*hugePages=*/config.restoreFrom == nullptr)),
       vm_(kvm) {
   timings_.memoryReady = millisSinceStart();
   if (!GuestMemory::hostGivesShmemHugePages()) {
@@ -79,13 +81,21 @@ Machine::Machine(const MachineConfig& config, KvmSystem& kvm, spdlog::logger& lo
   }
   timings_.irqchipReady = millisSinceStart();
   installVcpuKickHandler();
+  if (config_.restoreFrom != nullptr) {
+    restoreFromTemplate();
+    return;
+  }
   loadKernel();
   createVcpus();
   timings_.vcpusReady = millisSinceStart();
   attachDevices();
 }
 
-Machine::~Machine() = default;
+Machine::~Machine() {
+  if (workingSetRecorder_.joinable()) workingSetRecorder_.join();
+  // The vCPU threads may wait on a fault only the fill thread resolves: stop them first.
+  for (auto& runner : runners_) runner->stop();
+}
 
 double Machine::millisSinceStart() const {
   return std::chrono::duration<double, std::milli>(Clock::now() - processStart_).count();
@@ -121,7 +131,8 @@ void Machine::createVcpus() {
   auto msrs = bootMsrs();
   for (uint32_t id = 0; id < config_.vcpuCount; ++id) {
     auto vcpu = std::make_unique<KvmVcpu>(vm_, id);
-    vcpu->setCpuid(buildGuestCpuid(supported, id, config_.vcpuCount));
+    vcpuCpuids_.push_back(buildGuestCpuid(supported, id, config_.vcpuCount));
+    vcpu->setCpuid(vcpuCpuids_.back());
     vcpu->setMsrs(msrs);
     vcpu->setFpu(initialFpu());
     setupLapicLints(*vcpu);
@@ -207,6 +218,7 @@ void Machine::start() {
     }
     runners_[i]->start(std::move(hook));
   }
+  if (lazyFill_ != nullptr) recordWorkingSet();
 }
 
 void Machine::pause() {

@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <spdlog/logger.h>
@@ -22,6 +23,11 @@
 #include "vmm-core/vm/exit_signal.h"
 
 namespace clonevm::vmm {
+
+namespace snapshot {
+struct VerifiedTemplate;
+}
+class LazyMemoryFill;
 
 struct MachineConfig {
   std::string kernelPath;
@@ -37,6 +43,20 @@ struct MachineConfig {
   // virtio-vsock over kernel vhost-vsock (--vsock-cid, --no-vsock), after the vhost-user
   // devices.
   VsockConfig vsock;
+  // Set: build the VM from this checked template (clone-vmm --restore) instead of booting
+  // a kernel; memoryBytes, vcpuCount and cmdline must be the manifest's. Not owned.
+  const snapshot::VerifiedTemplate* restoreFrom = nullptr;
+};
+
+struct SnapshotOptions {
+  std::string outputDir;  // created; must not exist yet, or be empty
+  bool leavePaused = false;
+};
+
+struct SnapshotResult {
+  double pausedMillis = 0;  // how long the vCPUs stood still for it
+  uint64_t memoryDataBytes = 0;
+  uint64_t stateBytes = 0;
 };
 
 // Milliseconds since the VMM started, at each step of setting up the VM.
@@ -79,6 +99,12 @@ class Machine {
   void requestExit(ExitReason reason, std::string detail);
   // Presses the ACPI power button: a guest that handles it powers off by itself.
   void pressPowerButton();
+  // Writes a template of this VM (docs/FORK.md): pauses the vCPUs, writes memory, state and
+  // manifest.json, then resumes them unless options.leavePaused. Refuses a VM with
+  // vhost-user devices. Called from the API thread.
+  SnapshotResult snapshot(const SnapshotOptions& options);
+  // True for a VM restored from a template.
+  bool restored() const { return config_.restoreFrom != nullptr; }
   // Stops vCPUs and console after an exit was requested; returns the reason.
   ExitReason finish();
   ExitSignal& exitSignal() { return exitSignal_; }
@@ -105,6 +131,8 @@ class Machine {
   // Places a virtio-pci device's BAR 0 in the 64-bit window, after the previous one.
   uint64_t allocateBar(uint64_t size, const std::string& what);
   void loadKernel();
+  void restoreFromTemplate();
+  void recordWorkingSet();
 
   MachineConfig config_;
   KvmSystem& kvm_;
@@ -128,6 +156,12 @@ class Machine {
   uint64_t nextBar_ = 0;
   std::vector<std::shared_ptr<VirtioPciDevice>> virtioDevices_;
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
+  std::vector<std::vector<kvm_cpuid_entry2>> vcpuCpuids_;  // as set on each vCPU
+  // Before the vCPUs' runners (destroyed after them): faults wait on its thread.
+  std::unique_ptr<LazyMemoryFill> lazyFill_;
+  std::thread workingSetRecorder_;
+  std::mutex snapshotMutex_;
+  bool recordWorkingSetPending_ = false;
   std::vector<std::unique_ptr<VcpuRunner>> runners_;
   std::unique_ptr<ConsoleInput> console_;
   std::mutex pauseMutex_;

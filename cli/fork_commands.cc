@@ -1,0 +1,226 @@
+#include "cli/fork_commands.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <random>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "cli/program_path.h"
+#include "cli/vm_client.h"
+#include "common/error.h"
+#include "common/unique_fd.h"
+#include "vmm-core/snapshot/template_files.h"
+
+extern char** environ;
+
+namespace clonevm::cli {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr auto kForkReadyTimeout = 20s;
+
+std::string randomId() {
+  std::random_device device;
+  return fmt::format("fork-{:08x}", device());
+}
+
+// Starts clone-vmm --restore detached (own session), stdin /dev/null, output to `consoleLog`.
+pid_t spawnFork(const std::string& templateDir, const std::string& socket,
+                const std::string& consoleLog) {
+  std::string program = siblingProgram("clone-vmm");
+  std::vector<std::string> args = {program, "--restore", templateDir, "--api-socket", socket};
+  std::vector<char*> argv;
+  for (auto& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, consoleLog.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  posix_spawnattr_t attributes;
+  posix_spawnattr_init(&attributes);
+  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSID);
+  pid_t pid = 0;
+  int rc = ::posix_spawn(&pid, program.c_str(), &actions, &attributes, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attributes);
+  if (rc != 0) throwSystemError(rc, "start", program);
+  return pid;
+}
+
+std::string tail(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return "";
+  char buffer[2048];
+  off_t size = ::lseek(fd.get(), 0, SEEK_END);
+  off_t from = std::max<off_t>(0, size - static_cast<off_t>(sizeof(buffer)));
+  ssize_t n = ::pread(fd.get(), buffer, sizeof(buffer), from);
+  return n > 0 ? std::string(buffer, static_cast<size_t>(n)) : "";
+}
+
+bool processAlive(pid_t pid) {
+  // Our own child until we exit: reap it if it ended, so kill(0) does not see a zombie.
+  int status = 0;
+  if (::waitpid(pid, &status, WNOHANG) == pid) return false;
+  return ::kill(pid, 0) == 0;
+}
+
+// Waits until the fork answers on its API socket.
+void waitReady(pid_t pid, const std::string& socket, const std::string& consoleLog) {
+  auto deadline = std::chrono::steady_clock::now() + kForkReadyTimeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (!processAlive(pid)) {
+      throw Error(fmt::format("fork (pid {}) ended during restore:\n{}", pid, tail(consoleLog)));
+    }
+    if (::access(socket.c_str(), F_OK) == 0) {
+      try {
+        withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+          vm.statusRequest().send().wait(waitScope);
+        });
+        return;
+      } catch (const Error&) {
+        // Not listening yet.
+      }
+    }
+    std::this_thread::sleep_for(2ms);
+  }
+  throw Error(fmt::format("fork (pid {}) did not answer on {} within {} s", pid, socket,
+                          kForkReadyTimeout.count()));
+}
+
+void makeDirectory(const std::string& path) {
+  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
+    throwSystemError(errno, "create runtime directory", path);
+  }
+}
+
+}  // namespace
+
+std::string runtimeDir() {
+  std::string dir;
+  if (const char* explicitDir = std::getenv("CLONE_RUNTIME_DIR"); explicitDir && *explicitDir) {
+    dir = explicitDir;
+  } else if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg && *xdg) {
+    dir = std::string(xdg) + "/clone";
+  } else {
+    dir = fmt::format("/tmp/clone-{}", ::getuid());
+  }
+  makeDirectory(dir);
+  return dir;
+}
+
+void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams) {
+  auto* snapshot = app.add_subcommand("snapshot", "write a template of a running VM (pauses it meanwhile)");
+  snapshot->add_option("--vm", options.socket, "the VM's API socket")->required();
+  snapshot->add_option("--output", options.output, "the template directory to create")->required();
+  snapshot->add_flag("--leave-paused", options.leavePaused, "do not resume the VM afterwards");
+  snapshot->callback([&options, streams] {
+    char resolved[PATH_MAX];
+    std::string output = options.output;
+    // The VMM may run in another directory: give it an absolute path.
+    if (!output.empty() && output[0] != '/' && ::getcwd(resolved, sizeof(resolved)) != nullptr) {
+      output = std::string(resolved) + "/" + output;
+    }
+    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      auto request = vm.snapshotRequest();
+      request.setOutputDir(output);
+      request.setLeavePaused(options.leavePaused);
+      auto result = request.send().wait(waitScope).getResult();
+      streams.out << fmt::format("template {}: {} MiB of memory data, state {} bytes, paused {:.1f} ms\n",
+                                 output, result.getMemoryDataBytes() >> 20, result.getStateBytes(),
+                                 result.getPausedMs());
+    });
+  });
+
+  auto* fork = app.add_subcommand("fork", "start forks of a template; prints one line per fork: ID SOCKET");
+  fork->add_option("--template", options.templateDir, "a directory written by clone snapshot")->required();
+  fork->add_option("--count", options.count, "how many forks")->capture_default_str()->check(CLI::Range(1u, 1000u));
+  fork->add_option("--api-socket", options.apiSocket,
+                   "the fork's API socket (with --count N: PATH.1 .. PATH.N); default: in the runtime directory");
+  fork->callback([&options, streams] {
+    std::string dir = options.templateDir;
+    char resolved[PATH_MAX];
+    if (::realpath(dir.c_str(), resolved) != nullptr) dir = resolved;
+    // Refuse a damaged template here, with the reason, before any fork starts.
+    vmm::snapshot::verifyTemplate(dir);
+    std::string runtime = runtimeDir();
+    struct Started {
+      std::string id, socket, log;
+      pid_t pid;
+    };
+    std::vector<Started> started;
+    for (unsigned i = 0; i < options.count; ++i) {
+      std::string id = randomId();
+      std::string socket = options.apiSocket.empty() ? fmt::format("{}/{}.sock", runtime, id)
+                           : options.count == 1      ? options.apiSocket
+                                                     : fmt::format("{}.{}", options.apiSocket, i + 1);
+      std::string log = fmt::format("{}/{}.console", runtime, id);
+      started.push_back({id, socket, log, spawnFork(dir, socket, log)});
+    }
+    for (const auto& fork : started) {
+      waitReady(fork.pid, fork.socket, fork.log);
+      streams.out << fork.id << " " << fork.socket << "\n";
+    }
+    streams.out.flush();
+  });
+
+  auto* list = app.add_subcommand("list", "list the VMs whose API sockets are in the runtime directory");
+  list->callback([streams] {
+    std::string runtime = runtimeDir();
+    DIR* dir = ::opendir(runtime.c_str());
+    if (dir == nullptr) throwSystemError(errno, "open runtime directory", runtime);
+    std::vector<std::string> sockets;
+    while (dirent* entry = ::readdir(dir)) {
+      std::string name = entry->d_name;
+      if (name.size() > 5 && name.ends_with(".sock")) sockets.push_back(name);
+    }
+    ::closedir(dir);
+    std::sort(sockets.begin(), sockets.end());
+    streams.out << fmt::format("{:<16} {:<9} {:>7} {:>8} {}\n", "ID", "STATE", "PID", "MEM_MIB", "SOCKET");
+    for (const auto& name : sockets) {
+      std::string path = runtime + "/" + name;
+      std::string id = name.substr(0, name.size() - 5);
+      try {
+        withVm(path, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+          auto status = vm.statusRequest().send().wait(waitScope).getStatus();
+          streams.out << fmt::format("{:<16} {:<9} {:>7} {:>8} {}\n", id, stateName(status.getState()),
+                                     status.getPid(), status.getMemoryMib(), path);
+        });
+      } catch (const Error&) {
+        streams.out << fmt::format("{:<16} {:<9} {:>7} {:>8} {}\n", id, "gone", "-", "-", path);
+      }
+    }
+  });
+
+  auto* destroy = app.add_subcommand("destroy", "end a VM now (no guest shutdown) and wait for it to go");
+  destroy->add_option("--vm", options.socket, "the VM's API socket")->required();
+  destroy->callback([&options, streams] {
+    pid_t pid = 0;
+    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      pid = static_cast<pid_t>(vm.statusRequest().send().wait(waitScope).getStatus().getPid());
+      auto request = vm.shutdownRequest();
+      request.setGraceful(false);
+      request.send().wait(waitScope);
+    });
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (pid > 0 && ::kill(pid, 0) == 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(5ms);
+    }
+    // The log of a fork started by `clone fork` is not needed once it is gone.
+    std::string socket = options.socket;
+    if (socket.ends_with(".sock")) ::unlink((socket.substr(0, socket.size() - 5) + ".console").c_str());
+    streams.out << "destroyed\n";
+  });
+}
+
+}  // namespace clonevm::cli

@@ -1,0 +1,321 @@
+#include "vmm-core/snapshot/template_files.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <ctime>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <openssl/evp.h>
+
+#include "common/error.h"
+#include "common/unique_fd.h"
+
+namespace clonevm::vmm::snapshot {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kFormatName = "clone-template";
+constexpr size_t kSampleCount = 32;
+
+std::string join(const std::string& dir, const std::string& name) { return dir + "/" + name; }
+
+bool allZero(const uint8_t* page, size_t size) {
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(page);
+  for (size_t i = 0; i < size / 8; ++i) {
+    if (words[i] != 0) return false;
+  }
+  return true;
+}
+
+void preadAll(int fd, uint8_t* buffer, size_t size, uint64_t offset, const std::string& path) {
+  while (size > 0) {
+    ssize_t n = ::pread(fd, buffer, size, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throwSystemError(errno, "read", path);
+    require(n > 0, "{}: unexpected end of file at byte {}", path, offset);
+    buffer += n;
+    size -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+void pwriteAll(int fd, const uint8_t* buffer, size_t size, uint64_t offset, const std::string& path) {
+  while (size > 0) {
+    ssize_t n = ::pwrite(fd, buffer, size, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throwSystemError(errno, "write", path);
+    buffer += n;
+    size -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+std::vector<uint8_t> readWholeFile(const std::string& path, size_t limit) {
+  UniqueFd fd(CLONE_SYSCALL(::open(path.c_str(), O_RDONLY | O_CLOEXEC), "open", path));
+  struct stat st {};
+  CLONE_SYSCALL(::fstat(fd.get(), &st), "stat", path);
+  require(static_cast<uint64_t>(st.st_size) <= limit, "{}: {} bytes is too large", path,
+          st.st_size);
+  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
+  if (!bytes.empty()) preadAll(fd.get(), bytes.data(), bytes.size(), 0, path);
+  return bytes;
+}
+
+// Pages whose hashes the manifest keeps: spread evenly over the data, so that a change of
+// the image's content in a place nobody checks is unlikely to go unnoticed for long, yet
+// the check reads only kSampleCount pages.
+std::vector<uint64_t> sampleOffsets(const std::vector<Extent>& extents, uint64_t dataBytes) {
+  std::vector<uint64_t> offsets;
+  if (dataBytes == 0) return offsets;
+  uint64_t stride = std::max<uint64_t>(dataBytes / kSampleCount, kPageSize);
+  uint64_t position = 0;  // in data bytes
+  for (const auto& extent : extents) {
+    while (position < extent.length && offsets.size() < kSampleCount) {
+      offsets.push_back((extent.offset + position) / kPageSize * kPageSize);
+      position += stride;
+    }
+    position -= std::min(position, extent.length);
+  }
+  return offsets;
+}
+
+}  // namespace
+
+std::string currentUtcTime() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char text[32];
+  std::strftime(text, sizeof(text), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return text;
+}
+
+std::string sha256Hex(const void* data, size_t size) {
+  std::array<unsigned char, EVP_MAX_MD_SIZE> digest{};
+  unsigned int length = 0;
+  require(EVP_Digest(data, size, digest.data(), &length, EVP_sha256(), nullptr) == 1,
+          "SHA-256 failed");
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
+
+std::string sha256Hex(const std::vector<Extent>& extents) {
+  return sha256Hex(extents.data(), extents.size() * sizeof(Extent));
+}
+
+std::vector<Extent> dataExtents(int fd, uint64_t size, const std::string& path) {
+  std::vector<Extent> extents;
+  uint64_t at = 0;
+  while (at < size) {
+    off_t data = ::lseek(fd, static_cast<off_t>(at), SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;
+    if (data < 0) throwSystemError(errno, "SEEK_DATA", path);
+    off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) throwSystemError(errno, "SEEK_HOLE", path);
+    uint64_t end = std::min<uint64_t>(static_cast<uint64_t>(hole), size);
+    if (end > static_cast<uint64_t>(data)) {
+      extents.push_back({static_cast<uint64_t>(data), end - static_cast<uint64_t>(data)});
+    }
+    at = end;
+  }
+  return extents;
+}
+
+std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const std::string& path,
+                                           const uint8_t* mapping) {
+  UniqueFd out(CLONE_SYSCALL(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644),
+                             "create memory image", path));
+  CLONE_SYSCALL(::ftruncate(out.get(), static_cast<off_t>(size)), "size memory image", path);
+  constexpr size_t kBuffer = 2 << 20;
+  std::vector<uint8_t> buffer(kBuffer);
+  // Only the memfd's data extents can hold non-zero pages: pages never touched are holes.
+  auto extents = mapping != nullptr ? std::vector<Extent>{{0, size}}
+                                     : dataExtents(memoryFd, size, "guest memory memfd");
+  for (const auto& extent : extents) {
+    for (uint64_t at = extent.offset; at < extent.offset + extent.length; at += kBuffer) {
+      size_t chunk = static_cast<size_t>(std::min<uint64_t>(kBuffer, extent.offset + extent.length - at));
+      if (mapping != nullptr) {
+        std::memcpy(buffer.data(), mapping + at, chunk);
+      } else {
+        preadAll(memoryFd, buffer.data(), chunk, at, "guest memory memfd");
+      }
+      size_t runStart = 0;
+      bool inRun = false;
+      for (size_t page = 0; page <= chunk; page += kPageSize) {
+        bool data = page < chunk && !allZero(buffer.data() + page, std::min<size_t>(kPageSize, chunk - page));
+        if (data && !inRun) {
+          runStart = page;
+          inRun = true;
+        } else if (!data && inRun) {
+          pwriteAll(out.get(), buffer.data() + runStart, page - runStart, at + runStart, path);
+          inRun = false;
+        }
+      }
+    }
+  }
+  CLONE_SYSCALL(::fchmod(out.get(), 0444), "make memory image read-only", path);
+  return dataExtents(out.get(), size, path);
+}
+
+void describeMemoryImage(int fd, uint64_t size, const std::vector<Extent>& extents,
+                         Manifest& manifest, const std::string& path) {
+  manifest.memorySize = size;
+  manifest.memoryExtentCount = extents.size();
+  manifest.memoryExtentsSha256 = sha256Hex(extents);
+  manifest.memoryDataBytes = 0;
+  for (const auto& e : extents) manifest.memoryDataBytes += e.length;
+  manifest.memorySamples.clear();
+  std::vector<uint8_t> page(kPageSize);
+  for (uint64_t offset : sampleOffsets(extents, manifest.memoryDataBytes)) {
+    preadAll(fd, page.data(), page.size(), offset, path);
+    manifest.memorySamples.push_back({offset, sha256Hex(page.data(), page.size())});
+  }
+}
+
+std::string toJson(const Manifest& m) {
+  json regions = json::array();
+  for (const auto& r : m.regions) {
+    regions.push_back({{"guest_address", r.guestAddress}, {"size", r.size}, {"file_offset", r.fileOffset}});
+  }
+  json cpuid = json::array();
+  for (const auto& c : m.cpuid) {
+    cpuid.push_back({c.function, c.index, c.flags, c.eax, c.ebx, c.ecx, c.edx});
+  }
+  json samples = json::array();
+  for (const auto& s : m.memorySamples) samples.push_back({{"offset", s.offset}, {"sha256", s.sha256}});
+  json doc = {
+      {"format", kFormatName},
+      {"version", m.version},
+      {"created", m.createdUtc},
+      {"machine",
+       {{"memory_bytes", m.memoryBytes},
+        {"regions", regions},
+        {"vcpus", m.vcpus},
+        {"kernel", m.kernel},
+        {"initrd", m.initrd},
+        {"cmdline", m.cmdline},
+        {"devices", m.devices}}},
+      {"cpuid", {{"columns", {"function", "index", "flags", "eax", "ebx", "ecx", "edx"}},
+                 {"leaves", cpuid}}},
+      {"state", {{"file", kStateFile}, {"size", m.stateSize}, {"sha256", m.stateSha256}}},
+      {"memory",
+       {{"file", kMemoryFile},
+        {"size", m.memorySize},
+        {"data_bytes", m.memoryDataBytes},
+        {"extent_count", m.memoryExtentCount},
+        {"extents_sha256", m.memoryExtentsSha256},
+        {"samples", samples}}},
+  };
+  return doc.dump(2) + "\n";
+}
+
+Manifest manifestFromJson(const std::string& text, const std::string& what) {
+  try {
+    json doc = json::parse(text);
+    require(doc.value("format", "") == kFormatName, "{}: not a Clone template manifest", what);
+    Manifest m;
+    m.version = doc.at("version").get<uint32_t>();
+    require(m.version == kTemplateVersion,
+            "{}: template format version {} (this build reads version {})", what, m.version,
+            kTemplateVersion);
+    m.createdUtc = doc.value("created", "");
+    const auto& machine = doc.at("machine");
+    m.memoryBytes = machine.at("memory_bytes").get<uint64_t>();
+    for (const auto& r : machine.at("regions")) {
+      m.regions.push_back({r.at("guest_address").get<uint64_t>(), r.at("size").get<uint64_t>(),
+                           r.at("file_offset").get<uint64_t>()});
+    }
+    m.vcpus = machine.at("vcpus").get<uint32_t>();
+    m.kernel = machine.value("kernel", "");
+    m.initrd = machine.value("initrd", "");
+    m.cmdline = machine.value("cmdline", "");
+    m.devices = machine.at("devices").get<std::vector<std::string>>();
+    for (const auto& c : doc.at("cpuid").at("leaves")) {
+      m.cpuid.push_back({c.at(0).get<uint32_t>(), c.at(1).get<uint32_t>(), c.at(2).get<uint32_t>(),
+                         c.at(3).get<uint32_t>(), c.at(4).get<uint32_t>(), c.at(5).get<uint32_t>(),
+                         c.at(6).get<uint32_t>()});
+    }
+    const auto& state = doc.at("state");
+    m.stateSize = state.at("size").get<uint64_t>();
+    m.stateSha256 = state.at("sha256").get<std::string>();
+    const auto& memory = doc.at("memory");
+    m.memorySize = memory.at("size").get<uint64_t>();
+    m.memoryDataBytes = memory.at("data_bytes").get<uint64_t>();
+    m.memoryExtentCount = memory.at("extent_count").get<uint64_t>();
+    m.memoryExtentsSha256 = memory.at("extents_sha256").get<std::string>();
+    for (const auto& s : memory.at("samples")) {
+      m.memorySamples.push_back({s.at("offset").get<uint64_t>(), s.at("sha256").get<std::string>()});
+    }
+    require(m.memorySize == m.memoryBytes, "{}: memory image size {} differs from the machine's {}",
+            what, m.memorySize, m.memoryBytes);
+    require(m.vcpus >= 1 && m.vcpus <= 254, "{}: {} vCPUs", what, m.vcpus);
+    uint64_t covered = 0;
+    for (const auto& r : m.regions) {
+      require(r.fileOffset == covered && r.size % kPageSize == 0,
+              "{}: memory regions do not tile the image", what);
+      covered += r.size;
+    }
+    require(covered == m.memoryBytes && !m.regions.empty(),
+            "{}: memory regions cover {} of {} bytes", what, covered, m.memoryBytes);
+    return m;
+  } catch (const json::exception& e) {
+    throw Error(fmt::format("{}: malformed manifest: {}", what, e.what()));
+  }
+}
+
+VerifiedTemplate verifyTemplate(const std::string& dir) {
+  VerifiedTemplate t;
+  t.dir = dir;
+  std::string manifestPath = join(dir, kManifestFile);
+  auto manifestBytes = readWholeFile(manifestPath, 16 << 20);
+  t.manifest = manifestFromJson(std::string(manifestBytes.begin(), manifestBytes.end()), manifestPath);
+  const Manifest& m = t.manifest;
+
+  std::string statePath = join(dir, kStateFile);
+  t.state = readWholeFile(statePath, 64 << 20);
+  require(t.state.size() == m.stateSize, "{}: {} bytes, the manifest says {} (corrupted template)",
+          statePath, t.state.size(), m.stateSize);
+  require(sha256Hex(t.state.data(), t.state.size()) == m.stateSha256,
+          "{}: SHA-256 differs from the manifest's (corrupted template)", statePath);
+
+  std::string memoryPath = join(dir, kMemoryFile);
+  UniqueFd memory(CLONE_SYSCALL(::open(memoryPath.c_str(), O_RDONLY | O_CLOEXEC), "open", memoryPath));
+  struct stat st {};
+  CLONE_SYSCALL(::fstat(memory.get(), &st), "stat", memoryPath);
+  require(static_cast<uint64_t>(st.st_size) == m.memorySize,
+          "{}: {} bytes, the manifest says {} (truncated or corrupted template)", memoryPath,
+          st.st_size, m.memorySize);
+  t.memoryExtents = dataExtents(memory.get(), m.memorySize, memoryPath);
+  require(t.memoryExtents.size() == m.memoryExtentCount && sha256Hex(t.memoryExtents) == m.memoryExtentsSha256,
+          "{}: its extent map ({} data extents) differs from the manifest's ({}) (modified template)",
+          memoryPath, t.memoryExtents.size(), m.memoryExtentCount);
+  std::vector<uint8_t> page(kPageSize);
+  for (const auto& sample : m.memorySamples) {
+    require(sample.offset + kPageSize <= m.memorySize, "{}: sample offset {:#x} out of range",
+            manifestPath, sample.offset);
+    preadAll(memory.get(), page.data(), page.size(), sample.offset, memoryPath);
+    require(sha256Hex(page.data(), page.size()) == sample.sha256,
+            "{}: page at {:#x} differs from the manifest's hash (corrupted template)", memoryPath,
+            sample.offset);
+  }
+  return t;
+}
+
+void writeReadOnlyFile(const std::string& dir, const std::string& name, const void* bytes,
+                       size_t size) {
+  std::string path = join(dir, name);
+  UniqueFd fd(CLONE_SYSCALL(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444),
+                            "create", path));
+  pwriteAll(fd.get(), static_cast<const uint8_t*>(bytes), size, 0, path);
+}
+
+
+}  // namespace clonevm::vmm::snapshot

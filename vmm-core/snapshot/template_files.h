@@ -1,0 +1,104 @@
+#pragma once
+// A template directory (docs/FORK.md): `memory` (sparse image of guest RAM), `state`
+// (state_codec.h), `manifest.json`, and later `workingset`. Written once, read-only (0444),
+// never written again. This library has no KVM code: the CLI links it to check a template
+// before it starts forks.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace clonevm::vmm::snapshot {
+
+inline constexpr uint32_t kTemplateVersion = 1;
+inline constexpr uint64_t kPageSize = 4096;
+inline constexpr const char* kMemoryFile = "memory";
+inline constexpr const char* kStateFile = "state";
+inline constexpr const char* kManifestFile = "manifest.json";
+inline constexpr const char* kWorkingSetFile = "workingset";
+
+struct Extent {
+  uint64_t offset;
+  uint64_t length;
+  bool operator==(const Extent&) const = default;
+};
+
+struct RegionLayout {
+  uint64_t guestAddress;
+  uint64_t size;
+  uint64_t fileOffset;
+};
+
+struct CpuidLeaf {
+  uint32_t function, index, flags, eax, ebx, ecx, edx;
+};
+
+struct PageSample {
+  uint64_t offset;
+  std::string sha256;
+};
+
+struct Manifest {
+  uint32_t version = kTemplateVersion;
+  std::string createdUtc;
+  // Machine.
+  uint64_t memoryBytes = 0;
+  std::vector<RegionLayout> regions;
+  uint32_t vcpus = 0;
+  std::string kernel;
+  std::string initrd;
+  std::string cmdline;
+  std::vector<std::string> devices;
+  std::vector<CpuidLeaf> cpuid;  // vCPU 0's (the others differ only in APIC ids)
+  // Files.
+  uint64_t stateSize = 0;
+  std::string stateSha256;
+  uint64_t memorySize = 0;
+  uint64_t memoryDataBytes = 0;   // bytes in data extents
+  uint64_t memoryExtentCount = 0;
+  std::string memoryExtentsSha256;
+  std::vector<PageSample> memorySamples;
+};
+
+// "2026-11-23T05:00:00Z".
+std::string currentUtcTime();
+
+std::string toJson(const Manifest& manifest);
+// Throws clonevm::Error naming `what` on malformed JSON, a wrong format or version.
+Manifest manifestFromJson(const std::string& text, const std::string& what);
+
+std::string sha256Hex(const void* data, size_t size);
+std::string sha256Hex(const std::vector<Extent>& extents);
+
+// The data extents of an open file (SEEK_DATA/SEEK_HOLE).
+std::vector<Extent> dataExtents(int fd, uint64_t size, const std::string& path);
+
+// Copies guest RAM from `memoryFd` (size bytes) into a new file at `path`, writing only
+// pages that are not all zero, so the zero pages stay holes. Returns the new file's
+// extent map. The file is left 0444. With `mapping` (a fork's lazily filled RAM, whose memfd
+// still has holes where the template has data), every page is read through the mapping, so
+// that unfilled pages fault in from the template first.
+std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const std::string& path,
+                                           const uint8_t* mapping = nullptr);
+
+// The memory checks of a manifest: samples and extent digest of an open image.
+void describeMemoryImage(int fd, uint64_t size, const std::vector<Extent>& extents,
+                         Manifest& manifest, const std::string& path);
+
+// A template read back and checked: the manifest parsed, the state file's hash and the
+// memory image's size, extent map and sample pages match. Throws clonevm::Error with a clear
+// message otherwise (corrupted, truncated, wrong version).
+struct VerifiedTemplate {
+  std::string dir;
+  Manifest manifest;
+  std::vector<uint8_t> state;  // the state file's bytes
+  std::vector<Extent> memoryExtents;
+};
+VerifiedTemplate verifyTemplate(const std::string& dir);
+
+// Writes `bytes` to dir/name as a new 0444 file (fails if it exists).
+void writeReadOnlyFile(const std::string& dir, const std::string& name, const void* bytes,
+                       size_t size);
+
+}  // namespace clonevm::vmm::snapshot

@@ -1,0 +1,217 @@
+// Machine: writing a template (snapshot) and building a VM from one (restore).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "common/error.h"
+#include "common/unique_fd.h"
+#include "vmm-core/memory/lazy_fill.h"
+#include "vmm-core/snapshot/machine_state.h"
+#include "vmm-core/snapshot/template_files.h"
+#include "vmm-core/vm/legacy_devices.h"
+#include "vmm-core/vm/machine.h"
+#include "vmm-core/vm/vcpu_runner.h"
+
+namespace clonevm::vmm {
+namespace {
+
+using namespace snapshot;
+
+constexpr char kWorkingSetMagic[8] = {'C', 'L', 'W', 'S', 'E', 'T', '0', '1'};
+// How long after a fork's vCPUs start its faults count as the template's working set.
+constexpr auto kWorkingSetWindow = std::chrono::milliseconds(300);
+
+const std::vector<std::string> kCoreDevices = {"serial-16550 (COM1)", "i8042", "cmos-rtc",
+                                               "acpi-pm", "pci-host-bridge"};
+
+void prepareOutputDir(const std::string& dir) {
+  std::error_code error;
+  if (std::filesystem::exists(dir, error)) {
+    require(std::filesystem::is_directory(dir, error) && std::filesystem::is_empty(dir, error),
+            "{}: exists and is not an empty directory", dir);
+    return;
+  }
+  CLONE_SYSCALL(::mkdir(dir.c_str(), 0755), "create template directory", dir);
+}
+
+std::vector<uint64_t> readWorkingSet(const std::string& path, uint64_t memorySize,
+                                     spdlog::logger& log) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return {};
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0 || st.st_size < 24 || st.st_size > (64 << 20)) {
+    log.warn("{}: unusable working set file, ignored", path);
+    return {};
+  }
+  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
+  if (::pread(fd.get(), bytes.data(), bytes.size(), 0) != st.st_size) return {};
+  uint64_t chunk = 0;
+  uint64_t count = 0;
+  std::memcpy(&chunk, bytes.data() + 8, 8);
+  std::memcpy(&count, bytes.data() + 16, 8);
+  if (std::memcmp(bytes.data(), kWorkingSetMagic, 8) != 0 || chunk != LazyMemoryFill::kChunkBytes ||
+      count != (bytes.size() - 24) / 8 || (bytes.size() - 24) % 8 != 0) {
+    log.warn("{}: malformed working set file, ignored", path);
+    return {};
+  }
+  std::vector<uint64_t> offsets(count);
+  if (count > 0) std::memcpy(offsets.data(), bytes.data() + 24, count * 8);
+  std::erase_if(offsets, [&](uint64_t o) { return o % chunk != 0 || o >= memorySize; });
+  return offsets;
+}
+
+// Written once by the first fork that finds none: to a private name, then linked into place
+// (link fails if another fork was first), so readers never see a partial file.
+void writeWorkingSet(const std::string& dir, const std::vector<uint64_t>& offsets,
+                     spdlog::logger& log) {
+  std::vector<uint8_t> bytes(24 + offsets.size() * 8);
+  uint64_t chunk = LazyMemoryFill::kChunkBytes;
+  uint64_t count = offsets.size();
+  std::memcpy(bytes.data(), kWorkingSetMagic, 8);
+  std::memcpy(bytes.data() + 8, &chunk, 8);
+  std::memcpy(bytes.data() + 16, &count, 8);
+  if (count > 0) std::memcpy(bytes.data() + 24, offsets.data(), count * 8);
+  std::string temporary = fmt::format("{}.tmp.{}", kWorkingSetFile, ::getpid());
+  try {
+    writeReadOnlyFile(dir, temporary, bytes.data(), bytes.size());
+    std::string from = dir + "/" + temporary;
+    std::string to = dir + "/" + kWorkingSetFile;
+    if (::link(from.c_str(), to.c_str()) == 0) {
+      log.info("recorded the template's working set: {} chunks ({} KiB) in {}", count,
+               count * chunk / 1024, to);
+    }
+    ::unlink(from.c_str());
+  } catch (const std::exception& e) {
+    log.warn("could not record the working set: {}", e.what());
+  }
+}
+
+}  // namespace
+
+void Machine::restoreFromTemplate() {
+  const VerifiedTemplate& source = *config_.restoreFrom;
+  const Manifest& manifest = source.manifest;
+  require(manifest.memoryBytes == memory_.size() && manifest.vcpus == config_.vcpuCount,
+          "{}: the machine does not match the manifest", source.dir);
+  for (size_t i = 0; i < manifest.regions.size(); ++i) {
+    const auto& want = manifest.regions[i];
+    require(i < memory_.regions().size() &&
+                memory_.regions()[i].guestAddress == want.guestAddress &&
+                memory_.regions()[i].size == want.size &&
+                memory_.regions()[i].fdOffset == want.fileOffset,
+            "{}: memory layout differs from this build's", source.dir);
+  }
+  MachineState state = decodeMachineState(source.state, source.dir + "/" + kStateFile);
+  require(state.vcpus.size() == config_.vcpuCount, "{}: state has {} vCPUs, the manifest {}",
+          source.dir, state.vcpus.size(), config_.vcpuCount);
+
+  std::vector<std::pair<uint64_t, uint64_t>> extents;
+  for (const auto& e : source.memoryExtents) extents.emplace_back(e.offset, e.length);
+  lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
+                                               std::move(extents), log_);
+  auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
+  lazyFill_->prefetch(workingSet);
+  timings_.memoryReady = millisSinceStart();
+  // Record this fork's first faults when the template has no working set yet.
+  bool record = workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
+  // From here on KVM may touch guest memory (kvmclock, LAPIC pages): the fill thread runs.
+  lazyFill_->start(record ? kWorkingSetWindow : std::chrono::milliseconds(0));
+
+  for (uint32_t id = 0; id < config_.vcpuCount; ++id) {
+    auto vcpu = std::make_unique<KvmVcpu>(vm_, id);
+    vcpu->setCpuid(state.vcpus[id].cpuid);
+    vcpuCpuids_.push_back(state.vcpus[id].cpuid);
+    vcpus_.push_back(std::move(vcpu));
+  }
+  attachDevices();
+  restoreVm(vm_, state.vm);
+  for (uint32_t id = 0; id < config_.vcpuCount; ++id) {
+    restoreVcpu(*vcpus_[id], state.vcpus[id], log_);
+  }
+  devices_->restoreState(state.devices);
+  timings_.vcpusReady = millisSinceStart();
+  auto stats = lazyFill_->stats();
+  log_.info("restored from {}: {} vCPUs, {} MiB, {} chunks prefetched", source.dir,
+            config_.vcpuCount, memory_.size() >> 20, stats.prefetchedChunks);
+  recordWorkingSetPending_ = record;
+}
+
+void Machine::recordWorkingSet() {
+  if (!recordWorkingSetPending_) return;
+  recordWorkingSetPending_ = false;
+  std::string dir = config_.restoreFrom->dir;
+  workingSetRecorder_ = std::thread([this, dir] {
+    writeWorkingSet(dir, lazyFill_->recordedChunks(), log_);
+  });
+}
+
+SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
+  // The virtio-pci transport state and the back-ends' ring positions are not captured yet:
+  // refuse rather than write a template whose forks would have dead devices.
+  require(vhostUserBackends_.empty() && virtioDevices_.empty(),
+          "cannot snapshot a VM with virtio devices ({} attached, {} of them vhost-user): "
+          "snapshots hold the core's own devices only so far (docs/FORK.md)",
+          virtioDevices_.size(), vhostUserBackends_.size());
+  require(!runners_.empty(), "the VM has not started");
+  std::lock_guard snapshotLock(snapshotMutex_);
+  prepareOutputDir(options.outputDir);
+  bool wasPaused = paused_;
+  auto pauseStart = Clock::now();
+  if (!wasPaused) pause();
+  SnapshotResult result;
+  try {
+    MachineState state;
+    state.vm = captureVm(vm_);
+    auto msrs = readableMsrs(*vcpus_[0], kvm_.msrIndexList());
+    size_t xsaveBytes = kvm_.xsaveSize();
+    for (size_t i = 0; i < vcpus_.size(); ++i) {
+      state.vcpus.push_back(captureVcpu(*vcpus_[i], vcpuCpuids_[i], msrs, xsaveBytes));
+    }
+    devices_->saveState(state.devices);
+    auto stateBytes = encodeMachineState(state);
+    writeReadOnlyFile(options.outputDir, kStateFile, stateBytes.data(), stateBytes.size());
+
+    std::string memoryPath = options.outputDir + "/" + kMemoryFile;
+    auto extents = writeSparseMemoryImage(
+        memory_.fd(), memory_.size(), memoryPath,
+        restored() ? memory_.mappingForRegistration().data() : nullptr);
+    if (!wasPaused && !options.leavePaused) resume();
+    result.pausedMillis = std::chrono::duration<double, std::milli>(Clock::now() - pauseStart).count();
+
+    Manifest manifest;
+    manifest.createdUtc = currentUtcTime();
+    manifest.memoryBytes = memory_.size();
+    for (const auto& region : memory_.regions()) {
+      manifest.regions.push_back({region.guestAddress, region.size, region.fdOffset});
+    }
+    manifest.vcpus = config_.vcpuCount;
+    manifest.kernel = config_.kernelPath;
+    manifest.initrd = config_.initrdPath;
+    manifest.cmdline = config_.cmdline;
+    manifest.devices = kCoreDevices;
+    for (const auto& leaf : vcpuCpuids_[0]) {
+      manifest.cpuid.push_back({leaf.function, leaf.index, leaf.flags, leaf.eax, leaf.ebx,
+                                leaf.ecx, leaf.edx});
+    }
+    manifest.stateSize = stateBytes.size();
+    manifest.stateSha256 = sha256Hex(stateBytes.data(), stateBytes.size());
+    UniqueFd image(CLONE_SYSCALL(::open(memoryPath.c_str(), O_RDONLY | O_CLOEXEC), "open", memoryPath));
+    describeMemoryImage(image.get(), memory_.size(), extents, manifest, memoryPath);
+    std::string json = toJson(manifest);
+    writeReadOnlyFile(options.outputDir, kManifestFile, json.data(), json.size());
+    result.memoryDataBytes = manifest.memoryDataBytes;
+    result.stateBytes = stateBytes.size();
+  } catch (...) {
+    if (!wasPaused && paused_ && !options.leavePaused) resume();
+    throw;
+  }
+  log_.info("snapshot written to {}: {} MiB of data in {} MiB, state {} bytes, vCPUs paused {:.1f} ms",
+            options.outputDir, result.memoryDataBytes >> 20, memory_.size() >> 20,
+            result.stateBytes, result.pausedMillis);
+  return result;
+}
+
+}  // namespace clonevm::vmm
