@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 
 #include "tests/bench/clone_blk_bench_pattern.h"
+#include "tests/support/socket_daemon.h"
 
 namespace clonevm::bench {
 namespace {
@@ -28,7 +29,7 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-constexpr char kQemuStorageDaemon[] = "/usr/bin/qemu-storage-daemon";
+using e2e::kQemuStorageDaemon;
 constexpr uint64_t kImageBytes = 8 << 20;
 
 struct RunResult {
@@ -49,65 +50,14 @@ RunResult runDriver(const std::string& args) {
   return result;
 }
 
-// qemu-storage-daemon exporting `image` as vhost-user-blk with `queues` queues.
-class StorageDaemon {
+// qemu-storage-daemon exporting `image` as vhost-user-blk with `queues` queues. stop() is a
+// SIGTERM, so the daemon flushes and closes the image before the test reads it.
+class StorageDaemon : public e2e::SocketDaemon {
  public:
   StorageDaemon(const fs::path& image, const std::string& socket, const fs::path& log, int queues)
-      : socket_(socket), log_(log) {
-    ::unlink(socket.c_str());
-    std::vector<std::string> args{
-        kQemuStorageDaemon, "--blockdev",
-        fmt::format("driver=file,node-name=f,filename={},cache.direct=off", image.string()),
-        "--export",
-        fmt::format("type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},"
-                    "writable=on,num-queues={}",
-                    socket, queues)};
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(kQemuStorageDaemon, argv.data());
-      ::_exit(127);
-    }
-  }
-  ~StorageDaemon() {
-    stop();
-    ::unlink(socket_.c_str());
-  }
-  bool waitReady() {
-    for (int i = 0; i < 1000; ++i) {
-      struct stat st {};
-      if (::stat(socket_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return true;
-      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) {
-        pid_ = -1;
-        return false;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    return false;
-  }
-  // SIGTERM, so the daemon flushes and closes the image before the test reads it.
-  void stop() {
-    if (pid_ <= 0) return;
-    ::kill(pid_, SIGTERM);
-    ::waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  std::string log() const {
-    std::ifstream in(log_);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-
- private:
-  std::string socket_;
-  fs::path log_;
-  pid_t pid_ = -1;
+      : SocketDaemon(e2e::kQemuStorageDaemon, e2e::storageDaemonArgs(image, socket, queues), log,
+                     socket) {}
+  void stop() { SocketDaemon::stop(SIGTERM); }
 };
 
 class BlkBenchTest : public ::testing::Test {

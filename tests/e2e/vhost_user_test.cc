@@ -23,6 +23,7 @@
 #include <gtest/gtest.h>
 
 #include "tests/support/guest_session.h"
+#include "tests/support/socket_daemon.h"
 
 namespace clonevm::e2e {
 namespace {
@@ -30,7 +31,6 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr char kReady[] = "CLONE-GUEST-READY";
-constexpr char kQemuStorageDaemon[] = "/usr/bin/qemu-storage-daemon";
 constexpr char kVirtiofsd[] = "/usr/lib/qemu/virtiofsd";
 
 // The build directory these tests belong to (buildBin gives <build>/bin/<program>).
@@ -51,81 +51,12 @@ std::string socketPath(const std::string& name) {
 }
 
 // A back-end process: started with its output in a log file, killed at the end.
-class Daemon {
- public:
-  Daemon(const std::string& program, std::vector<std::string> args, const fs::path& log,
-         const std::string& socket)
-      : log_(log), socket_(socket) {
-    ::unlink(socket.c_str());
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      int null = ::open("/dev/null", O_RDONLY);
-      ::dup2(null, 0);
-      std::vector<char*> argv{const_cast<char*>(program.c_str())};
-      for (auto& arg : args) argv.push_back(arg.data());
-      argv.push_back(nullptr);
-      ::execv(program.c_str(), argv.data());
-      ::_exit(127);
-    }
-  }
-  ~Daemon() {
-    stop(SIGTERM);
-    ::unlink(socket_.c_str());
-  }
-  // Waits until the back-end listens on its socket.
-  bool waitReady(std::chrono::milliseconds timeout = 20s) {
-    auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      struct stat st {};
-      if (::stat(socket_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return true;
-      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) {
-        pid_ = -1;
-        return false;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    return false;
-  }
-  void stop(int signal) {
-    if (pid_ <= 0) return;
-    ::kill(pid_, signal);
-    for (int i = 0; i < 500 && ::waitpid(pid_, nullptr, WNOHANG) == 0; ++i) {
-      std::this_thread::sleep_for(10ms);
-    }
-    if (::waitpid(pid_, nullptr, WNOHANG) == 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-    pid_ = -1;
-  }
-  std::string log() const {
-    std::ifstream in(log_);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-
- private:
-  fs::path log_;
-  std::string socket_;
-  pid_t pid_ = -1;
-};
+using Daemon = SocketDaemon;
 
 std::unique_ptr<Daemon> storageDaemon(const fs::path& image, const std::string& socket,
                                       const fs::path& log, int queues = 1) {
-  std::string exportArg = fmt::format(
-      "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on", socket);
-  if (queues > 1) exportArg += fmt::format(",num-queues={}", queues);
-  return std::make_unique<Daemon>(
-      kQemuStorageDaemon,
-      std::vector<std::string>{
-          "--blockdev",
-          fmt::format("driver=file,node-name=f,filename={},cache.direct=off", image.string()),
-          "--export", exportArg},
-      log, socket);
+  return std::make_unique<Daemon>(kQemuStorageDaemon, storageDaemonArgs(image, socket, queues),
+                                  log, socket);
 }
 
 // A raw image of `sectors` 512-byte sectors; sector 0 starts with `pattern`.
@@ -134,15 +65,6 @@ void makeImage(const fs::path& path, uint64_t sectors, const std::string& patter
   out << pattern;
   out.close();
   fs::resize_file(path, sectors * 512);
-}
-
-std::string readAt(const fs::path& path, uint64_t offset, size_t length) {
-  std::ifstream in(path, std::ios::binary);
-  in.seekg(static_cast<std::streamoff>(offset));
-  std::string data(length, '\0');
-  in.read(data.data(), static_cast<std::streamsize>(length));
-  data.resize(static_cast<size_t>(in.gcount()));
-  return data;
 }
 
 std::vector<std::string> runArgs(std::vector<std::string> extra) {
@@ -203,14 +125,14 @@ TEST(VhostUserBlkTest, GuestReadsHostDataAndHostSeesGuestWrites) {
     powerOff(vm);
     EXPECT_EQ(vm.output().find("disconnected"), std::string::npos) << vm.output();
     // Same hash on the host.
-    std::string written = readAt(image, 1 << 20, 1 << 20);
+    std::string written = readFileAt(image, 1 << 20, 1 << 20);
     std::string expected;
     while (expected.size() < (1u << 20)) expected += "CLONE\n";
     expected.resize(1 << 20);
     EXPECT_TRUE(written == expected) << "1 MiB at offset 1 MiB differs from the guest's pattern";
   }
   daemon.reset();
-  EXPECT_EQ(readAt(image, 8 * 512, 16), "GUEST-WROTE-THIS");
+  EXPECT_EQ(readFileAt(image, 8 * 512, 16), "GUEST-WROTE-THIS");
 }
 
 TEST(VhostUserBlkTest, TwoQueuesOnTwoVcpus) {

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <thread>
@@ -22,8 +23,8 @@
 #include "ipc/capnp/rpc_socket.h"
 #include "dev-block/test_block.h"
 #include "ipc/vhost-user/frontend.h"
-#include "tests/integration/block_process.h"
 #include "tests/support/guest_session.h"
+#include "tests/support/socket_daemon.h"
 
 namespace clonevm::block {
 namespace {
@@ -35,7 +36,7 @@ using ipc::vhost::MemoryRegionSpec;
 using ipc::vhost::testing::TestGuestMemory;
 using ipc::vhost::testing::TestRing;
 using testing::blkHeader;
-using testing::BlockProcess;
+using BlockProcess = e2e::SocketDaemon;
 using testing::ChainBuffer;
 using testing::publishChain;
 
@@ -81,7 +82,7 @@ TEST(BlockCrashTest, FlushAcknowledgedWritesSurviveSigkill) {
                        {"--socket-path", socket, "--image", disk.string(), "--format", "qcow2",
                         "--control-socket", controlSocket},
                        dir / "clone-block.log", socket);
-  ASSERT_TRUE(process.waitSocket()) << process.log();
+  ASSERT_TRUE(process.waitReady()) << process.log();
 
   TestGuestMemory guest(16 << 20, 0x100000);
   TestRing ring(guest, 128);
@@ -206,7 +207,7 @@ class Rig {
   }
 
   void connect() {
-    ASSERT_TRUE(process->waitSocket()) << process->log();
+    ASSERT_TRUE(process->waitReady()) << process->log();
     frontend = std::make_unique<Frontend>(
         Frontend::connect(socket, FrontendOptions{std::chrono::seconds(10)}));
     frontend->setFeatures(frontend->getFeatures());

@@ -12,8 +12,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
-#include "tests/integration/block_process.h"
 #include "tests/support/guest_session.h"
+#include "tests/support/socket_daemon.h"
 
 namespace clonevm::block {
 namespace {
@@ -21,7 +21,7 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using e2e::GuestSession;
-using testing::BlockProcess;
+using BlockProcess = e2e::SocketDaemon;
 
 constexpr char kReady[] = "CLONE-GUEST-READY";
 constexpr char kHostPattern[] = "CLONE-HOST-WROTE-THIS-BEFORE-BOOT";
@@ -32,15 +32,6 @@ fs::path scratch(const std::string& name) {
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;
-}
-
-std::string readAt(const fs::path& path, uint64_t offset, size_t length) {
-  std::ifstream in(path, std::ios::binary);
-  in.seekg(static_cast<std::streamoff>(offset));
-  std::string data(length, '\0');
-  in.read(data.data(), static_cast<std::streamsize>(length));
-  data.resize(static_cast<size_t>(in.gcount()));
-  return data;
 }
 
 int shell(const std::string& command) {
@@ -79,13 +70,13 @@ TEST_P(BlockQemuTest, LinuxDrivesTheDiskAndTheHostSeesItsWrites) {
     ASSERT_EQ(shell(fmt::format("qemu-img create -q -f qcow2 -b {} -F raw {}", base.string(),
                                 image.string())), 0);
   }
-  std::string baseBefore = readAt(base, 0, kSectors * 512);
+  std::string baseBefore = e2e::readFileAt(base, 0, kSectors * 512);
   std::string socket = fmt::format("/tmp/clone-block-qemu-{}-{}.sock", GetParam(), ::getpid());
   BlockProcess process(e2e::buildBin("clone-block"),
                        {"--socket-path", socket, "--image", image.string(), "--format",
                         qcow2 ? "qcow2" : "raw", "--queues", "2", "--serial", "qemu-disk-0"},
                        dir / "clone-block.log", socket);
-  ASSERT_TRUE(process.waitSocket()) << process.log();
+  ASSERT_TRUE(process.waitReady()) << process.log();
   {
     GuestSession vm("/usr/bin/qemu-system-x86_64", qemuArgs(socket));
     ASSERT_TRUE(vm.expect(kReady, 400s)) << vm.output() << process.log();
@@ -111,8 +102,8 @@ TEST_P(BlockQemuTest, LinuxDrivesTheDiskAndTheHostSeesItsWrites) {
               run("yes CLONE | head -c 1048576 | md5sum | cut -c1-32"));
     if (!qcow2) {
       // The raw file has the guest's data now (the host reads it while the VM runs).
-      EXPECT_EQ(readAt(image, 8 * 512, 16), "GUEST-WROTE-THIS");
-      EXPECT_EQ(readAt(image, 1 << 20, 6), "CLONE\n");
+      EXPECT_EQ(e2e::readFileAt(image, 8 * 512, 16), "GUEST-WROTE-THIS");
+      EXPECT_EQ(e2e::readFileAt(image, 1 << 20, 6), "CLONE\n");
     }
     // Discard of the pattern: the driver sends DISCARD, the device answers OK.
     EXPECT_EQ(run("cat /sys/block/vda/queue/discard_max_bytes"), "1073741824");
@@ -140,7 +131,7 @@ TEST_P(BlockQemuTest, LinuxDrivesTheDiskAndTheHostSeesItsWrites) {
     rawView = dir / "converted.raw";
     ASSERT_EQ(shell(fmt::format("qemu-img convert -f qcow2 -O raw {} {}", image.string(),
                                 rawView.string())), 0);
-    EXPECT_TRUE(readAt(base, 0, kSectors * 512) == baseBefore) << "the backing file changed";
+    EXPECT_TRUE(e2e::readFileAt(base, 0, kSectors * 512) == baseBefore) << "the backing file changed";
   }
   EXPECT_EQ(shell(fmt::format("e2fsck -fn {} > {}/host-fsck.log 2>&1", rawView.string(),
                               dir.string())), 0);
