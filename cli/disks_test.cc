@@ -48,7 +48,9 @@ class RecordingLauncher : public ProcessLauncher {
 class DiskProcessesTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fmt::format("{}/disks-test-{}", ::testing::TempDir(), ::getpid());
+    dir_ = std::filesystem::path(fmt::format("{}/disks-test-{}", ::testing::TempDir(), ::getpid()))
+               .lexically_normal()
+               .string();
     std::filesystem::create_directories(dir_);
     image_ = dir_ + "/base.img";
     std::ofstream(image_).close();

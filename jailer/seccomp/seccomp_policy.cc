@@ -178,6 +178,7 @@ constexpr SyscallRule kBlock[] = {
     {"fdatasync", "guest flush"},
     {"fallocate", "discard and write-zeroes; qcow2 cluster allocation"},
     {"ftruncate", "qcow2 grows its file"},
+    {"rt_sigtimedwait", "the stop thread's sigwait for SIGTERM/SIGINT (dev-block/main.cc)"},
 };
 
 constexpr IoctlRule kBlockIoctls[] = {
