@@ -267,7 +267,7 @@ constexpr IoctlRule kVfioIoctls[] = {
 
 constexpr Policy kPolicies[] = {
     {Kind::kVmm, true, kVmm, kVmmIoctls},
-    {Kind::kBlock, false, kBlock, kBlockIoctls},
+    {Kind::kBlock, true, kBlock, kBlockIoctls},
     {Kind::kNet, false, kNet, kNetIoctls},
     {Kind::kFs, false, kFs, kFsIoctls},
     {Kind::kVfio, false, kVfio, kVfioIoctls},
