@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "common/error.h"
+#include "dev-block/image/block_image.h"
+#include "dev-block/image/open_image.h"
 #include "ipc/vhost-user/channel.h"
 
 namespace clonevm::cli {
@@ -112,10 +114,19 @@ std::string DiskProcesses::start(const DiskSpec& disk, std::chrono::milliseconds
       spec.writePaths.push_back(absolute);
     }
   }
-  // A qcow2 image may have backing files; they are usually beside it. Files elsewhere are not
-  // granted (the jail then refuses to open them, and clone-block says which).
+  // A qcow2 image's backing files, wherever they are, must be visible (read-only) in the jail:
+  // the image library lists the chain as clone-block will open it.
+  // A missing or corrupt image is left for clone-block to report (it exits with the reason).
   if (disk.overlay || disk.format != "raw") {
-    spec.readPaths.push_back(std::filesystem::path(absolute).parent_path().string());
+    try {
+      auto format = disk.format == "auto" ? block::ImageFormat::kAuto
+                                          : block::parseImageFormat(disk.format);
+      for (const auto& path : block::imageChainPaths(absolute, format)) {
+        std::string file = std::filesystem::absolute(path).string();
+        if (file != absolute) spec.readPaths.push_back(file);
+      }
+    } catch (const Error&) {
+    }
   }
   lastSpec_ = spec;
 

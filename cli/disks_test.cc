@@ -14,6 +14,7 @@
 
 #include "cli/direct_launcher.h"
 #include "common/error.h"
+#include "dev-block/image/block_image.h"
 
 namespace clonevm::cli {
 namespace {
@@ -47,7 +48,9 @@ class RecordingLauncher : public ProcessLauncher {
 class DiskProcessesTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fmt::format("{}/disks-test-{}", ::testing::TempDir(), ::getpid());
+    dir_ = std::filesystem::path(fmt::format("{}/disks-test-{}", ::testing::TempDir(), ::getpid()))
+               .lexically_normal()
+               .string();
     std::filesystem::create_directories(dir_);
     image_ = dir_ + "/base.img";
     std::ofstream(image_).close();
@@ -101,6 +104,23 @@ TEST_F(DiskProcessesTest, ReadOnlyAndOverlayGrantOnlyReadingTheBase) {
   disks.stopAll();
   EXPECT_FALSE(std::filesystem::exists(overlayPath)) << "the overlay goes with the VM";
   EXPECT_TRUE(std::filesystem::exists(image_));
+}
+
+TEST_F(DiskProcessesTest, GrantsReadingEveryBackingFileOfAQcow2Chain) {
+  // base.img <- other/middle.qcow2 <- top.qcow2: the middle lives in another directory, which
+  // a jail would not show unless the spec names it.
+  std::filesystem::create_directories(dir_ + "/other");
+  std::string middle = dir_ + "/other/middle.qcow2";
+  std::string top = dir_ + "/top.qcow2";
+  block::createQcow2Overlay(middle, image_, block::ImageFormat::kRaw);
+  block::createQcow2Overlay(top, middle, block::ImageFormat::kQcow2);
+  DiskProcesses disks(launcher_, CLONE_BLOCK_PROGRAM, "vm-test", {"--log-level", "error"});
+  disks.start(parseDiskOption(top));
+  const ProcessSpec& spec = launcher_.specs[0];
+  EXPECT_EQ(spec.writePaths, (std::vector<std::string>{disks.runtimeDir(), top}));
+  EXPECT_EQ(spec.readPaths, (std::vector<std::string>{middle, image_}));
+  disks.start(parseDiskOption(top + ",overlay"));
+  EXPECT_EQ(launcher_.specs[1].readPaths, (std::vector<std::string>{top, middle, image_}));
 }
 
 TEST_F(DiskProcessesTest, AnImageThatCannotBeOpenedFailsTheStart) {

@@ -95,8 +95,10 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
     RunOptions vmmOptions = options;
     std::optional<DiskProcesses> disks;
     if (!options.disks.empty()) {
+      auto blockArgs = global.toArgs();
+      if (options.seccomp != "kill") blockArgs.insert(blockArgs.end(), {"--seccomp", options.seccomp});
       disks.emplace(*launcher, siblingProgram("clone-block"), fmt::format("vm-{}", ::getpid()),
-                    global.toArgs());
+                    std::move(blockArgs));
       for (const auto& value : options.disks) {
         vmmOptions.vhostUserBlk.push_back(disks->start(parseDiskOption(value)));
       }

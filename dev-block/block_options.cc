@@ -47,6 +47,12 @@ ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv) {
   app.add_option("--log-level", options.logLevel, "trace|debug|info|warn|error|off")
       ->capture_default_str();
   app.add_flag("--log-json", options.logJson, "log one JSON object a line");
+  app.add_option("--seccomp", options.seccomp,
+                 "kill|log|off: the seccomp policy installed after setup, before the first "
+                 "vhost-user message; log lets violations through and logs them to the kernel "
+                 "audit log (docs/JAILER.md)")
+      ->check(CLI::IsMember({"kill", "log", "off"}))
+      ->capture_default_str();
   ParsedBlockOptions result;
   try {
     app.parse(argc, argv);

@@ -23,6 +23,7 @@ struct BlockProgramOptions {
   std::string controlSocket;  // --control-socket
   std::string logLevel = "info";
   bool logJson = false;
+  std::string seccomp = "kill";  // --seccomp kill|log|off (jailer/seccomp/seccomp_policy.h)
 };
 
 // Either the options, or the exit code after CLI11 printed help or an error (`exitCode`).

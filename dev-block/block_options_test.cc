@@ -46,6 +46,13 @@ TEST(BlockOptionsTest, UsageErrorsExitWithTwo) {
   EXPECT_EQ(parse({"--socket-path", "s", "--image", "d", "--serial",
                    "123456789012345678901"}).exitCode, 2);
   EXPECT_FALSE(parse({"--socket-path", "s", "--image", "d", "--bogus"}).options);
+  EXPECT_EQ(parse({"--socket-path", "s", "--image", "d", "--seccomp", "lax"}).exitCode, 2);
+}
+
+TEST(BlockOptionsTest, SeccompDefaultsToKill) {
+  EXPECT_EQ(parse({"--socket-path", "s", "--image", "d"}).options->seccomp, "kill");
+  EXPECT_EQ(parse({"--socket-path", "s", "--image", "d", "--seccomp", "log"}).options->seccomp,
+            "log");
 }
 
 TEST(BlockOptionsTest, PrintCapabilitiesNeedsNothingElse) {

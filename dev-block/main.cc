@@ -15,6 +15,7 @@
 #include "dev-block/virtio_blk_device.h"
 #include "ipc/vhost-user/backend.h"
 #include "ipc/vhost-user/channel.h"
+#include "jailer/seccomp/seccomp_policy.h"
 
 namespace clonevm::block {
 namespace {
@@ -85,6 +86,10 @@ int runBlock(int argc, char** argv) {
       }
     } joinSignalThread{signalThread};
 
+    // Setup is done (image and backing files open, io_uring rings, sockets listening, signal
+    // thread running); lock down before the first vhost-user message, which the guest's
+    // driver state shapes.
+    seccomp::install(seccomp::Kind::kBlock, seccomp::parseMode(options.seccomp));
     log->info("clone-block serving {} on {}", options.imagePath,
               options.fd >= 0 ? fmt::format("fd {}", options.fd) : options.socketPath);
     backend.serveFd(std::move(socket));

@@ -246,7 +246,9 @@ void placeBind(const std::string& root, const Bind& bind) {
       throwSystemError(errno, "create bind target", bind.path);
     }
   } else {
-    UniqueFd file(::open(target.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+    // O_EXCL: the target may already be visible through an earlier bind of a parent directory,
+    // and may be a socket, which a plain open cannot open (ENXIO).
+    UniqueFd file(::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
     if (!file.valid() && errno != EEXIST && errno != EISDIR) {
       throwSystemError(errno, "create bind target", bind.path);
     }

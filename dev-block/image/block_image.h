@@ -76,6 +76,10 @@ struct ImageOpenOptions {
 // kAuto probes the qcow2 magic. Defined by the formats library (dev-block/image/, docs/BLOCK.md).
 std::unique_ptr<BlockImage> openImage(const ImageOpenOptions& options);
 
+// The files of an image's chain, top first: `path`, then each backing file as the chain opens it
+// (opened read-only to find them). A jail must make all of them visible (cli/disks.cc).
+std::vector<std::string> imageChainPaths(const std::string& path, ImageFormat format);
+
 // Creates a qcow2 v3 image at `path` whose backing file is `backingPath` (recorded as an absolute
 // path, with its format), with the backing file's virtual size. Used for
 // `clone run --disk PATH,overlay`. Refuses to overwrite an existing `path`.

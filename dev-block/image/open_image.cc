@@ -24,6 +24,7 @@ namespace {
 struct ChainState {
   int depth = 0;
   std::vector<std::pair<dev_t, ino_t>> files;  // every image of the chain so far
+  std::vector<std::string> paths;               // as opened, top first
 };
 
 std::unique_ptr<BlockImage> openInChain(const std::string& path, ImageFormat format,
@@ -38,6 +39,7 @@ std::unique_ptr<BlockImage> openInChain(const std::string& path, ImageFormat for
             "backing chain loop: {} is already part of the chain", path);
   }
   chain.files.emplace_back(st.st_dev, st.st_ino);
+  chain.paths.push_back(path);
   if (format == ImageFormat::kAuto) format = probeImageFormat(path);
   if (format == ImageFormat::kRaw) return RawImage::open(path, readOnly);
   return Qcow2Image::open(path, readOnly, [&chain](const std::string& backing, const std::string& name) {
@@ -88,6 +90,12 @@ void createQcow2Overlay(const std::string& path, const std::string& backingPath,
   options.backingFile = resolved;
   options.backingFormat = imageFormatName(backingFormat);
   createQcow2(path, options);
+}
+
+std::vector<std::string> imageChainPaths(const std::string& path, ImageFormat format) {
+  ChainState chain;
+  openInChain(path, format, true, chain);
+  return chain.paths;
 }
 
 }  // namespace clonevm::block

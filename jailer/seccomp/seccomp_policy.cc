@@ -162,10 +162,12 @@ constexpr IoctlRule kVmmIoctls[] = {
 };
 
 // clone-block after setup: its image files are open, its socket listens, io_uring exists.
+// Its listening sockets exist before the lockdown, so it needs accept4 but no socket().
 constexpr SyscallRule kBlock[] = {
     {"ioctl", "block-device size queries and kj's FIONBIO/FIOCLEX (kBlockIoctls)"},
-    {"accept4", "the core connects to the vhost-user socket"},
-    {"socket", "AF_UNIX only", 0, kAll32, AF_UNIX},
+    {"accept4", "the front-end connects to the vhost-user socket; clients of --control-socket"},
+    {"memfd_create", "GET_INFLIGHT_FD: the inflight area the front-end keeps across restarts"},
+    {"unlink", "remove the --control-socket on exit"},
     {"io_uring_enter", "submit and reap disk I/O"},
     {"io_uring_register", "register the image fds and buffers"},
     {"pread64", "image I/O without io_uring; qcow2 metadata"},
@@ -178,6 +180,7 @@ constexpr SyscallRule kBlock[] = {
     {"fdatasync", "guest flush"},
     {"fallocate", "discard and write-zeroes; qcow2 cluster allocation"},
     {"ftruncate", "qcow2 grows its file"},
+    {"rt_sigtimedwait", "the stop thread's sigwait for SIGTERM/SIGINT (dev-block/main.cc)"},
 };
 
 constexpr IoctlRule kBlockIoctls[] = {
@@ -264,7 +267,7 @@ constexpr IoctlRule kVfioIoctls[] = {
 
 constexpr Policy kPolicies[] = {
     {Kind::kVmm, true, kVmm, kVmmIoctls},
-    {Kind::kBlock, false, kBlock, kBlockIoctls},
+    {Kind::kBlock, true, kBlock, kBlockIoctls},
     {Kind::kNet, false, kNet, kNetIoctls},
     {Kind::kFs, false, kFs, kFsIoctls},
     {Kind::kVfio, false, kVfio, kVfioIoctls},

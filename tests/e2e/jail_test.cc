@@ -40,17 +40,19 @@ std::string statusField(pid_t pid, const std::string& key) {
   return "<missing>";
 }
 
-// The clone-vmm whose command line holds `marker` (its unique API socket path).
-pid_t findVmm(const std::string& marker) {
+// The process named `comm` whose command line holds `marker` (a unique socket path).
+pid_t findProcess(const std::string& comm, const std::string& marker) {
   for (const auto& entry : fs::directory_iterator("/proc")) {
     auto name = entry.path().filename().string();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    if (readFile(entry.path().string() + "/comm") != "clone-vmm\n") continue;
+    if (readFile(entry.path().string() + "/comm") != comm + "\n") continue;
     std::string cmdline = readFile(entry.path().string() + "/cmdline");
     if (cmdline.find(marker) != std::string::npos) return std::stoi(name);
   }
   return -1;
 }
+
+pid_t findVmm(const std::string& marker) { return findProcess("clone-vmm", marker); }
 
 std::string ns(const std::string& pid, const std::string& name) {
   std::error_code error;
@@ -68,6 +70,41 @@ std::string listDir(const std::string& path) {
 }
 
 std::string topLevel(const std::string& path) { return (++fs::path(path).begin())->string(); }
+
+// What every jailed Clone process shows from outside: its own seccomp filter, no privileges,
+// its own namespaces, and a cgroup with pids.max (and memory.max when `memoryMax` is given).
+void expectLockedDown(pid_t pid, const std::string& memoryMax) {
+  std::string p = std::to_string(pid);
+  SCOPED_TRACE(readFile("/proc/" + p + "/comm") + " pid " + p);
+  EXPECT_EQ(statusField(pid, "Seccomp"), "2");
+  EXPECT_EQ(statusField(pid, "NoNewPrivs"), "1");
+  EXPECT_EQ(statusField(pid, "CapEff"), "0000000000000000");
+  EXPECT_EQ(statusField(pid, "CapPrm"), "0000000000000000");
+  EXPECT_EQ(statusField(pid, "CapBnd"), "0000000000000000");
+  EXPECT_EQ(statusField(pid, "NSpid"), p + "\t1");
+  for (const char* name : {"mnt", "pid", "net", "ipc", "uts", "cgroup"}) {
+    EXPECT_NE(ns(p, name), ns("self", name)) << name;
+  }
+  std::string cgroup = readFile("/proc/" + p + "/cgroup");
+  ASSERT_TRUE(cgroup.starts_with("0::/clone/vm-")) << cgroup;
+  std::string dir = "/sys/fs/cgroup" + cgroup.substr(3, cgroup.size() - 4);
+  EXPECT_EQ(readFile(dir + "/pids.max"), "512\n");
+  if (!memoryMax.empty()) EXPECT_EQ(readFile(dir + "/memory.max"), memoryMax + "\n");
+}
+
+// The top-level names a jail's root holds: the libraries, /dev, /proc and the trees of `paths`.
+std::string expectedRoot(const std::vector<std::string>& paths) {
+  std::vector<std::string> expected{"dev", "etc", "proc", "usr"};
+  for (const auto& path : paths) expected.push_back(topLevel(path));
+  for (const char* link : {"lib", "lib64"}) {
+    if (fs::exists(std::string("/") + link)) expected.push_back(link);
+  }
+  std::sort(expected.begin(), expected.end());
+  expected.erase(std::unique(expected.begin(), expected.end()), expected.end());
+  std::string joined;
+  for (const auto& name : expected) joined += " " + name;
+  return joined;
+}
 
 class JailedVm : public ::testing::Test {
  protected:
@@ -129,7 +166,10 @@ TEST_F(JailedVm, BootsDoesIoAndTheCoreIsLockedDown) {
   std::string joined;
   for (const auto& name : expected) joined += " " + name;
   EXPECT_EQ(listDir("/proc/" + p + "/root"), joined);
-  EXPECT_EQ(listDir("/proc/" + p + "/root/dev"), " kvm null urandom zero");
+  // /dev/vhost-vsock is passed when the host has it (the guest agent's vsock).
+  EXPECT_EQ(listDir("/proc/" + p + "/root/dev"),
+            fs::exists("/dev/vhost-vsock") ? " kvm null urandom vhost-vsock zero"
+                                           : " kvm null urandom zero");
   EXPECT_FALSE(fs::exists("/proc/" + p + "/root/etc/shadow"));
 
   vm.sendLine("poweroff -f");
@@ -156,6 +196,68 @@ TEST_F(JailedVm, AJailedProcessKilledForAForbiddenSyscallDoesNotHarmTheVm) {
   EXPECT_EQ(statusField(pid, "Seccomp"), "2");
   vm.sendLine("poweroff -f");
   EXPECT_EQ(vm.waitExit(), 0) << vm.output();
+}
+
+// `clone run --disk` jails clone-block beside clone-vmm: both are locked down, the block
+// process sees only its image chain and its socket directory, and a process under the block
+// policy killed for forbidden acts leaves the VM and its disk working.
+TEST_F(JailedVm, BothProcessesOfAVmWithADiskAreLockedDown) {
+  // A qcow2 over a raw base in another directory: the jail must show the whole chain.
+  fs::create_directories(dir_ / "base");
+  std::string base = (dir_ / "base" / "base.img").string();
+  std::string top = (dir_ / "top.qcow2").string();
+  { std::ofstream(base) << "JAIL-E2E-BASE"; }
+  fs::resize_file(base, 64 << 20);
+  ASSERT_EQ(std::system(("qemu-img create -q -f qcow2 -F raw -b " + base + " " + top).c_str()), 0);
+  { std::ofstream(dir_ / "secret") << "not for the jail"; }
+  std::string runtimeBase = (dir_ / "run").string();
+  fs::create_directories(runtimeBase);
+  ::setenv("XDG_RUNTIME_DIR", runtimeBase.c_str(), 1);
+  auto args = runArgs();
+  args.insert(args.end(), {"--disk", top});
+  GuestSession vm(buildBin("clone"), args);
+  ASSERT_TRUE(vm.expect(kReady)) << vm.output();
+  auto head = vm.run("head -c 13 /dev/vda; echo");
+  ASSERT_TRUE(head) << vm.output();
+  EXPECT_EQ(*head, "JAIL-E2E-BASE") << "read through the backing file";
+
+  pid_t vmm = findVmm(socket_);
+  ASSERT_GT(vmm, 0);
+  expectLockedDown(vmm, std::to_string((kMemoryMib + 256) << 20));
+  pid_t block = findProcess("clone-block", runtimeBase);
+  ASSERT_GT(block, 0) << "no clone-block process with " << runtimeBase;
+  expectLockedDown(block, "");
+  std::string root = "/proc/" + std::to_string(block) + "/root";
+  EXPECT_EQ(listDir(root), expectedRoot({buildBin("clone-block"), top, base, runtimeBase}));
+  EXPECT_EQ(listDir(root + "/dev"), " null urandom zero") << "no /dev/kvm for a device process";
+  EXPECT_TRUE(fs::exists(root + base)) << "the backing file is visible";
+  EXPECT_TRUE(fs::exists(root + top));
+  EXPECT_FALSE(fs::exists(root + (dir_ / "secret").string())) << "only the chain, not its directory";
+  EXPECT_FALSE(fs::exists(root + socket_)) << "the core's API socket is not the block's";
+  EXPECT_FALSE(fs::exists(root + "/etc/shadow"));
+
+  // Forbidden acts under the block policy, in a jailed process of its own: each is killed.
+  for (const char* act : {"inet", "ptrace", "exec", "shadow"}) {
+    GuestSession probe(buildBin("clone-jailer"),
+                       {"--id", std::string("jail-e2e-block-") + act, "--exec-file",
+                        CLONE_JAIL_PROBE, "--uid", "65534", "--gid", "65534", "--", "block",
+                        "kill"});
+    ASSERT_TRUE(probe.expect("ready", std::chrono::seconds(30))) << probe.output();
+    probe.sendLine(act);
+    EXPECT_EQ(probe.waitExit(), 128 + SIGSYS) << act << "\n" << probe.output();
+  }
+  // The disk still works: write, drop the cache, read back through clone-block.
+  auto io = vm.run("dd if=/dev/urandom of=/tmp/r bs=64k count=16 2>/dev/null && "
+                   "dd if=/tmp/r of=/dev/vda bs=64k seek=1 conv=fsync 2>/dev/null && "
+                   "echo 3 > /proc/sys/vm/drop_caches && "
+                   "dd if=/dev/vda bs=64k skip=1 count=16 2>/dev/null | cmp - /tmp/r && echo io-ok",
+                   std::chrono::seconds(120));
+  ASSERT_TRUE(io) << vm.output();
+  EXPECT_EQ(*io, "io-ok");
+  EXPECT_EQ(statusField(block, "Seccomp"), "2") << "clone-block is still the one serving";
+  vm.sendLine("poweroff -f");
+  EXPECT_EQ(vm.waitExit(), 0) << vm.output();
+  ::unsetenv("XDG_RUNTIME_DIR");
 }
 
 TEST_F(JailedVm, SeccompLogModeStillBoots) {
