@@ -111,7 +111,7 @@ constexpr SyscallRule kVmm[] = {
     {"unlink", "remove the API socket on exit"},
     {"unlinkat", "as unlink"},
     {"mkdir", "snapshot: create the template directory"},
-    {"openat", "snapshot: create the template files; a fork's working-set file; OpenSSL config"},
+    {"openat", "snapshot: create the template files; a fork's working-set file"},
     {"getdents64", "snapshot: check that the template directory is empty"},
     {"pread64", "snapshot: read guest memory from the memfd"},
     {"pwrite64", "snapshot: write the template files; a fork's working-set file"},

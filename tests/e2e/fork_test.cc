@@ -8,6 +8,9 @@
 #include <filesystem>
 #include <memory>
 #include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -39,6 +42,28 @@ std::string shell(const std::string& command) {
   while ((n = ::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
   ::pclose(pipe);
   return out;
+}
+
+// `clone fork`'s stdout ("ID SOCKET" lines) and stderr (one latency line per fork) arrive on
+// one stream here.
+struct ForkOutput {
+  std::vector<std::pair<std::string, std::string>> forks;
+  int latencyLines = 0;
+};
+
+ForkOutput parseForkOutput(const std::string& output) {
+  ForkOutput result;
+  std::istringstream lines(output);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("ms after spawn") != std::string::npos) {
+      result.latencyLines++;
+      continue;
+    }
+    std::istringstream words(line);
+    std::string id, socket;
+    if (words >> id >> socket) result.forks.emplace_back(id, socket);
+  }
+  return result;
 }
 
 bool isNumber(const std::string& text) {
@@ -215,14 +240,14 @@ TEST_F(ForkTest, CliForkListDestroy) {
   std::string prefix = base_ + "/cli";
   auto fork = cloneCli({"fork", "--template", templateDir_, "--count", "3", "--api-socket", prefix});
   ASSERT_EQ(fork.code, 0) << fork.output;
-  std::istringstream lines(fork.output);
+  auto printed = parseForkOutput(fork.output);
   std::vector<std::string> sockets;
-  std::string id, socket;
-  while (lines >> id >> socket) {
+  for (const auto& [id, socket] : printed.forks) {
     EXPECT_EQ(id.rfind("fork-", 0), 0u) << fork.output;
     sockets.push_back(socket);
   }
   ASSERT_EQ(sockets.size(), 3u) << fork.output;
+  EXPECT_EQ(printed.latencyLines, 3) << fork.output;
   for (const auto& s : sockets) {
     auto status = cloneCli({"status", "--vm", s, "--json"});
     EXPECT_NE(status.output.find(R"("state":"running")"), std::string::npos) << status.output;
@@ -240,9 +265,9 @@ TEST_F(ForkTest, CliListShowsForksInTheRuntimeDir) {
   ::setenv("CLONE_RUNTIME_DIR", runtime.c_str(), 1);
   auto fork = cloneCli({"fork", "--template", templateDir_});
   ASSERT_EQ(fork.code, 0) << fork.output;
-  std::istringstream line(fork.output);
-  std::string id, socket;
-  line >> id >> socket;
+  auto printed = parseForkOutput(fork.output);
+  ASSERT_EQ(printed.forks.size(), 1u) << fork.output;
+  auto [id, socket] = printed.forks[0];
   EXPECT_EQ(socket.rfind(runtime, 0), 0u) << fork.output;
   auto list = cloneCli({"list"});
   EXPECT_EQ(list.code, 0) << list.output;
