@@ -277,6 +277,21 @@ TEST_F(ForkTest, CliListShowsForksInTheRuntimeDir) {
   ::unsetenv("CLONE_RUNTIME_DIR");
 }
 
+TEST_F(ForkTest, SnapshotOfAVmWithVsockIsRefusedWithTheWayOut) {
+  std::string socket = base_ + "/vsock.sock";
+  GuestSession vm(buildBin("clone"), {"run", "--no-jail", "--kernel", guestKernel(), "--initrd",
+                                      guestInitrd(), "--cmdline", "console=ttyS0 panic=-1 quiet",
+                                      "--mem-mb", "128", "--api-socket", socket});
+  ASSERT_TRUE(vm.expect(kReady)) << vm.output();
+  std::string dir = base_ + "/vsock-template";
+  auto snapshot = cloneCli({"snapshot", "--vm", socket, "--output", dir});
+  EXPECT_NE(snapshot.code, 0) << snapshot.output;
+  EXPECT_NE(snapshot.output.find("1 vsock"), std::string::npos) << snapshot.output;
+  EXPECT_NE(snapshot.output.find("--no-vsock"), std::string::npos) << snapshot.output;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/manifest.json")) << "a refused snapshot left a template";
+  EXPECT_EQ(cloneCli({"destroy", "--vm", socket}).code, 0);
+}
+
 TEST_F(ForkTest, CorruptedTemplatesAreRefused) {
   std::string flipped = base_ + "/flipped";
   std::string truncated = base_ + "/truncated";
