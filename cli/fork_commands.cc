@@ -157,6 +157,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     struct Started {
       std::string id, socket, log;
       pid_t pid;
+      std::chrono::steady_clock::time_point spawnedAt;
     };
     std::vector<Started> started;
     for (unsigned i = 0; i < options.count; ++i) {
@@ -165,10 +166,16 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                            : options.count == 1      ? options.apiSocket
                                                      : fmt::format("{}.{}", options.apiSocket, i + 1);
       std::string log = fmt::format("{}/{}.console", runtime, id);
-      started.push_back({id, socket, log, spawnFork(dir, socket, log)});
+      auto spawnedAt = std::chrono::steady_clock::now();
+      started.push_back({id, socket, log, spawnFork(dir, socket, log), spawnedAt});
     }
     for (const auto& fork : started) {
       waitReady(fork.pid, fork.socket, fork.log);
+      // Latency on stderr: stdout stays "ID SOCKET" for scripts.
+      double millis = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
+                                                                fork.spawnedAt).count();
+      streams.err << fmt::format("fork {}: answering on its API socket {:.1f} ms after spawn\n",
+                                 fork.id, millis);
       streams.out << fork.id << " " << fork.socket << "\n";
     }
     streams.out.flush();

@@ -9,6 +9,7 @@
 #define __DECLARE_FLEX_ARRAY(TYPE, NAME) TYPE NAME[0]
 #include <linux/kvm.h>
 #include <linux/sched.h>
+#include <linux/userfaultfd.h>
 #include <linux/vfio.h>
 // Without legacy vring helpers: <linux/virtio_ring.h>'s inline C does not compile as C++.
 #define VIRTIO_RING_NO_LEGACY
@@ -109,6 +110,14 @@ constexpr SyscallRule kVmm[] = {
     {"fallocate", "punch holes in the guest memfd for pages the guest frees"},
     {"unlink", "remove the API socket on exit"},
     {"unlinkat", "as unlink"},
+    {"mkdir", "snapshot: create the template directory"},
+    {"openat", "snapshot: create the template files; a fork's working-set file"},
+    {"getdents64", "snapshot: check that the template directory is empty"},
+    {"pread64", "snapshot: read guest memory from the memfd"},
+    {"pwrite64", "snapshot: write the template files; a fork's working-set file"},
+    {"ftruncate", "snapshot: size the sparse memory image"},
+    {"fchmod", "snapshot: make the memory image read-only"},
+    {"link", "fork: put the working-set file in place only if no other fork did"},
 };
 
 constexpr IoctlRule kVmmIoctls[] = {
@@ -140,6 +149,14 @@ constexpr IoctlRule kVmmIoctls[] = {
     {KVM_GET_PIT2, "KVM_GET_PIT2", "snapshot"},
     {KVM_SET_PIT2, "KVM_SET_PIT2", "restore"},
     {KVM_KVMCLOCK_CTRL, "KVM_KVMCLOCK_CTRL", "tell the guest it was paused"},
+    {KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST", "snapshot: the MSRs to save"},
+    {KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", "snapshot: XSAVE area size (KVM_CAP_XSAVE2)"},
+    {KVM_GET_XSAVE, "KVM_GET_XSAVE", "snapshot: XSAVE area up to 4 KiB"},
+    {KVM_GET_XSAVE2, "KVM_GET_XSAVE2", "snapshot: XSAVE area over 4 KiB (AMX)"},
+    {KVM_GET_XCRS, "KVM_GET_XCRS", "snapshot"},
+    {KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS", "snapshot"},
+    {UFFDIO_COPY, "UFFDIO_COPY", "fork: fill a faulting chunk from the template's memory"},
+    {UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", "fork: fill a faulting chunk of a template hole"},
     {VHOST_SET_OWNER, "VHOST_SET_OWNER", "vsock: bind /dev/vhost-vsock to this process's mm"},
     {VHOST_GET_FEATURES, "VHOST_GET_FEATURES", "vsock: features the kernel device offers"},
     {VHOST_SET_FEATURES, "VHOST_SET_FEATURES", "vsock: features the guest driver accepted"},

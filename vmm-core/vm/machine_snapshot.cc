@@ -152,9 +152,10 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
   // The virtio-pci transport state and the back-ends' ring positions are not captured yet:
   // refuse rather than write a template whose forks would have dead devices.
   require(vhostUserBackends_.empty() && virtioDevices_.empty(),
-          "cannot snapshot a VM with virtio devices ({} attached, {} of them vhost-user): "
-          "snapshots hold the core's own devices only so far (docs/FORK.md)",
-          virtioDevices_.size(), vhostUserBackends_.size());
+          "cannot snapshot a VM with virtio devices ({} attached: {} vhost-user{}): "
+          "snapshots hold the core's own devices only so far (docs/FORK.md){}",
+          virtioDevices_.size(), vhostUserBackends_.size(), vsock_ ? ", 1 vsock" : "",
+          vsock_ ? "; start the template VM with --no-vsock" : "");
   require(!runners_.empty(), "the VM has not started");
   std::lock_guard snapshotLock(snapshotMutex_);
   prepareOutputDir(options.outputDir);
