@@ -55,7 +55,7 @@ if [ -e /dev/kvm ]; then
   rc=${PIPESTATUS[0]}
 else
   echo "no /dev/kvm on this host: running the e2e suite inside the lab (nested KVM under TCG)"
-  tests/lab/run -- ctest --test-dir "$REPO/$BUILD_DIR" -L e2e --output-on-failure 2>&1 | tee "$logdir/e2e.log"
+  tests/lab/run -- ctest --test-dir "$REPO/$BUILD_DIR" -L e2e --timeout 900 --output-on-failure 2>&1 | tee "$logdir/e2e.log"
   rc=${PIPESTATUS[0]}
 fi
 count_ctest e2e "$logdir/e2e.log" "$rc"
