@@ -57,6 +57,15 @@ else
   echo "no /dev/kvm on this host: running the e2e suite inside the lab (nested KVM under TCG)"
   tests/lab/run -- ctest --test-dir "$REPO/$BUILD_DIR" -L e2e --timeout 900 --output-on-failure 2>&1 | tee "$logdir/e2e.log"
   rc=${PIPESTATUS[0]}
+  # 125: the lab itself failed, not a test. Its L1 kernel (nested SVM under TCG) has been seen to
+  # overflow a kernel stack in a vCPU thread's page fault and panic minutes later (docs/LAB.md).
+  # Such a run says nothing about Clone, so the suite runs once more, and says so.
+  if [ "$rc" -eq 125 ]; then
+    echo "run-all: the lab failed (exit 125, see above); running the e2e suite once more"
+    lab_retries=1
+    tests/lab/run -- ctest --test-dir "$REPO/$BUILD_DIR" -L e2e --timeout 900 --output-on-failure 2>&1 | tee "$logdir/e2e.log"
+    rc=${PIPESTATUS[0]}
+  fi
 fi
 count_ctest e2e "$logdir/e2e.log" "$rc"
 
@@ -68,5 +77,6 @@ if [ ${#failures[@]} -ne 0 ]; then
   echo "failures:"
   printf '  %s\n' "${failures[@]}"
 fi
+[ -n "${lab_retries:-}" ] && echo "note: the e2e suite was rerun after a lab failure (exit 125)"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
