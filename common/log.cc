@@ -29,6 +29,8 @@ spdlog::level::level_enum parseLogLevel(std::string_view text) {
     auto name = spdlog::level::to_string_view(level);
     if (text == std::string_view(name.data(), name.size())) return level;
   }
+  // spdlog names these "warning" and "err"; the documented short names are accepted too.
+  if (text == "warn") return spdlog::level::warn;
   if (text == "error") return spdlog::level::err;
   throw Error(fmt::format("unknown log level '{}' (trace|debug|info|warn|error|off)", text));
 }

@@ -38,6 +38,8 @@ TEST(LogTest, LevelFiltersMessages) {
 TEST(LogTest, ParseLogLevel) {
   EXPECT_EQ(parseLogLevel("debug"), spdlog::level::debug);
   EXPECT_EQ(parseLogLevel("error"), spdlog::level::err);
+  EXPECT_EQ(parseLogLevel("warn"), spdlog::level::warn);
+  EXPECT_EQ(parseLogLevel("warning"), spdlog::level::warn);
   EXPECT_THROW(parseLogLevel("loud"), Error);
 }
 
