@@ -1,6 +1,5 @@
 #include "cli/run_command.h"
 
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,7 +11,6 @@
 #include "cli/vmm_process.h"
 #include "common/error.h"
 
-extern char** environ;
 
 namespace clonevm::cli {
 namespace {
@@ -22,17 +20,6 @@ int waitForExit(pid_t pid, const std::string& program) {
   CLONE_SYSCALL(::waitpid(pid, &status, 0), "wait for", program);
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   return 128 + WTERMSIG(status);
-}
-
-int spawnAndWait(const std::string& program, const std::vector<std::string>& args) {
-  std::vector<char*> argv;
-  argv.push_back(const_cast<char*>(program.c_str()));
-  for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
-  argv.push_back(nullptr);
-  pid_t pid = 0;
-  int rc = ::posix_spawn(&pid, program.c_str(), nullptr, nullptr, argv.data(), environ);
-  if (rc != 0) throwSystemError(rc, "start", program);
-  return waitForExit(pid, program);
 }
 
 }  // namespace
