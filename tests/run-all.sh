@@ -43,7 +43,8 @@ run_script_suite() {
 }
 
 # The e2e suite in the lab, all in one L1 boot. When L1 itself fails (exit 125: its kernel
-# panicked; 124: it stalled past the lab timeout) the tests that had not finished run again
+# panicked; 124: it stalled, printing nothing for 6 minutes, while no test may take more
+# than 5) the tests that had not finished run again
 # in a fresh L1, at most twice, and the log says so. Its L1 kernel (nested SVM under TCG)
 # has been seen to overflow a kernel stack in a vCPU thread's page fault (docs/LAB.md); such
 # a run says nothing about Clone. Every test counts once: by its last result, and as failed
@@ -57,8 +58,8 @@ run_e2e_in_lab() {
   for attempt in 1 2 3; do
     pattern=$(printf '%s\n' "${names[@]}" | sed 's/[][\.*^$+?(){}|]/\\&/g' | paste -sd'|')
     echo "=== e2e in the lab, attempt $attempt: ${#names[@]} tests"
-    CLONE_LAB_TIMEOUT=${CLONE_E2E_LAB_TIMEOUT:-2400} tests/lab/run -- \
-      ctest --test-dir "$REPO/$BUILD_DIR" -L e2e -R "^(${pattern})\$" --timeout 900 \
+    CLONE_LAB_TIMEOUT=${CLONE_E2E_LAB_TIMEOUT:-2400} tests/lab/run --idle-timeout 360 -- \
+      ctest --test-dir "$REPO/$BUILD_DIR" -L e2e -R "^(${pattern})\$" --timeout 300 \
       --output-on-failure 2>&1 | tee -a "$logdir/e2e.log"
     rc=${PIPESTATUS[0]}
     while IFS= read -r line; do
