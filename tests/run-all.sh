@@ -11,11 +11,12 @@ REPO="$(pwd)"
 passed=0
 failed=0
 failures=()
+skips=()
 
 # Adds a ctest run's counts from its log ("NN% tests passed, F tests failed out of T").
 count_ctest() {
   local name="$1" log="$2" rc="$3"
-  local line total bad
+  local line total bad skipped
   line=$(grep -E "tests passed, [0-9]+ tests? failed out of [0-9]+" "$log" | tail -1)
   if [ -z "$line" ]; then
     echo "run-all: $name: no ctest summary (exit $rc); counting as one failure" >&2
@@ -24,6 +25,13 @@ count_ctest() {
   fi
   total=$(sed -E 's/.*out of ([0-9]+).*/\1/' <<<"$line")
   bad=$(sed -E 's/.*, ([0-9]+) tests? failed.*/\1/' <<<"$line")
+  # A skipped test is not done: it is not counted as passed, and the summary names it.
+  skipped=$(grep -E '^ *[0-9]+/[0-9]+ Test +#[0-9]+: .*\*\*\*Skipped' "$log" |
+            sed -E 's/^ *[0-9]+\/[0-9]+ Test +#[0-9]+: ([^ ]+) .*/\1/' || true)
+  if [ -n "$skipped" ]; then
+    while IFS= read -r line; do skips+=("$name: $line"); done <<<"$skipped"
+    total=$((total - $(wc -l <<<"$skipped")))
+  fi
   passed=$((passed + total - bad))
   failed=$((failed + bad))
   [ "$bad" -ne 0 ] && failures+=("$name: $bad ctest failures")
@@ -109,6 +117,10 @@ run_script_suite "lab self-test" tests/lab/lab_test.sh
 run_script_suite "guest image under QEMU TCG" guest/guest_test.sh "$BUILD_DIR/guest"
 
 echo
+if [ ${#skips[@]} -ne 0 ]; then
+  echo "skipped (not counted; each says why in its log, and runs elsewhere if it can):"
+  printf '  %s\n' "${skips[@]}"
+fi
 if [ ${#failures[@]} -ne 0 ]; then
   echo "failures:"
   printf '  %s\n' "${failures[@]}"
