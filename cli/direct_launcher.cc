@@ -14,12 +14,14 @@ pid_t DirectLauncher::launch(const ProcessSpec& spec) {
   for (const auto& arg : spec.args) argv.push_back(const_cast<char*>(arg.c_str()));
   argv.push_back(nullptr);
   posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attributes;
   posix_spawn_file_actions_init(&actions);
-  // dup2 onto itself clears FD_CLOEXEC in the child (POSIX 2024, glibc >= 2.29).
-  for (int fd : spec.keepFds) posix_spawn_file_actions_adddup2(&actions, fd, fd);
+  posix_spawnattr_init(&attributes);
+  prepareSpawn(spec, actions, attributes);
   pid_t pid = 0;
-  int rc = ::posix_spawn(&pid, spec.program.c_str(), &actions, nullptr, argv.data(), environ);
+  int rc = ::posix_spawn(&pid, spec.program.c_str(), &actions, &attributes, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attributes);
   if (rc != 0) throwSystemError(rc, fmt::format("start {} ({})", spec.id, spec.kind), spec.program);
   return pid;
 }

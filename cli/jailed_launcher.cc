@@ -83,13 +83,15 @@ pid_t JailedLauncher::launch(const ProcessSpec& spec) {
   for (auto& arg : args) argv.push_back(arg.data());
   argv.push_back(nullptr);
   posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attributes;
   posix_spawn_file_actions_init(&actions);
-  // dup2 of an fd onto itself clears its close-on-exec flag: the jailer must inherit it.
-  for (int fd : spec.keepFds) posix_spawn_file_actions_adddup2(&actions, fd, fd);
+  posix_spawnattr_init(&attributes);
+  prepareSpawn(spec, actions, attributes);  // the jailer passes its stdio and fds on
   pid_t pid = 0;
   char* noEnvironment[] = {nullptr};
-  int rc = ::posix_spawn(&pid, jailer.c_str(), &actions, nullptr, argv.data(), noEnvironment);
+  int rc = ::posix_spawn(&pid, jailer.c_str(), &actions, &attributes, argv.data(), noEnvironment);
   posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attributes);
   if (rc != 0) throwSystemError(rc, "start", jailer);
   return pid;
 }

@@ -3,6 +3,7 @@
 // process per device. The plain launcher execs them directly (--no-jail); the jailed launcher
 // (jailer/) runs each through clone-jailer with the sandbox its kind needs. Wired in main.
 
+#include <spawn.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -23,7 +24,16 @@ struct ProcessSpec {
   std::vector<std::string> devices;     // device nodes, e.g. "/dev/kvm", "/dev/vhost-vsock"
   bool needsNetwork = false;            // false: an empty network namespace
   uint64_t memoryBytes = 0;             // memory it needs (guest RAM for the core); 0: unknown
+  // Empty: the process shares our stdio and session, and we wait for it. Otherwise it is
+  // detached (a fork's core outlives `clone fork`): its own session, stdin /dev/null, stdout
+  // and stderr to this file (created 0600, truncated).
+  std::string detachedOutput;
 };
+
+// Adds what `spec` asks of the new process's stdio and session to a posix_spawn setup (the
+// fds it keeps, detaching); both launchers use it.
+void prepareSpawn(const ProcessSpec& spec, posix_spawn_file_actions_t& actions,
+                  posix_spawnattr_t& attributes);
 
 class ProcessLauncher {
  public:

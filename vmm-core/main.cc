@@ -136,8 +136,11 @@ int runVmm(int argc, char** argv) {
       config.kernelPath = source->manifest.kernel;
       config.initrdPath = source->manifest.initrd;
       config.restoreFrom = &*source;
-      // Templates hold no virtio device yet (clone snapshot refuses them), so neither does a fork.
-      config.vsock.enabled = false;
+      // The fork has the template's devices; its vsock device gets a CID of its own.
+      config.vsock.enabled = source->manifest.hasDevice(snapshot::kVsockDeviceName);
+      config.vsock.guestCid = vsockCid;
+      require(!(noVsock && config.vsock.enabled),
+              "--no-vsock: the template has a vsock device, so its forks need one");
     } else {
       require(!config.kernelPath.empty(), "--kernel or --restore is required");
     }

@@ -406,6 +406,19 @@ static int serve(int conn) {
   }
 }
 
+/* The CID this guest's vsock driver holds (a fork's must be its own, not the template's):
+ * what the kernel answers, not what the host believes. */
+static int print_local_cid(void) {
+  int fd = open("/dev/vsock", O_RDONLY | O_CLOEXEC);
+  unsigned int cid = 0;
+  if (fd < 0 || ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid) != 0) {
+    logf_("/dev/vsock: IOCTL_VM_SOCKETS_GET_LOCAL_CID: %s", strerror(errno));
+    return 1;
+  }
+  printf("%u\n", cid);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   unsigned port = CA_PORT;
   int daemonize = 0;
@@ -420,8 +433,10 @@ int main(int argc, char** argv) {
       port = (unsigned)value;
     } else if (strcmp(argv[i], "--daemon") == 0) {
       daemonize = 1;
+    } else if (strcmp(argv[i], "--local-cid") == 0) {
+      return print_local_cid();
     } else {
-      logf_("usage: clone-agent [--port N] [--daemon]");
+      logf_("usage: clone-agent [--port N] [--daemon] | --local-cid");
       return 2;
     }
   }

@@ -157,6 +157,14 @@ void PciRoot::writeConfig(Bdf bdf, uint16_t offset, std::span<const uint8_t> dat
   }
 }
 
+void PciRoot::refreshDecoding() {
+  std::lock_guard lock(mutex_);
+  for (auto& slot : slots_) {
+    if (!slot) continue;
+    for (int i = 0; i < kPciBarCount; ++i) updateDecoding(*slot, i);
+  }
+}
+
 std::optional<uint64_t> PciRoot::barAddress(Bdf bdf, int index) const {
   if (index < 0 || index >= kPciBarCount) return std::nullopt;
   std::lock_guard lock(mutex_);

@@ -46,6 +46,11 @@ class PciRoot {
   void readConfig(Bdf bdf, uint16_t offset, std::span<uint8_t> data);
   void writeConfig(Bdf bdf, uint16_t offset, std::span<const uint8_t> data);
 
+  // Re-derives where every BAR is decoded from the functions' command registers, telling
+  // devices whose decoding changed (barMoved). For a restore, which loads the registers
+  // behind the root's back.
+  void refreshDecoding();
+
   // Where BAR `index` of the function at `bdf` is decoded now (nullopt: nowhere).
   std::optional<uint64_t> barAddress(Bdf bdf, int index) const;
 

@@ -13,6 +13,7 @@
 #include <cstdlib>
 
 #include "common/error.h"
+#include "vmm-core/memory/userfaultfd.h"
 
 namespace clonevm::vmm {
 namespace {
@@ -38,12 +39,7 @@ LazyMemoryFill::LazyMemoryFill(const GuestMemory& memory, const std::string& ima
   if (mapping == MAP_FAILED) throwSystemError(errno, "mmap template memory image", imagePath);
   imageMapping_ = static_cast<const uint8_t*>(mapping);
 
-  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-  if (fd < 0) {
-    throwSystemError(errno, "userfaultfd (faults from KVM need root, CAP_SYS_PTRACE or "
-                            "vm.unprivileged_userfaultfd=1)");
-  }
-  uffd_ = UniqueFd(fd);
+  uffd_ = openUserfaultfd();
   uffdio_api api{};
   api.api = UFFD_API;
   CLONE_SYSCALL(::ioctl(uffd_.get(), UFFDIO_API, &api), "UFFDIO_API");

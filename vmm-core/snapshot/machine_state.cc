@@ -11,7 +11,7 @@ namespace {
 constexpr uint32_t kMsrTscDeadline = 0x6e0;
 
 // Top-level records.
-enum : uint32_t { kTagVm = 1, kTagVcpu = 2, kTagDevices = 3 };
+enum : uint32_t { kTagVm = 1, kTagVcpu = 2, kTagDevices = 3, kTagVirtio = 4 };
 // In kTagVm.
 enum : uint32_t { kTagPicMaster = 1, kTagPicSlave, kTagIoapic, kTagPit, kTagClock };
 // In kTagVcpu.
@@ -21,6 +21,11 @@ enum : uint32_t {
 };
 // In kTagDevices: one level each.
 enum : uint32_t { kTagSerial = 1, kTagCmos, kTagAcpiPm, kTagI8042 };
+// In kTagVirtio (one per device, in slot order).
+enum : uint32_t {
+  kTagVirtioType = 1, kTagVirtioBar, kTagVirtioRegisters, kTagVirtioQueues, kTagVirtioMsix,
+  kTagVsock
+};
 // Fields of the device levels.
 enum : uint32_t { kTagRegisters = 1, kTagFifo, kTagNvram, kTagOffset, kTagQueue };
 
@@ -211,6 +216,16 @@ std::vector<uint8_t> encodeMachineState(const MachineState& state) {
   w.begin(kTagDevices);
   encodeDevices(w, state.devices);
   w.end();
+  for (const auto& device : state.virtio) {
+    w.begin(kTagVirtio);
+    w.pod(kTagVirtioType, device.deviceType);
+    w.u64(kTagVirtioBar, device.barAddress);
+    w.pod(kTagVirtioRegisters, device.transport.registers);
+    w.podVector(kTagVirtioQueues, device.transport.queues);
+    w.podVector(kTagVirtioMsix, device.transport.msixTable);
+    if (device.vsock) w.pod(kTagVsock, *device.vsock);
+    w.end();
+  }
   return w.finish();
 }
 
@@ -251,6 +266,16 @@ MachineState decodeMachineState(std::span<const uint8_t> data, const std::string
   }
   require(!state.vcpus.empty(), "{}: no vCPU state", what);
   state.devices = decodeDevices(file.level(kTagDevices));
+  for (const auto& v : file.all(kTagVirtio)) {
+    VirtioDeviceState device;
+    device.deviceType = v.pod<uint32_t>(kTagVirtioType);
+    device.barAddress = v.u64(kTagVirtioBar);
+    device.transport.registers = v.pod<VirtioPciState::Registers>(kTagVirtioRegisters);
+    device.transport.queues = v.podVector<VirtioPciState::Queue>(kTagVirtioQueues);
+    device.transport.msixTable = v.podVector<VirtioPciState::MsixEntry>(kTagVirtioMsix);
+    if (v.has(kTagVsock)) device.vsock = v.pod<VhostVsockState>(kTagVsock);
+    state.virtio.push_back(std::move(device));
+  }
   return state;
 }
 

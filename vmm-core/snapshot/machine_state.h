@@ -4,6 +4,7 @@
 // encode/decode turn the whole into the state file (state_codec.h, docs/FORK.md).
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -15,6 +16,8 @@
 #include "vmm-core/devices/i8042.h"
 #include "vmm-core/devices/serial.h"
 #include "vmm-core/kvm/kvm.h"
+#include "vmm-core/virtio/vhost_vsock_backend.h"
+#include "vmm-core/virtio/virtio_pci_device.h"
 
 namespace clonevm::vmm::snapshot {
 
@@ -48,10 +51,20 @@ struct DeviceStates {
   I8042::State i8042{};
 };
 
+// One virtio-pci device of the core, in PCI slot order. A restore builds the same devices
+// (same types, same BARs) and loads these into them.
+struct VirtioDeviceState {
+  uint32_t deviceType = 0;  // virtio device type (vsock: 19)
+  uint64_t barAddress = 0;  // BAR 0, where the VMM placed it and the guest kept it
+  VirtioPciState transport;
+  std::optional<VhostVsockState> vsock;  // the kernel rings' positions, for the vsock device
+};
+
 struct MachineState {
   KvmVmState vm;
   std::vector<VcpuState> vcpus;
   DeviceStates devices;
+  std::vector<VirtioDeviceState> virtio;  // absent in templates of VMs without virtio devices
 };
 
 // The MSRs of `candidates` (KVM_GET_MSR_INDEX_LIST: saved and emulated MSRs) that

@@ -60,6 +60,18 @@ MachineState sampleState(uint32_t vcpus) {
   s.devices.i8042.pendingCommand = -1;
   s.devices.i8042.outputBuffer = 0x1fa;
   s.devices.i8042.queue = {0xfa, 0x1aa};
+  VirtioDeviceState vsock;
+  vsock.deviceType = 19;
+  vsock.barAddress = 0x8000000000;
+  vsock.transport.registers.negotiatedFeatures = 0x100000000;
+  vsock.transport.registers.status = 0xf;
+  vsock.transport.queues.resize(3);
+  vsock.transport.queues[2].desc = 0x123000;
+  vsock.transport.msixTable.resize(4);
+  vsock.transport.msixTable[3].data = 0x41;
+  vsock.vsock = VhostVsockState{.guestCid = 1234, .rxBase = 7, .txBase = 9,
+                                .eventNextAvail = 8, .eventNextUsed = 0};
+  s.virtio.push_back(vsock);
   return s;
 }
 
@@ -91,6 +103,19 @@ TEST(StateFormatTest, RoundTripKeepsEveryField) {
   EXPECT_EQ(back.devices.i8042.outputBuffer, 0x1fa);
   EXPECT_EQ(back.devices.i8042.pendingCommand, -1);
   EXPECT_EQ(back.devices.i8042.queue, (std::vector<uint16_t>{0xfa, 0x1aa}));
+  ASSERT_EQ(back.virtio.size(), 1u);
+  EXPECT_EQ(back.virtio[0].deviceType, 19u);
+  EXPECT_EQ(back.virtio[0].barAddress, 0x8000000000u);
+  EXPECT_EQ(back.virtio[0].transport.registers.negotiatedFeatures, 0x100000000u);
+  EXPECT_EQ(back.virtio[0].transport.registers.status, 0xf);
+  ASSERT_EQ(back.virtio[0].transport.queues.size(), 3u);
+  EXPECT_EQ(back.virtio[0].transport.queues[2].desc, 0x123000u);
+  ASSERT_EQ(back.virtio[0].transport.msixTable.size(), 4u);
+  EXPECT_EQ(back.virtio[0].transport.msixTable[3].data, 0x41u);
+  ASSERT_TRUE(back.virtio[0].vsock);
+  EXPECT_EQ(back.virtio[0].vsock->guestCid, 1234u);
+  EXPECT_EQ(back.virtio[0].vsock->txBase, 9);
+  EXPECT_EQ(back.virtio[0].vsock->eventNextAvail, 8);
   // Encoding is deterministic: the same state gives the same bytes.
   EXPECT_EQ(encodeMachineState(back), bytes);
 }

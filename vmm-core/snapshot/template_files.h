@@ -4,6 +4,7 @@
 // never written again. This library has no KVM code: the CLI links it to check a template
 // before it starts forks.
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -39,6 +40,9 @@ struct PageSample {
   std::string sha256;
 };
 
+// The manifest's name for the vsock device (a fork gets one, with a fresh CID).
+inline constexpr char kVsockDeviceName[] = "virtio-vsock (vhost-vsock)";
+
 struct Manifest {
   uint32_t version = kTemplateVersion;
   std::string createdUtc;
@@ -49,7 +53,11 @@ struct Manifest {
   std::string kernel;
   std::string initrd;
   std::string cmdline;
+  // The devices the template's VM had, by name; a fork builds the same ones.
   std::vector<std::string> devices;
+  bool hasDevice(const std::string& name) const {
+    return std::find(devices.begin(), devices.end(), name) != devices.end();
+  }
   std::vector<CpuidLeaf> cpuid;  // vCPU 0's (the others differ only in APIC ids)
   // Files.
   uint64_t stateSize = 0;

@@ -928,4 +928,105 @@ void VirtioPciDevice::syncInterruptsLocked() {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Snapshot.
+
+VirtioPciState VirtioPciDevice::saveState() const {
+  std::lock_guard lock(mutex_);
+  VirtioPciState state;
+  auto& r = state.registers;
+  r.command = config_.get16(pci::kCommand);
+  r.interruptLine = config_.get8(pci::kInterruptLine);
+  r.msixControl = msixControl();
+  r.pciCfgBar = config_.get8(pciCfgCap_ + kCapBar);
+  r.pciCfgOffset = config_.get32(pciCfgCap_ + kCapOffset);
+  r.pciCfgLength = config_.get32(pciCfgCap_ + kCapLength);
+  r.deviceFeatureSelect = deviceFeatureSelect_;
+  r.driverFeatureSelect = driverFeatureSelect_;
+  r.driverFeatures = driverFeatures_;
+  r.negotiatedFeatures = negotiatedFeatures_;
+  r.configVector = configVector_;
+  r.queueSelect = queueSelect_;
+  r.status = status_.load();
+  r.generation = generation_.load();
+  r.isr = isr_.load();
+  r.activated = activated_;
+  // Signalled but not delivered (masked vector, or raced with the pause): the eventfd holds it.
+  r.configInterruptPending = eventFdReadable(configFd_.get());
+  for (const Queue& queue : queues_) {
+    state.queues.push_back({.size = queue.size,
+                            .vector = queue.vector,
+                            .enabled = queue.enabled,
+                            .interruptPending = eventFdReadable(queue.call.get()),
+                            .desc = queue.desc,
+                            .driver = queue.driver,
+                            .device = queue.device});
+  }
+  for (const MsixEntry& entry : msixTable_) state.msixTable.push_back(entry);
+  return state;
+}
+
+void VirtioPciDevice::restoreState(const VirtioPciState& state) {
+  std::lock_guard lock(mutex_);
+  const auto& r = state.registers;
+  require(!activated_ && status_.load() == 0, "virtio-pci: restore into a device already in use");
+  require(state.queues.size() == numQueues_ && state.msixTable.size() == msixTable_.size(),
+          "virtio-pci: saved state has {} queues and {} MSI-X vectors, this device type {} has {} and {}",
+          state.queues.size(), state.msixTable.size(), backend_->deviceType(), numQueues_,
+          msixTable_.size());
+  require((r.negotiatedFeatures & ~offeredFeatures_) == 0 &&
+              (r.driverFeatures & ~offeredFeatures_) == 0,
+          "virtio-pci: saved features {:#x} are not all offered by this device ({:#x})",
+          r.negotiatedFeatures, offeredFeatures_);
+  // Only the fields a driver can write, through the same masks a guest write goes through.
+  auto writeConfig16 = [this](uint16_t offset, uint16_t value) {
+    const uint8_t bytes[2] = {static_cast<uint8_t>(value), static_cast<uint8_t>(value >> 8)};
+    config_.write(offset, bytes);
+  };
+  auto writeConfig32 = [this](uint16_t offset, uint32_t value) {
+    uint8_t bytes[4];
+    storeLe(bytes, value);
+    config_.write(offset, bytes);
+  };
+  writeConfig16(pci::kCommand, r.command);
+  const uint8_t line[1] = {r.interruptLine};
+  config_.write(pci::kInterruptLine, line);
+  writeConfig16(msixCap_ + kMsixControl, r.msixControl);
+  const uint8_t bar[1] = {r.pciCfgBar};
+  config_.write(pciCfgCap_ + kCapBar, bar);
+  writeConfig32(pciCfgCap_ + kCapOffset, r.pciCfgOffset);
+  writeConfig32(pciCfgCap_ + kCapLength, r.pciCfgLength);
+
+  deviceFeatureSelect_ = r.deviceFeatureSelect;
+  driverFeatureSelect_ = r.driverFeatureSelect;
+  driverFeatures_ = r.driverFeatures;
+  negotiatedFeatures_ = r.negotiatedFeatures;
+  configVector_ = acceptedVector(r.configVector);
+  queueSelect_ = r.queueSelect;
+  generation_ = r.generation;
+  isr_ = r.isr;
+  for (size_t i = 0; i < queues_.size(); ++i) {
+    const auto& saved = state.queues[i];
+    require(validQueueSize(saved.size), "virtio-pci: saved queue {} has size {}", i, saved.size);
+    queues_[i].size = saved.size;
+    queues_[i].vector = acceptedVector(saved.vector);
+    queues_[i].enabled = saved.enabled != 0;
+    queues_[i].desc = saved.desc;
+    queues_[i].driver = saved.driver;
+    queues_[i].device = saved.device;
+  }
+  for (size_t i = 0; i < msixTable_.size(); ++i) {
+    static_cast<VirtioPciState::MsixEntry&>(msixTable_[i]) = state.msixTable[i];
+  }
+  status_ = r.status;
+  syncInterruptsLocked();
+  // activateLocked() checks every ring address against guest memory again, as a driver's
+  // DRIVER_OK would; a failure leaves the device needing a reset, which the driver sees.
+  if (r.activated && !(r.status & virtio::kStatusNeedsReset)) activateLocked();
+  if (r.configInterruptPending) signalEventFd(configFd_.get());
+  for (size_t i = 0; i < queues_.size(); ++i) {
+    if (state.queues[i].interruptPending) signalEventFd(queues_[i].call.get());
+  }
+}
+
 }  // namespace clonevm::vmm

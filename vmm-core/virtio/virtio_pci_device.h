@@ -128,6 +128,55 @@ struct VirtioPciBarLayout {
   static VirtioPciBarLayout forQueues(uint16_t numQueues);
 };
 
+// What a snapshot holds of one transport: the registers the driver programmed (config
+// space's writable fields, common config, queues, MSI-X table) and the interrupts that were
+// signalled but not yet delivered. The device's identity (ids, capabilities, BAR layout)
+// is not saved: a restore builds the same device first and loads this into it.
+struct VirtioPciState {
+  // Fixed layout without padding: the snapshot stores these structs as they are.
+  struct Registers {
+    uint64_t driverFeatures = 0;
+    uint64_t negotiatedFeatures = 0;
+    uint32_t deviceFeatureSelect = 0;
+    uint32_t driverFeatureSelect = 0;
+    uint32_t pciCfgOffset = 0;
+    uint32_t pciCfgLength = 0;
+    uint16_t command = 0;
+    uint16_t msixControl = 0;
+    uint16_t configVector = 0;
+    uint16_t queueSelect = 0;
+    uint8_t interruptLine = 0;
+    uint8_t pciCfgBar = 0;
+    uint8_t status = 0;
+    uint8_t generation = 0;
+    uint8_t isr = 0;
+    uint8_t activated = 0;
+    uint8_t configInterruptPending = 0;
+    uint8_t reserved = 0;
+  };
+  struct Queue {
+    uint16_t size = 0;
+    uint16_t vector = 0;
+    uint8_t enabled = 0;
+    uint8_t interruptPending = 0;
+    uint8_t reserved[2] = {};
+    uint64_t desc = 0;
+    uint64_t driver = 0;
+    uint64_t device = 0;
+  };
+  struct MsixEntry {
+    uint32_t addressLow = 0;
+    uint32_t addressHigh = 0;
+    uint32_t data = 0;
+    uint32_t control = 0;
+  };
+  Registers registers;
+  std::vector<Queue> queues;
+  std::vector<MsixEntry> msixTable;
+};
+static_assert(sizeof(VirtioPciState::Registers) == 48 && sizeof(VirtioPciState::Queue) == 32 &&
+              sizeof(VirtioPciState::MsixEntry) == 16);
+
 class VirtioPciDevice final : public PciDevice, public BusDevice {
  public:
   // `barAddress`: where BAR 0 is placed before boot (size-aligned, in the 64-bit window), or
@@ -160,6 +209,15 @@ class VirtioPciDevice final : public PciDevice, public BusDevice {
   // frontend that got VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. Thread-safe, lock-free.
   void signalConfigChange();
 
+  // Snapshot: the backend must be stopped first (it may not write the rings meanwhile).
+  VirtioPciState saveState() const;
+  // Into a freshly built device of the same type and queue count, before the vCPUs run:
+  // loads the registers, installs the MSI routes and irqfds, re-activates the backend if
+  // the driver had (which revalidates every ring address) and raises the interrupts that
+  // were pending. The root must then re-evaluate BAR decoding (PciRoot::refreshDecoding),
+  // which registers the doorbells. Throws clonevm::Error for a state of another shape.
+  void restoreState(const VirtioPciState& state);
+
   // For tests and diagnostics.
   uint8_t deviceStatus() const { return status_.load(); }
   int kickFd(uint16_t queue) const { return queues_.at(queue).kick.get(); }
@@ -180,11 +238,8 @@ class VirtioPciDevice final : public PciDevice, public BusDevice {
     UniqueFd kick;
     UniqueFd call;
   };
-  struct MsixEntry {
-    uint32_t addressLow = 0;
-    uint32_t addressHigh = 0;
-    uint32_t data = 0;
-    uint32_t control = virtio_pci::kMsixEntryMasked;  // masked at reset (PCI 3.0)
+  struct MsixEntry : VirtioPciState::MsixEntry {
+    MsixEntry() { control = virtio_pci::kMsixEntryMasked; }  // masked at reset (PCI 3.0)
     MsiMessage message() const {
       return {uint64_t{addressHigh} << 32 | addressLow, data};
     }

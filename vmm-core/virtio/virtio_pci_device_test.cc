@@ -750,6 +750,79 @@ TEST_F(VirtioPciDeviceTest, RejectsBackendsItCannotCarry) {
                Error);  // misaligned BAR
 }
 
+TEST_F(VirtioPciDeviceTest, SavedStateBringsAFreshDeviceBackLive) {
+  plug(kBarAddress);
+  bringUp();
+  setVectorMasked(2, true);
+  signal(device_->callFd(1));  // masked: pending, must still fire after the restore
+  VirtioPciState state = device_->saveState();
+  EXPECT_EQ(state.registers.status, status());
+  EXPECT_EQ(state.queues[1].interruptPending, 1);
+  EXPECT_EQ(state.queues[0].interruptPending, 0);
+
+  // As a fork does: the same device built again (new eventfds), then the state loaded.
+  detach();
+  EXPECT_TRUE(events_.routes.empty() && events_.irqfds.empty() && events_.doorbells.empty());
+  auto fresh = std::make_shared<FakeBackend>();
+  backend_ = fresh;
+  plug(kBarAddress);
+  bar_ = kBarAddress;
+  device_->restoreState(state);
+  root_->refreshDecoding();
+
+  EXPECT_EQ(status(), state.registers.status);
+  ASSERT_EQ(fresh->activations.size(), 1u);
+  const auto& info = fresh->activations[0];
+  EXPECT_EQ(info.features, state.registers.negotiatedFeatures);
+  ASSERT_EQ(info.queues.size(), 2u);
+  EXPECT_EQ(info.queues[0].descTable, kQueue0.desc);
+  EXPECT_EQ(info.queues[1].usedRing, kQueue1.device);
+  EXPECT_EQ(info.queues[1].callFd, device_->callFd(1));
+  std::set<FakeEvents::Doorbell> doorbells = {{doorbell(0), 2, device_->kickFd(0)},
+                                              {doorbell(1), 2, device_->kickFd(1)}};
+  EXPECT_EQ(events_.doorbells, doorbells);
+  auto configGsi = events_.gsiOf(device_->configFd());
+  auto queue0Gsi = events_.gsiOf(device_->callFd(0));
+  ASSERT_TRUE(configGsi && queue0Gsi);
+  EXPECT_EQ(events_.routes[*queue0Gsi], msiFor(0x31, 1));
+  EXPECT_FALSE(events_.gsiOf(device_->callFd(1)));  // still masked
+  EXPECT_EQ(mmioRead(msixPba(), 4), 0b100u);        // and pending
+  setVectorMasked(2, false);
+  EXPECT_TRUE(events_.gsiOf(device_->callFd(1)));
+  EXPECT_TRUE(readable(device_->callFd(1)));  // delivered through the irqfd once unmasked
+  EXPECT_EQ(common(kQueueDesc, 8), kQueue1.desc);  // queue_select kept (1, set last)
+}
+
+TEST_F(VirtioPciDeviceTest, RestoreRefusesStateOfAnotherShapeOrAUsedDevice) {
+  plug(kBarAddress);
+  bringUp();
+  VirtioPciState state = device_->saveState();
+  EXPECT_THROW(device_->restoreState(state), Error);  // already live
+
+  detach();
+  backend_ = std::make_shared<FakeBackend>();
+  backend_->queues = 3;
+  plug(kBarAddress);
+  EXPECT_THROW(device_->restoreState(state), Error);  // 2 queues saved, 3 here
+
+  detach();
+  backend_ = std::make_shared<FakeBackend>();
+  backend_->features = 0;
+  plug(kBarAddress);
+  EXPECT_THROW(device_->restoreState(state), Error);  // features this device never offered
+
+  // Rings outside guest memory (a damaged state that passed the checksum) are not used: the
+  // device comes back needing a reset, as for a driver that programmed them.
+  detach();
+  backend_ = std::make_shared<FakeBackend>();
+  plug(kBarAddress);
+  bar_ = kBarAddress;
+  state.queues[0].desc = 64 * kMiB;
+  device_->restoreState(state);
+  EXPECT_TRUE(backend_->activations.empty());
+  EXPECT_TRUE(status() & virtio::kStatusNeedsReset);
+}
+
 TEST(VirtioPciBarLayoutTest, StructuresDoNotOverlap) {
   for (uint16_t queues : {1, 2, 63, 64, 1024}) {
     auto layout = VirtioPciBarLayout::forQueues(queues);

@@ -172,6 +172,7 @@ void Machine::attachVhostUserDevices() {
               deviceConfig.socketPath, bdf.toString(), bar, size, backend->numQueues());
     vhostUserBackends_.push_back(std::move(backend));
     virtioDevices_.push_back(std::move(device));
+    virtioPlacements_.push_back({bdf, bar});
   }
 }
 
@@ -199,6 +200,7 @@ void Machine::attachVsock() {
   mmio_.insert(bar, device->layout().size, device);
   log_.info("vsock (vhost-vsock) at {}, guest CID {}", bdf.toString(), vsock_->guestCid());
   virtioDevices_.push_back(std::move(device));
+  virtioPlacements_.push_back({bdf, bar});
 }
 
 void Machine::start() {

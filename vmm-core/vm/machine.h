@@ -16,6 +16,7 @@
 
 #include "vmm-core/boot/linux_loader.h"
 #include "vmm-core/devices/bus.h"
+#include "vmm-core/devices/pci_device.h"
 #include "vmm-core/kvm/kvm.h"
 #include "vmm-core/memory/guest_memory.h"
 #include "vmm-core/virtio/vhost_user_backend.h"
@@ -26,6 +27,7 @@ namespace clonevm::vmm {
 
 namespace snapshot {
 struct VerifiedTemplate;
+struct VirtioDeviceState;
 }
 class LazyMemoryFill;
 
@@ -128,6 +130,10 @@ class Machine {
   void attachDevices();
   void attachVhostUserDevices();
   void attachVsock();
+  // Snapshot and restore of the virtio-pci devices (machine_snapshot.cc).
+  std::vector<snapshot::VirtioDeviceState> saveVirtioDevices();
+  void restoreVirtioDevices(const std::vector<snapshot::VirtioDeviceState>& states,
+                            const std::string& templateDir);
   // Places a virtio-pci device's BAR 0 in the 64-bit window, after the previous one.
   uint64_t allocateBar(uint64_t size, const std::string& what);
   void loadKernel();
@@ -155,6 +161,11 @@ class Machine {
   std::shared_ptr<VhostVsockBackend> vsock_;
   uint64_t nextBar_ = 0;
   std::vector<std::shared_ptr<VirtioPciDevice>> virtioDevices_;
+  struct VirtioPlacement {
+    Bdf bdf;
+    uint64_t bar;
+  };
+  std::vector<VirtioPlacement> virtioPlacements_;  // parallel to virtioDevices_
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
   std::vector<std::vector<kvm_cpuid_entry2>> vcpuCpuids_;  // as set on each vCPU
   // Before the vCPUs' runners (destroyed after them): faults wait on its thread.
