@@ -389,6 +389,9 @@ TEST_F(ForkTest, ForksAreUnique) {
     ASSERT_EQ(random.code, 0) << random.output;
     uint32_t cid = vsockCid(forks.socket(i));
     EXPECT_GE(cid, 3u);
+    // The guest's vsock driver holds that CID too (not the template's).
+    auto localCid = execIn(forks.socket(i), {"clone-agent", "--local-cid"});
+    EXPECT_EQ(localCid.output, std::to_string(cid) + "\n") << localCid.output;
     std::cerr << forks.id(i) << ": cid " << cid << ", hostname " << withoutNewline(hostname.output)
               << ", urandom" << withoutNewline(random.output) << "\n";
     hostnames.insert(withoutNewline(hostname.output));
