@@ -160,26 +160,47 @@ class ConnectionWatchdog {
   std::thread thread_;  // last: starts once the members above exist
 };
 
-// Connects to the fork's agent and applies its identity, all within `timeout`. The client's
-// IDENTITY call has no deadline of its own: the watchdog cuts the connection if the guest
-// accepted it but never answers.
-void applyForkIdentity(const std::string& forkId, uint32_t cid, std::chrono::milliseconds timeout) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  AgentConnection connection = AgentConnection::connect(cid, kAgentPort, timeout);
+// One IDENTITY request on its own connection (the protocol's one request per connection), all
+// before `deadline`. The client's call has no deadline of its own: the watchdog cuts the
+// connection if the guest accepted it but never answers.
+IdentityResult sendIdentity(uint32_t cid, const Identity& identity,
+                            std::chrono::steady_clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+  AgentConnection connection = AgentConnection::connect(cid, kAgentPort, std::max(left, 1ms));
   ConnectionWatchdog watchdog(connection.fd(), deadline);
-  Identity identity = forkIdentity(forkId);
-  IdentityResult result;
   try {
-    result = applyIdentity(connection, identity);
+    return applyIdentity(connection, identity);
   } catch (const Error& error) {
     if (watchdog.disarm()) {
-      throw Error(fmt::format("the guest agent (vsock CID {}) did not answer IDENTITY within {} s",
-                              cid, std::chrono::duration<double>(timeout).count()));
+      throw Error(fmt::format("the guest agent (vsock CID {}) did not answer IDENTITY in time", cid));
     }
     throw Error(fmt::format("IDENTITY to the guest agent (vsock CID {}): {}", cid, error.what()));
   }
-  watchdog.disarm();
-  auto problems = identityProblems(identity, result, std::chrono::system_clock::now());
+}
+
+// Applies the fork's identity and checks the read-back, all within `timeout`.
+void applyForkIdentity(const std::string& forkId, uint32_t cid, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  Identity identity = forkIdentity(forkId);
+  IdentityResult result = sendIdentity(cid, identity, deadline);
+  auto answeredAt = std::chrono::system_clock::now();
+  // The guest's clock is set to the host's time at sending. A fresh fork's first answer can
+  // take seconds (its agent faults its pages in from the template), so the clock may be that
+  // late: step it again, now that the agent answers fast.
+  auto late = [&] {
+    auto off = result.guestClock - answeredAt;
+    return result.clockApplied && (off > kGuestClockTolerance || -off > kGuestClockTolerance);
+  };
+  for (int step = 0; step < 2 && late(); ++step) {
+    Identity clockOnly;
+    clockOnly.clock = std::chrono::system_clock::now();
+    auto again = sendIdentity(cid, clockOnly, deadline);
+    answeredAt = std::chrono::system_clock::now();
+    result.clockApplied = again.clockApplied;
+    result.clockError = again.clockError;
+    result.guestClock = again.guestClock;
+  }
+  auto problems = identityProblems(identity, result, answeredAt);
   require(problems.empty(), "identity not applied as asked (vsock CID {}): {}", cid, joined(problems));
 }
 

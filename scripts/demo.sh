@@ -47,14 +47,17 @@ coproc VM { exec "$clone" run --kernel "$BUILD/guest/vmlinuz" \
 vm_pid=$VM_PID
 exec {vm_out}<&"${VM[0]}" {vm_in}>&"${VM[1]}"
 
-# Reads the template's console until a line contains $1 (gives up after $2 seconds).
+# Reads the template's console until a line contains $1 (gives up after $2 seconds); keeps
+# what it read in $work/console.log and shows its end on a timeout.
 wait_for() {
   local line
   while IFS= read -r -t "$2" -u "$vm_out" line; do
     line=${line%$'\r'}
+    printf '%s\n' "$line" >>"$work/console.log"
     [[ $line == *"$1"* ]] && { printf '%s\n' "$line"; return 0; }
   done
-  echo "demo: timed out waiting for '$1'" >&2
+  echo "demo: timed out waiting for '$1'; the template's console and log ended with:" >&2
+  tail -n 30 "$work/console.log" >&2 || true
   return 1
 }
 
