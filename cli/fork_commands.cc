@@ -336,7 +336,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       // Filled by the fork's own thread.
       uint32_t cid = 0;
       bool identityApplied = false;
-      double readyMs = 0;
+      double apiMs = 0, readyMs = 0;
       std::string error;
     };
     std::vector<Fork> forks;
@@ -354,13 +354,17 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     for (auto& fork : forks) {
       threads.emplace_back([&fork, applyIdentity = !options.noIdentity] {
         try {
+          auto sinceSpawn = [&] {
+            return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
+                                                             fork.spawnedAt).count();
+          };
           fork.cid = waitReady(fork.pid, fork.socket, fork.log);
+          fork.apiMs = sinceSpawn();
           if (applyIdentity && fork.cid != 0) {
             applyForkIdentity(fork.id, fork.cid, kAgentTimeout);
             fork.identityApplied = true;
           }
-          fork.readyMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
-                                                                   fork.spawnedAt).count();
+          fork.readyMs = sinceSpawn();
         } catch (const std::exception& error) {
           fork.error = error.what();
         }
@@ -383,10 +387,14 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
         continue;
       }
       // Latency on stderr, stdout stays "ID SOCKET" for scripts.
-      streams.err << fmt::format("fork {}: ready ({}) {:.1f} ms after spawn\n", fork.id,
-                                 fork.identityApplied ? "agent answered, identity applied"
-                                                      : "API answered, no identity",
-                                 fork.readyMs);
+      if (fork.identityApplied) {
+        streams.err << fmt::format(
+            "fork {}: ready (agent answered, identity applied) {:.1f} ms after spawn; API answered after {:.1f} ms\n",
+            fork.id, fork.readyMs, fork.apiMs);
+      } else {
+        streams.err << fmt::format("fork {}: ready (API answered, no identity) {:.1f} ms after spawn\n",
+                                   fork.id, fork.readyMs);
+      }
       streams.out << fork.id << " " << fork.socket << "\n";
     }
     streams.out.flush();

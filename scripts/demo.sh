@@ -98,13 +98,17 @@ while read -r id sock; do
   done
   pss+=("$total")
 done <"$work/forks"
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-mapfile -t latencies < <(awk '/: ready \(agent answered, identity applied\) .* ms after spawn$/ {print $(NF-3)}' "$work/fork-latency")
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# "fork ID: ready (agent answered, identity applied) 812.4 ms after spawn; API answered after 401.2 ms"
+mapfile -t latencies < <(sed -n 's/.*: ready (agent answered, identity applied) \([0-9.]*\) ms after spawn.*/\1/p' "$work/fork-latency")
+mapfile -t api_latencies < <(sed -n 's/.*; API answered after \([0-9.]*\) ms$/\1/p' "$work/fork-latency")
 if [ "${#latencies[@]}" -ne "$FORKS" ]; then
   echo "demo: expected $FORKS forks with their identity applied, clone fork said:" >&2
   cat "$work/fork-latency" >&2
   exit 1
 fi
 echo "demo: $FORKS forks started in $((forked - fork_start)) ms (clone fork until every fork's agent applied its identity)"
-echo "demo: fork latency, spawn to identity applied (agent answered): median $(median "${latencies[@]}") ms, slowest $(printf '%s\n' "${latencies[@]}" | sort -g | tail -1) ms"
+slowest() { printf '%s\n' "$@" | sort -g | tail -1; }
+echo "demo: fork latency, spawn to identity applied (agent answered): median $(median "${latencies[@]}") ms, slowest $(slowest "${latencies[@]}") ms"
+echo "demo:   of which spawn to API answer (restored, vCPUs running): median $(median "${api_latencies[@]}") ms, slowest $(slowest "${api_latencies[@]}") ms"
 echo "demo: private memory per fork (PSS of its processes): median $(( $(median "${pss[@]}") / 1024 )) MiB"

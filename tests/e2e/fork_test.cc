@@ -60,7 +60,7 @@ struct ForkOutput {
 
 ForkOutput parseForkOutput(const std::string& output) {
   ForkOutput result;
-  static const std::regex latency(R"(^fork (fork-[0-9a-f]{8}): ready \((.*)\) ([0-9.]+) ms after spawn$)");
+  static const std::regex latency(R"(^fork (fork-[0-9a-f]{8}): ready \((.*)\) ([0-9.]+) ms after spawn(; API answered after [0-9.]+ ms)?$)");
   std::istringstream lines(output);
   for (std::string line; std::getline(lines, line);) {
     std::smatch match;
