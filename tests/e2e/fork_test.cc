@@ -491,6 +491,70 @@ TEST_F(ForkTest, TmpfsWritesStayInTheirFork) {
   EXPECT_EQ(inTemplate.output, "ABSENT\n");
 }
 
+// A second template: a small VM booted with `extra` options, `prepare` typed into its console
+// (its output must contain `prepared`), then snapshotted to BASE/NAME and ended. Returns "" or
+// what went wrong.
+std::string makeOtherTemplate(const std::string& base, const std::string& name,
+                              const std::vector<std::string>& extra, const std::string& prepare = "",
+                              const std::string& prepared = "") {
+  std::string socket = base + "/" + name + ".sock";
+  std::vector<std::string> args = {"run", "--no-jail", "--kernel", guestKernel(), "--initrd", guestInitrd(),
+                                   "--cmdline", "console=ttyS0 panic=-1 quiet", "--mem-mb", "128",
+                                   "--api-socket", socket};
+  args.insert(args.end(), extra.begin(), extra.end());
+  GuestSession vm(buildBin("clone"), args);
+  if (!vm.expect(kReady)) return "the VM did not boot:\n" + vm.output();
+  if (!prepare.empty()) {
+    auto done = vm.run(prepare);
+    if (!done || done->find(prepared) == std::string::npos) return "prepare failed:\n" + vm.output();
+  }
+  auto snapshot = cloneCli({"snapshot", "--vm", socket, "--output", base + "/" + name});
+  cloneCli({"destroy", "--vm", socket});
+  vm.waitExit(10s);
+  return snapshot.code == 0 ? "" : "clone snapshot failed:\n" + snapshot.output;
+}
+
+TEST_F(ForkTest, TemplateWithoutVsockForksWithoutIdentity) {
+  auto error = makeOtherTemplate(base_, "novsock", {"--no-vsock"});
+  ASSERT_EQ(error, "");
+  CliForks forks(base_ + "/novsock", base_ + "/novsock-fork", 2);
+  EXPECT_EQ(forks.code, 0) << forks.output;
+  EXPECT_EQ(forks.printed.forks.size(), 2u) << forks.output;
+  EXPECT_EQ(forks.printed.latencyLines, 2) << forks.output;
+  EXPECT_EQ(forks.printed.identityLines, 0) << forks.output;
+  EXPECT_NE(forks.output.find("clone fork: the template has no vsock device"), std::string::npos)
+      << forks.output;
+  for (const auto& [id, socket] : forks.printed.forks) EXPECT_EQ(vsockCid(socket), 0u) << forks.output;
+}
+
+TEST_F(ForkTest, ForksWhoseAgentIsGoneFailByNameAndAreStopped) {
+  // The agent ends before the snapshot: every fork answers on its API, never on vsock.
+  auto error = makeOtherTemplate(base_, "noagent", {},
+                                 "kill $(pidof clone-agent); sleep 1; pidof clone-agent || echo NO-AGENT",
+                                 "NO-AGENT");
+  ASSERT_EQ(error, "");
+  std::string prefix = base_ + "/noagent-fork";
+  auto start = std::chrono::steady_clock::now();
+  auto fork = cloneCli({"fork", "--template", base_ + "/noagent", "--count", "2", "--api-socket", prefix}, 120s);
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(fork.code, 1) << fork.output;
+  auto printed = parseForkOutput(fork.output);
+  EXPECT_TRUE(printed.forks.empty()) << fork.output;
+  EXPECT_EQ(printed.latencyLines, 0) << fork.output;
+  std::regex failure(R"(clone fork: fork-[0-9a-f]{8} failed and was stopped \(console log [^)]+\): connect to the guest agent at vsock CID \d+ port 1024)");
+  auto failures = std::distance(std::sregex_iterator(fork.output.begin(), fork.output.end(), failure),
+                                std::sregex_iterator());
+  EXPECT_EQ(failures, 2) << fork.output;
+  EXPECT_NE(fork.output.find("2 of 2 forks failed"), std::string::npos) << fork.output;
+  // Concurrently: both gave up after one agent timeout (20 s), not two.
+  EXPECT_LT(seconds, 60) << fork.output;
+  for (const char* suffix : {".1", ".2"}) {
+    EXPECT_NE(::access((prefix + suffix).c_str(), F_OK), 0) << prefix << suffix << " outlived its fork";
+  }
+  // ([/]: the pattern does not match the shell running pgrep)
+  EXPECT_EQ(shell("pgrep -f -- '--api-socket [/]" + prefix.substr(1) + "'"), "") << "a failed fork still runs";
+}
+
 TEST_F(ForkTest, CorruptedTemplatesAreRefused) {
   std::string flipped = base_ + "/flipped";
   std::string truncated = base_ + "/truncated";
