@@ -4,11 +4,17 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -28,6 +34,9 @@ namespace {
 using namespace std::chrono_literals;
 
 constexpr auto kForkReadyTimeout = 20s;
+// From the API's first answer until the agent answered IDENTITY (connect and round trip).
+constexpr auto kAgentTimeout = 20s;
+constexpr size_t kSeedBytes = 32;
 
 std::string randomId() {
   std::random_device device;
@@ -75,27 +84,144 @@ bool processAlive(pid_t pid) {
   return ::kill(pid, 0) == 0;
 }
 
-// Waits until the fork answers on its API socket.
-void waitReady(pid_t pid, const std::string& socket, const std::string& consoleLog) {
+// Waits until the fork answers on its API socket; returns its vsock CID (0: no vsock device).
+uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& consoleLog) {
   auto deadline = std::chrono::steady_clock::now() + kForkReadyTimeout;
   while (std::chrono::steady_clock::now() < deadline) {
     if (!processAlive(pid)) {
-      throw Error(fmt::format("fork (pid {}) ended during restore:\n{}", pid, tail(consoleLog)));
+      throw Error(fmt::format("ended during restore (pid {}):\n{}", pid, tail(consoleLog)));
     }
     if (::access(socket.c_str(), F_OK) == 0) {
       try {
+        uint32_t cid = 0;
         withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
-          vm.statusRequest().send().wait(waitScope);
+          cid = vm.statusRequest().send().wait(waitScope).getStatus().getVsockCid();
         });
-        return;
+        return cid;
       } catch (const Error&) {
         // Not listening yet.
       }
     }
     std::this_thread::sleep_for(2ms);
   }
-  throw Error(fmt::format("fork (pid {}) did not answer on {} within {} s", pid, socket,
-                          kForkReadyTimeout.count()));
+  throw Error(fmt::format("did not answer on {} within {} s (pid {})", socket,
+                          kForkReadyTimeout.count(), pid));
+}
+
+std::vector<uint8_t> randomSeed(size_t size) {
+  std::vector<uint8_t> seed(size);
+  size_t got = 0;
+  while (got < size) {
+    ssize_t n = ::getrandom(seed.data() + got, size - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throwSystemError(errno, "getrandom for a fork's RNG seed");
+    }
+    got += static_cast<size_t>(n);
+  }
+  return seed;
+}
+
+std::string joined(const std::vector<std::string>& parts) {
+  std::string text;
+  for (const auto& part : parts) text += (text.empty() ? "" : "; ") + part;
+  return text;
+}
+
+// Shuts `fd` down (so a blocked read returns) unless disarmed before `deadline`.
+class ConnectionWatchdog {
+ public:
+  ConnectionWatchdog(int fd, std::chrono::steady_clock::time_point deadline)
+      : thread_([this, fd, deadline] {
+          std::unique_lock lock(mutex_);
+          if (!finished_.wait_until(lock, deadline, [this] { return done_; })) {
+            fired_ = true;
+            ::shutdown(fd, SHUT_RDWR);
+          }
+        }) {}
+  ~ConnectionWatchdog() { disarm(); }
+  // Returns whether it fired.
+  bool disarm() {
+    if (thread_.joinable()) {
+      {
+        std::lock_guard lock(mutex_);
+        done_ = true;
+      }
+      finished_.notify_one();
+      thread_.join();
+    }
+    return fired_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable finished_;
+  bool done_ = false, fired_ = false;
+  std::thread thread_;  // last: starts once the members above exist
+};
+
+// One IDENTITY request on its own connection (the protocol's one request per connection), all
+// before `deadline`. The client's call has no deadline of its own: the watchdog cuts the
+// connection if the guest accepted it but never answers.
+IdentityResult sendIdentity(uint32_t cid, const Identity& identity,
+                            std::chrono::steady_clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+  AgentConnection connection = AgentConnection::connect(cid, kAgentPort, std::max(left, 1ms));
+  ConnectionWatchdog watchdog(connection.fd(), deadline);
+  try {
+    return applyIdentity(connection, identity);
+  } catch (const Error& error) {
+    if (watchdog.disarm()) {
+      throw Error(fmt::format("the guest agent (vsock CID {}) did not answer IDENTITY in time", cid));
+    }
+    throw Error(fmt::format("IDENTITY to the guest agent (vsock CID {}): {}", cid, error.what()));
+  }
+}
+
+// Applies the fork's identity and checks the read-back, all within `timeout`.
+void applyForkIdentity(const std::string& forkId, uint32_t cid, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  Identity identity = forkIdentity(forkId);
+  IdentityResult result = sendIdentity(cid, identity, deadline);
+  auto answeredAt = std::chrono::system_clock::now();
+  // The guest's clock is set to the host's time at sending. A fresh fork's first answer can
+  // take seconds (its agent faults its pages in from the template), so the clock may be that
+  // late: step it again, now that the agent answers fast.
+  auto late = [&] {
+    auto off = result.guestClock - answeredAt;
+    return result.clockApplied && (off > kGuestClockTolerance || -off > kGuestClockTolerance);
+  };
+  for (int step = 0; step < 2 && late(); ++step) {
+    Identity clockOnly;
+    clockOnly.clock = std::chrono::system_clock::now();
+    auto again = sendIdentity(cid, clockOnly, deadline);
+    answeredAt = std::chrono::system_clock::now();
+    result.clockApplied = again.clockApplied;
+    result.clockError = again.clockError;
+    result.guestClock = again.guestClock;
+  }
+  auto problems = identityProblems(identity, result, answeredAt);
+  require(problems.empty(), "identity not applied as asked (vsock CID {}): {}", cid, joined(problems));
+}
+
+// Ends a fork that could not be brought up: through its API if it answers, else SIGKILL.
+void stopFork(pid_t pid, const std::string& socket) {
+  try {
+    withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      auto request = vm.shutdownRequest();
+      request.setGraceful(false);
+      request.send().wait(waitScope);
+    });
+  } catch (const Error&) {
+    // Not answering: killed below.
+  }
+  auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (processAlive(pid) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+  if (processAlive(pid)) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+  ::unlink(socket.c_str());
 }
 
 void makeDirectory(const std::string& path) {
@@ -105,6 +231,52 @@ void makeDirectory(const std::string& path) {
 }
 
 }  // namespace
+
+Identity forkIdentity(const std::string& forkId) {
+  Identity identity;
+  identity.hostname = forkId;
+  identity.rngSeed = randomSeed(kSeedBytes);
+  identity.clock = std::chrono::system_clock::now();
+  return identity;
+}
+
+std::vector<std::string> identityProblems(const Identity& sent, const IdentityResult& result,
+                                          std::chrono::system_clock::time_point hostNow,
+                                          std::chrono::milliseconds clockTolerance) {
+  std::vector<std::string> problems;
+  auto guestErrno = [](int code) { return fmt::format("guest errno {} ({})", code, std::strerror(code)); };
+  if (sent.hostname) {
+    if (!result.hostnameApplied) {
+      problems.push_back("hostname not set: " + guestErrno(result.hostnameError));
+    } else if (result.guestHostname != *sent.hostname) {
+      problems.push_back(fmt::format("the guest reads hostname '{}', not '{}'", result.guestHostname,
+                                     *sent.hostname));
+    }
+  }
+  if (!sent.rngSeed.empty()) {
+    // Without the reseed, forks of one template would go on drawing the same random bytes.
+    if (!result.seedApplied) {
+      problems.push_back("RNG seed not added (RNDADDENTROPY): " + guestErrno(result.seedError));
+    } else if (result.reseedError != 0) {
+      problems.push_back("CRNG not reseeded (RNDRESEEDCRNG): " + guestErrno(result.reseedError));
+    } else if (result.crngReady != 1) {
+      problems.push_back(fmt::format("the guest's CRNG is not ready after the seed (crng_ready {})",
+                                     result.crngReady));
+    }
+  }
+  if (sent.clock) {
+    if (!result.clockApplied) {
+      problems.push_back("clock not set: " + guestErrno(result.clockError));
+    } else {
+      auto off = result.guestClock - hostNow;
+      if (off > clockTolerance || -off > clockTolerance) {
+        problems.push_back(fmt::format("the guest's clock reads {:.3f} s off the host's",
+                                       std::chrono::duration<double>(off).count()));
+      }
+    }
+  }
+  return problems;
+}
 
 std::string runtimeDir() {
   std::string dir;
@@ -142,24 +314,32 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     });
   });
 
-  auto* fork = app.add_subcommand("fork", "start forks of a template; prints one line per fork: ID SOCKET");
-  fork->add_option("--template", options.templateDir, "a directory written by clone snapshot")->required();
-  fork->add_option("--count", options.count, "how many forks")->capture_default_str()->check(CLI::Range(1u, 1000u));
-  fork->add_option("--api-socket", options.apiSocket,
+  auto* forkVerb = app.add_subcommand(
+      "fork", "start forks of a template and apply each one's identity in its guest; prints one line per fork: ID SOCKET");
+  forkVerb->add_option("--template", options.templateDir, "a directory written by clone snapshot")->required();
+  forkVerb->add_option("--count", options.count, "how many forks")->capture_default_str()->check(CLI::Range(1u, 1000u));
+  forkVerb->add_option("--api-socket", options.apiSocket,
                    "the fork's API socket (with --count N: PATH.1 .. PATH.N); default: in the runtime directory");
-  fork->callback([&options, streams] {
+  forkVerb->add_flag("--no-identity", options.noIdentity,
+                 "do not apply hostname, RNG seed and clock through the guest agent (forks share the template's)");
+  forkVerb->callback([&options, streams] {
     std::string dir = options.templateDir;
     char resolved[PATH_MAX];
     if (::realpath(dir.c_str(), resolved) != nullptr) dir = resolved;
     // Refuse a damaged template here, with the reason, before any fork starts.
     vmm::snapshot::verifyTemplate(dir);
     std::string runtime = runtimeDir();
-    struct Started {
+    struct Fork {
       std::string id, socket, log;
       pid_t pid;
       std::chrono::steady_clock::time_point spawnedAt;
+      // Filled by the fork's own thread.
+      uint32_t cid = 0;
+      bool identityApplied = false;
+      double apiMs = 0, readyMs = 0;
+      std::string error;
     };
-    std::vector<Started> started;
+    std::vector<Fork> forks;
     for (unsigned i = 0; i < options.count; ++i) {
       std::string id = randomId();
       std::string socket = options.apiSocket.empty() ? fmt::format("{}/{}.sock", runtime, id)
@@ -167,18 +347,58 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                                                      : fmt::format("{}.{}", options.apiSocket, i + 1);
       std::string log = fmt::format("{}/{}.console", runtime, id);
       auto spawnedAt = std::chrono::steady_clock::now();
-      started.push_back({id, socket, log, spawnFork(dir, socket, log), spawnedAt});
+      forks.push_back({id, socket, log, spawnFork(dir, socket, log), spawnedAt});
     }
-    for (const auto& fork : started) {
-      waitReady(fork.pid, fork.socket, fork.log);
-      // Latency on stderr: stdout stays "ID SOCKET" for scripts.
-      double millis = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
-                                                                fork.spawnedAt).count();
-      streams.err << fmt::format("fork {}: answering on its API socket {:.1f} ms after spawn\n",
-                                 fork.id, millis);
+    // Each fork is brought up on its own thread: one slow guest does not hold up the others.
+    std::vector<std::thread> threads;
+    for (auto& fork : forks) {
+      threads.emplace_back([&fork, applyIdentity = !options.noIdentity] {
+        try {
+          auto sinceSpawn = [&] {
+            return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
+                                                             fork.spawnedAt).count();
+          };
+          fork.cid = waitReady(fork.pid, fork.socket, fork.log);
+          fork.apiMs = sinceSpawn();
+          if (applyIdentity && fork.cid != 0) {
+            applyForkIdentity(fork.id, fork.cid, kAgentTimeout);
+            fork.identityApplied = true;
+          }
+          fork.readyMs = sinceSpawn();
+        } catch (const std::exception& error) {
+          fork.error = error.what();
+        }
+      });
+    }
+    for (auto& thread : threads) thread.join();
+
+    if (!options.noIdentity &&
+        std::any_of(forks.begin(), forks.end(), [](const Fork& f) { return f.error.empty() && f.cid == 0; })) {
+      streams.err << "clone fork: the template has no vsock device (started with --no-vsock?): "
+                     "identity not applied, forks keep the template's hostname, RNG state and clock\n";
+    }
+    unsigned failed = 0;
+    for (auto& fork : forks) {
+      if (!fork.error.empty()) {
+        ++failed;
+        stopFork(fork.pid, fork.socket);
+        streams.err << fmt::format("clone fork: {} failed and was stopped (console log {}): {}\n",
+                                   fork.id, fork.log, fork.error);
+        continue;
+      }
+      // Latency on stderr, stdout stays "ID SOCKET" for scripts.
+      if (fork.identityApplied) {
+        streams.err << fmt::format(
+            "fork {}: ready (agent answered, identity applied) {:.1f} ms after spawn; API answered after {:.1f} ms\n",
+            fork.id, fork.readyMs, fork.apiMs);
+      } else {
+        streams.err << fmt::format("fork {}: ready (API answered, no identity) {:.1f} ms after spawn\n",
+                                   fork.id, fork.readyMs);
+      }
       streams.out << fork.id << " " << fork.socket << "\n";
     }
     streams.out.flush();
+    require(failed == 0, "{} of {} forks failed (see above); the others run", failed, forks.size());
   });
 
   auto* list = app.add_subcommand("list", "list the VMs whose API sockets are in the runtime directory");

@@ -2,11 +2,13 @@
 # `make demo`: Clone's main job, end to end.
 #   1. boots a template VM (Debian's cloud kernel, Clone's initramfs with the guest agent) with
 #      `clone run` and asks it for its kernel, CPUs and memory;
-#   2. snapshots it (`clone snapshot`) and forks 10 copies (`clone fork --count 10`);
-#   3. asks every fork for its status over its own API socket (running, its own uptime);
-#   4. prints the fork latency (spawn to API answer) and the private memory (PSS) per fork.
-# Not yet: `clone exec` into forks. Templates cannot hold the vsock device yet (docs/FORK.md), so
-# the template runs with --no-vsock and the forks have no guest agent.
+#   2. snapshots it (`clone snapshot`, the vsock device and the guest agent included) and forks
+#      10 copies (`clone fork --count 10`), which gives each fork its own vsock CID and applies
+#      its identity in the guest through the agent: hostname = fork id, fresh RNG seed, clock;
+#   3. runs `clone exec` in every fork: its hostname and 8 bytes of /dev/urandom, to show that
+#      every fork is its own machine, and its vsock CID from its own API socket;
+#   4. prints the fork latency (spawn until the guest agent answered and the identity was
+#      applied) and the private memory (PSS of all the fork's processes) per fork.
 # Without /dev/kvm it runs itself inside the lab (nested KVM under QEMU TCG, docs/LAB.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,22 +39,25 @@ cleanup() {
 trap cleanup EXIT
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
-echo "demo: clone run --kernel $BUILD/guest/vmlinuz --initrd $BUILD/guest/initrd.img --vcpus 2 --mem-mb 512 --no-vsock --api-socket $template_sock"
+echo "demo: clone run --kernel $BUILD/guest/vmlinuz --initrd $BUILD/guest/initrd.img --vcpus 2 --mem-mb 512 --api-socket $template_sock"
 start=$(now_ms)
 coproc VM { exec "$clone" run --kernel "$BUILD/guest/vmlinuz" \
   --initrd "$BUILD/guest/initrd.img" --cmdline "console=ttyS0 panic=-1 quiet" \
-  --vcpus 2 --mem-mb 512 --no-vsock --api-socket "$template_sock" 2>&1; }
+  --vcpus 2 --mem-mb 512 --api-socket "$template_sock" 2>&1; }
 vm_pid=$VM_PID
 exec {vm_out}<&"${VM[0]}" {vm_in}>&"${VM[1]}"
 
-# Reads the template's console until a line contains $1 (gives up after $2 seconds).
+# Reads the template's console until a line contains $1 (gives up after $2 seconds); keeps
+# what it read in $work/console.log and shows its end on a timeout.
 wait_for() {
   local line
   while IFS= read -r -t "$2" -u "$vm_out" line; do
     line=${line%$'\r'}
+    printf '%s\n' "$line" >>"$work/console.log"
     [[ $line == *"$1"* ]] && { printf '%s\n' "$line"; return 0; }
   done
-  echo "demo: timed out waiting for '$1'" >&2
+  echo "demo: timed out waiting for '$1'; the template's console and log ended with:" >&2
+  tail -n 30 "$work/console.log" >&2 || true
   return 1
 }
 
@@ -60,16 +65,27 @@ wait_for CLONE-GUEST-READY 300 >/dev/null
 echo "demo: the template reached userspace in $(( $(now_ms) - start )) ms"
 echo 'echo "DEMO kernel=$(uname -r) cpus=$(nproc) mem=$(awk "/MemTotal/ {print \$2}" /proc/meminfo)kB"' >&"$vm_in"
 wait_for "DEMO kernel=" 60 | sed 's/^/template: /'
+# One line: the guest's hostname and 8 bytes of its /dev/urandom.
+guest_info() {
+  "$clone" exec --vm "$1" --timeout 30 -- sh -c 'hostname; head -c8 /dev/urandom | od -An -x' |
+    tr -s ' \n' ' '
+}
+cid_of() { "$clone" status --vm "$1" --json | sed -n 's/.*"vsock_cid":\([0-9]*\).*/\1/p'; }
+echo "demo: template: cid $(cid_of "$template_sock"), hostname and urandom: $(guest_info "$template_sock")"
 
 echo "demo: clone snapshot --vm $template_sock --output $work/template"
 "$clone" snapshot --vm "$template_sock" --output "$work/template" | sed 's/^/demo: /'
 
 echo "demo: clone fork --template $work/template --count $FORKS"
 fork_start=$(now_ms)
-"$clone" fork --template "$work/template" --count "$FORKS" >"$work/forks" 2>"$work/fork-latency"
+if ! "$clone" fork --template "$work/template" --count "$FORKS" >"$work/forks" 2>"$work/fork-latency"; then
+  cat "$work/fork-latency" >&2
+  exit 1
+fi
 forked=$(now_ms)
+echo "demo: clone exec --vm SOCKET -- sh -c 'hostname; head -c8 /dev/urandom | od -An -x' in every fork:"
 while read -r id sock; do
-  printf 'fork %s: %s\n' "$id" "$("$clone" status --vm "$sock" --json)"
+  printf '%s: cid %s, hostname and urandom: %s\n' "$id" "$(cid_of "$sock")" "$(guest_info "$sock" </dev/null)"
 done <"$work/forks"
 
 # Private memory per fork: PSS of every process of the fork (its clone-vmm).
@@ -82,8 +98,17 @@ while read -r id sock; do
   done
   pss+=("$total")
 done <"$work/forks"
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-mapfile -t latencies < <(awk '/answering on its API socket/ {print $(NF-3)}' "$work/fork-latency")
-echo "demo: $FORKS forks started in $((forked - fork_start)) ms (clone fork until every fork's API answered)"
-echo "demo: fork latency, spawn to API answer: median $(median "${latencies[@]}") ms, slowest $(printf '%s\n' "${latencies[@]}" | sort -g | tail -1) ms"
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# "fork ID: ready (agent answered, identity applied) 812.4 ms after spawn; API answered after 401.2 ms"
+mapfile -t latencies < <(sed -n 's/.*: ready (agent answered, identity applied) \([0-9.]*\) ms after spawn.*/\1/p' "$work/fork-latency")
+mapfile -t api_latencies < <(sed -n 's/.*; API answered after \([0-9.]*\) ms$/\1/p' "$work/fork-latency")
+if [ "${#latencies[@]}" -ne "$FORKS" ]; then
+  echo "demo: expected $FORKS forks with their identity applied, clone fork said:" >&2
+  cat "$work/fork-latency" >&2
+  exit 1
+fi
+echo "demo: $FORKS forks started in $((forked - fork_start)) ms (clone fork until every fork's agent applied its identity)"
+slowest() { printf '%s\n' "$@" | sort -g | tail -1; }
+echo "demo: fork latency, spawn to identity applied (agent answered): median $(median "${latencies[@]}") ms, slowest $(slowest "${latencies[@]}") ms"
+echo "demo:   of which spawn to API answer (restored, vCPUs running): median $(median "${api_latencies[@]}") ms, slowest $(slowest "${api_latencies[@]}") ms"
 echo "demo: private memory per fork (PSS of its processes): median $(( $(median "${pss[@]}") / 1024 )) MiB"

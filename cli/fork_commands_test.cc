@@ -1,0 +1,127 @@
+#include "cli/fork_commands.h"
+
+#include <cerrno>
+
+#include <gtest/gtest.h>
+
+namespace clonevm::cli {
+namespace {
+
+using namespace std::chrono_literals;
+using SystemClock = std::chrono::system_clock;
+
+// What a well-behaved agent reads back for `sent` at `guestClock`.
+IdentityResult appliedAsAsked(const Identity& sent, SystemClock::time_point guestClock) {
+  IdentityResult result;
+  result.hostnameApplied = result.seedApplied = result.clockApplied = true;
+  result.entropyAvail = 256;
+  result.crngReady = 1;
+  result.guestClock = guestClock;
+  result.guestHostname = sent.hostname.value_or("");
+  return result;
+}
+
+std::string joined(const std::vector<std::string>& problems) {
+  std::string text;
+  for (const auto& p : problems) text += p + "\n";
+  return text;
+}
+
+TEST(ForkIdentityTest, ForkIdentityHasTheIdAFreshSeedAndNow) {
+  auto before = SystemClock::now();
+  auto a = forkIdentity("fork-0000abcd");
+  auto b = forkIdentity("fork-0000abcd");
+  EXPECT_EQ(a.hostname, "fork-0000abcd");
+  EXPECT_EQ(a.rngSeed.size(), 32u);
+  EXPECT_NE(a.rngSeed, b.rngSeed) << "two forks got the same seed";
+  ASSERT_TRUE(a.clock);
+  EXPECT_GE(*a.clock, before);
+  EXPECT_LE(*a.clock, SystemClock::now());
+}
+
+TEST(ForkIdentityTest, AnswerAsAskedHasNoProblems) {
+  auto sent = forkIdentity("fork-1");
+  auto now = SystemClock::now();
+  EXPECT_TRUE(identityProblems(sent, appliedAsAsked(sent, now - 1500ms), now).empty());
+  EXPECT_TRUE(identityProblems(sent, appliedAsAsked(sent, now + 1500ms), now).empty());
+}
+
+TEST(ForkIdentityTest, EachFailureIsNamed) {
+  auto sent = forkIdentity("fork-1");
+  auto now = SystemClock::now();
+  struct Case {
+    const char* what;
+    void (*spoil)(IdentityResult&);
+    const char* expected;
+  };
+  const Case cases[] = {
+      {"hostname refused", [](IdentityResult& r) { r.hostnameApplied = false; r.hostnameError = EPERM; },
+       "hostname not set: guest errno 1"},
+      {"other hostname", [](IdentityResult& r) { r.guestHostname = "template"; },
+       "reads hostname 'template', not 'fork-1'"},
+      {"seed refused", [](IdentityResult& r) { r.seedApplied = false; r.seedError = EPERM; },
+       "RNG seed not added (RNDADDENTROPY): guest errno 1"},
+      {"no reseed", [](IdentityResult& r) { r.reseedError = EINVAL; }, "CRNG not reseeded"},
+      {"crng not ready", [](IdentityResult& r) { r.crngReady = 0; }, "CRNG is not ready"},
+      {"clock refused", [](IdentityResult& r) { r.clockApplied = false; r.clockError = EINVAL; },
+       "clock not set: guest errno 22"},
+      {"clock behind", [](IdentityResult& r) { r.guestClock -= 5s; }, "clock reads -5.000 s off"},
+      {"clock ahead", [](IdentityResult& r) { r.guestClock += 2500ms; }, "clock reads 2.500 s off"},
+  };
+  for (const auto& c : cases) {
+    auto result = appliedAsAsked(sent, now);
+    c.spoil(result);
+    auto problems = identityProblems(sent, result, now);
+    ASSERT_EQ(problems.size(), 1u) << c.what << ":\n" << joined(problems);
+    EXPECT_NE(problems[0].find(c.expected), std::string::npos) << c.what << ": " << problems[0];
+  }
+  // Several at once: one line each.
+  IdentityResult nothing;
+  EXPECT_EQ(identityProblems(sent, nothing, now).size(), 3u) << joined(identityProblems(sent, nothing, now));
+}
+
+TEST(ForkIdentityTest, OnlyWhatWasSentIsChecked) {
+  Identity hostnameOnly;
+  hostnameOnly.hostname = "fork-2";
+  IdentityResult result;
+  result.hostnameApplied = true;
+  result.guestHostname = "fork-2";
+  EXPECT_TRUE(identityProblems(hostnameOnly, result, SystemClock::now()).empty());
+}
+
+// Parses `clone fork ARGS` into options. The verb's callback runs too and fails on the missing
+// template, after parsing.
+ForkCommandOptions parseFork(std::vector<std::string> args, bool& parseError) {
+  CLI::App app;
+  ForkCommandOptions options;
+  std::ostringstream out, err;
+  addForkCommands(app, options, {out, err});
+  args.insert(args.begin(), "fork");
+  std::vector<std::string> reversed(args.rbegin(), args.rend());
+  parseError = false;
+  try {
+    app.parse(reversed);
+  } catch (const CLI::ParseError&) {
+    parseError = true;
+  } catch (const Error&) {
+  }
+  return options;
+}
+
+TEST(ForkCommandTest, NoIdentityFlag) {
+  bool parseError = true;
+  auto plain = parseFork({"--template", "/nonexistent-template", "--count", "3"}, parseError);
+  EXPECT_FALSE(parseError);
+  EXPECT_FALSE(plain.noIdentity);
+  EXPECT_EQ(plain.count, 3u);
+  auto without = parseFork({"--template", "/nonexistent-template", "--no-identity"}, parseError);
+  EXPECT_FALSE(parseError);
+  EXPECT_TRUE(without.noIdentity);
+  parseFork({"--template", "/nonexistent-template", "--no-identity=maybe"}, parseError);
+  EXPECT_TRUE(parseError);
+  parseFork({"--template", "/nonexistent-template", "--count", "0"}, parseError);
+  EXPECT_TRUE(parseError);
+}
+
+}  // namespace
+}  // namespace clonevm::cli
