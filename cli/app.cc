@@ -50,7 +50,8 @@ int runApp(const std::vector<std::string>& args, Streams streams) {
   ExecOptions execOptions;
   addExecCommand(app, execOptions, streams, exitCode);
   ForkCommandOptions forkOptions;
-  addForkCommands(app, forkOptions, streams);
+  addForkCommands(app, forkOptions, streams, jailedLauncher);
+  addJailOptions(*app.get_subcommand("fork"), jailOptions);
 
   std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
   try {

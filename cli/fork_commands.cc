@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -20,6 +21,7 @@
 
 #include <fmt/format.h>
 
+#include "cli/direct_launcher.h"
 #include "cli/program_path.h"
 #include "cli/vm_client.h"
 #include "common/error.h"
@@ -41,30 +43,6 @@ constexpr size_t kSeedBytes = 32;
 std::string randomId() {
   std::random_device device;
   return fmt::format("fork-{:08x}", device());
-}
-
-// Starts clone-vmm --restore detached (own session), stdin /dev/null, output to `consoleLog`.
-pid_t spawnFork(const std::string& templateDir, const std::string& socket,
-                const std::string& consoleLog) {
-  std::string program = siblingProgram("clone-vmm");
-  std::vector<std::string> args = {program, "--restore", templateDir, "--api-socket", socket};
-  std::vector<char*> argv;
-  for (auto& arg : args) argv.push_back(arg.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, consoleLog.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  posix_spawnattr_t attributes;
-  posix_spawnattr_init(&attributes);
-  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSID);
-  pid_t pid = 0;
-  int rc = ::posix_spawn(&pid, program.c_str(), &actions, &attributes, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attributes);
-  if (rc != 0) throwSystemError(rc, "start", program);
-  return pid;
 }
 
 std::string tail(const std::string& path) {
@@ -278,6 +256,23 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
   return problems;
 }
 
+ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templateDir,
+                            const vmm::snapshot::Manifest& manifest, const std::string& socket,
+                            const std::string& consoleLog, const std::string& program) {
+  ProcessSpec spec;
+  spec.kind = "vmm";
+  spec.id = forkId;
+  spec.program = program;
+  spec.args = {"--restore", templateDir, "--api-socket", socket};
+  spec.readPaths = {templateDir};
+  spec.writePaths = {std::filesystem::path(socket).parent_path().string()};
+  spec.devices = {"/dev/kvm", "/dev/userfaultfd"};
+  if (manifest.hasDevice(vmm::snapshot::kVsockDeviceName)) spec.devices.push_back("/dev/vhost-vsock");
+  spec.memoryBytes = manifest.memoryBytes;
+  spec.detachedOutput = consoleLog;
+  return spec;
+}
+
 std::string runtimeDir() {
   std::string dir;
   if (const char* explicitDir = std::getenv("CLONE_RUNTIME_DIR"); explicitDir && *explicitDir) {
@@ -291,7 +286,8 @@ std::string runtimeDir() {
   return dir;
 }
 
-void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams) {
+void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams,
+                     ProcessLauncher& jailed) {
   auto* snapshot = app.add_subcommand("snapshot", "write a template of a running VM (pauses it meanwhile)");
   snapshot->add_option("--vm", options.socket, "the VM's API socket")->required();
   snapshot->add_option("--output", options.output, "the template directory to create")->required();
@@ -322,13 +318,18 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                    "the fork's API socket (with --count N: PATH.1 .. PATH.N); default: in the runtime directory");
   forkVerb->add_flag("--no-identity", options.noIdentity,
                  "do not apply hostname, RNG seed and clock through the guest agent (forks share the template's)");
-  forkVerb->callback([&options, streams] {
+  forkVerb->add_flag("--no-jail", options.noJail, "run the forks' cores unjailed (debugging only)");
+  forkVerb->callback([&options, streams, &jailed] {
     std::string dir = options.templateDir;
     char resolved[PATH_MAX];
     if (::realpath(dir.c_str(), resolved) != nullptr) dir = resolved;
     // Refuse a damaged template here, with the reason, before any fork starts.
-    vmm::snapshot::verifyTemplate(dir);
+    auto verified = vmm::snapshot::verifyTemplate(dir);
     std::string runtime = runtimeDir();
+    DirectLauncher direct;
+    ProcessLauncher& launcher = options.noJail ? static_cast<ProcessLauncher&>(direct) : jailed;
+    if (options.noJail) streams.err << "clone: warning: --no-jail: the forks run without their sandbox\n";
+    std::string program = siblingProgram("clone-vmm");
     struct Fork {
       std::string id, socket, log;
       pid_t pid;
@@ -347,7 +348,8 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                                                      : fmt::format("{}.{}", options.apiSocket, i + 1);
       std::string log = fmt::format("{}/{}.console", runtime, id);
       auto spawnedAt = std::chrono::steady_clock::now();
-      forks.push_back({id, socket, log, spawnFork(dir, socket, log), spawnedAt});
+      auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program);
+      forks.push_back({id, socket, log, launcher.launch(spec), spawnedAt});
     }
     // Each fork is brought up on its own thread: one slow guest does not hold up the others.
     std::vector<std::thread> threads;
@@ -432,15 +434,15 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
   auto* destroy = app.add_subcommand("destroy", "end a VM now (no guest shutdown) and wait for it to go");
   destroy->add_option("--vm", options.socket, "the VM's API socket")->required();
   destroy->callback([&options, streams] {
-    pid_t pid = 0;
     withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
-      pid = static_cast<pid_t>(vm.statusRequest().send().wait(waitScope).getStatus().getPid());
       auto request = vm.shutdownRequest();
       request.setGraceful(false);
       request.send().wait(waitScope);
     });
+    // Gone when its API socket is: the core removes it as it exits. (Its pid would not do: a
+    // jailed core is pid 1 of its own namespace.)
     auto deadline = std::chrono::steady_clock::now() + 10s;
-    while (pid > 0 && ::kill(pid, 0) == 0 && std::chrono::steady_clock::now() < deadline) {
+    while (::access(options.socket.c_str(), F_OK) == 0 && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(5ms);
     }
     // The log of a fork started by `clone fork` is not needed once it is gone.

@@ -9,6 +9,8 @@
 
 #include "cli/agent_client.h"
 #include "cli/app.h"
+#include "cli/process_launcher.h"
+#include "vmm-core/snapshot/template_files.h"
 
 namespace clonevm::cli {
 
@@ -20,6 +22,7 @@ struct ForkCommandOptions {
   unsigned count = 1;         // fork
   std::string apiSocket;      // fork: explicit socket (PATH, or PATH.N for N > 1 forks)
   bool noIdentity = false;    // fork: --no-identity (do not talk to the guest agent)
+  bool noJail = false;        // fork: --no-jail
 };
 
 // Where forks' API sockets and console logs live: $CLONE_RUNTIME_DIR, else
@@ -39,6 +42,15 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
                                           std::chrono::system_clock::time_point hostNow,
                                           std::chrono::milliseconds clockTolerance = kGuestClockTolerance);
 
-void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams);
+// What a fork's core needs from its jail: the template (read-only), the directory of its API
+// socket, /dev/kvm, /dev/userfaultfd (its memory is filled lazily; the jail has no
+// CAP_SYS_PTRACE for the userfaultfd syscall) and /dev/vhost-vsock when the template has vsock.
+ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templateDir,
+                            const vmm::snapshot::Manifest& manifest, const std::string& socket,
+                            const std::string& consoleLog, const std::string& program);
+
+// `jailed` starts forks' cores unless --no-jail; wired in main (app.cc).
+void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams,
+                     ProcessLauncher& jailed);
 
 }  // namespace clonevm::cli

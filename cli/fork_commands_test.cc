@@ -91,11 +91,18 @@ TEST(ForkIdentityTest, OnlyWhatWasSentIsChecked) {
 
 // Parses `clone fork ARGS` into options. The verb's callback runs too and fails on the missing
 // template, after parsing.
+// Fails every launch: parsing must never start a process.
+class RefusingLauncher : public ProcessLauncher {
+ public:
+  pid_t launch(const ProcessSpec&) override { throw Error("no launches in this test"); }
+};
+
 ForkCommandOptions parseFork(std::vector<std::string> args, bool& parseError) {
   CLI::App app;
   ForkCommandOptions options;
   std::ostringstream out, err;
-  addForkCommands(app, options, {out, err});
+  RefusingLauncher launcher;
+  addForkCommands(app, options, {out, err}, launcher);
   args.insert(args.begin(), "fork");
   std::vector<std::string> reversed(args.rbegin(), args.rend());
   parseError = false;
@@ -121,6 +128,27 @@ TEST(ForkCommandTest, NoIdentityFlag) {
   EXPECT_TRUE(parseError);
   parseFork({"--template", "/nonexistent-template", "--count", "0"}, parseError);
   EXPECT_TRUE(parseError);
+}
+
+TEST(ForkCommandTest, AForksJailHoldsItsTemplateSocketDirAndDevices) {
+  vmm::snapshot::Manifest manifest;
+  manifest.memoryBytes = 512ull << 20;
+  manifest.devices = {"serial-16550 (COM1)", vmm::snapshot::kVsockDeviceName};
+  auto spec = forkProcessSpec("fork-1", "/srv/tpl", manifest, "/run/clone/fork-1.sock",
+                              "/run/clone/fork-1.console", "/usr/bin/clone-vmm");
+  EXPECT_EQ(spec.kind, "vmm");
+  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--api-socket",
+                                                 "/run/clone/fork-1.sock"}));
+  EXPECT_EQ(spec.readPaths, std::vector<std::string>{"/srv/tpl"});
+  EXPECT_EQ(spec.writePaths, std::vector<std::string>{"/run/clone"});
+  EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd", "/dev/vhost-vsock"}));
+  EXPECT_EQ(spec.memoryBytes, 512ull << 20);
+  EXPECT_EQ(spec.detachedOutput, "/run/clone/fork-1.console");
+
+  manifest.devices = {"serial-16550 (COM1)"};  // a template without vsock: no vsock device node
+  spec = forkProcessSpec("fork-2", "/srv/tpl", manifest, "/run/clone/fork-2.sock", "/dev/null",
+                         "/usr/bin/clone-vmm");
+  EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd"}));
 }
 
 }  // namespace
