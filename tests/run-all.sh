@@ -60,12 +60,12 @@ run_script_suite() {
 run_e2e_in_lab() {
   local all=() names=() line attempt rc status name pattern
   declare -A result=()
-  mapfile -t all < <(ctest --test-dir "$BUILD_DIR" -N -L e2e | sed -nE 's/^ *Test +#[0-9]+: (.*)$/\1/p')
+  mapfile -t all < <(ctest --test-dir "$BUILD_DIR" -N -L e2e | sed -nE 's/^ *Test +#[0-9]+: ([^ ]+).*$/\1/p')
   names=("${all[@]}")
   : >"$logdir/e2e.log"
   for attempt in 1 2 3; do
     pattern=$(printf '%s\n' "${names[@]}" | sed 's/[][\.*^$+?(){}|]/\\&/g' | paste -sd'|')
-    echo "=== e2e in the lab, attempt $attempt: ${#names[@]} tests"
+    echo "=== e2e in the lab, attempt $attempt: ${#names[@]} tests" | tee -a "$logdir/e2e.log"
     CLONE_LAB_TIMEOUT=${CLONE_E2E_LAB_TIMEOUT:-2400} tests/lab/run --idle-timeout 360 -- \
       ctest --test-dir "$REPO/$BUILD_DIR" -L e2e -R "^(${pattern})\$" --timeout 300 \
       --output-on-failure 2>&1 | tee -a "$logdir/e2e.log"

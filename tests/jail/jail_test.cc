@@ -302,7 +302,11 @@ INSTANTIATE_TEST_SUITE_P(
                       // Allowed by the policy, so the answer proves the filter is selective...
                       ForbiddenCase{"vmm", "unix", "ok"},
                       // ...and where open is allowed, the host's files are not in the jail.
-                      ForbiddenCase{"fs", "shadow", "errno 2"}));
+                      ForbiddenCase{"fs", "shadow", "errno 2"}),
+    // Names from the case, not its bytes (which hold pointers and differ between runs).
+    [](const ::testing::TestParamInfo<ForbiddenCase>& info) {
+      return info.param.kind + "_" + info.param.command;
+    });
 
 TEST(JailTest, SeccompLogModeLetsViolationsThrough) {
   JailedProbe probe(jailArgs("probe-log", "block", "log"));
