@@ -276,7 +276,8 @@ class ForbiddenTest : public ::testing::TestWithParam<ForbiddenCase> {};
 
 TEST_P(ForbiddenTest, IsKilledOrDenied) {
   const auto& c = GetParam();
-  JailedProbe probe(jailArgs("probe-forbidden", c.kind));
+  // One jail id (and cgroup) per case: ctest runs the cases in parallel.
+  JailedProbe probe(jailArgs("probe-forbidden-" + c.kind + "-" + c.command, c.kind));
   ASSERT_TRUE(probe.expectLine("ready")) << probe.output();
   probe.send(c.command);
   if (c.answer) {
