@@ -132,6 +132,8 @@ class Machine {
   void attachVsock();
   // Snapshot and restore of the virtio-pci devices (machine_snapshot.cc).
   std::vector<snapshot::VirtioDeviceState> saveVirtioDevices();
+  // The vsock device is attached last (attachDevices), after the vhost-user ones.
+  bool isVsockSlot(size_t index) const { return vsock_ && index + 1 == virtioDevices_.size(); }
   void restoreVirtioDevices(const std::vector<snapshot::VirtioDeviceState>& states,
                             const std::string& templateDir);
   // Places a virtio-pci device's BAR 0 in the 64-bit window, after the previous one.

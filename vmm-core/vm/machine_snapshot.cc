@@ -102,10 +102,10 @@ std::vector<VirtioDeviceState> Machine::saveVirtioDevices() {
             "cannot snapshot: the guest moved BAR 0 of {} from {:#x} to {:#x}",
             placement.bdf.toString(), placement.bar, *decoded);
     VirtioDeviceState state;
-    state.deviceType = vsock_ && i + 1 == virtioDevices_.size() ? vsock_->deviceType() : 0;
+    state.deviceType = isVsockSlot(i) ? vsock_->deviceType() : 0;
     state.barAddress = placement.bar;
     state.transport = virtioDevices_[i]->saveState();
-    if (vsock_ && i + 1 == virtioDevices_.size()) state.vsock = vsock_->saveState();
+    if (isVsockSlot(i)) state.vsock = vsock_->saveState();
     states.push_back(std::move(state));
   }
   return states;
@@ -118,7 +118,7 @@ void Machine::restoreVirtioDevices(const std::vector<VirtioDeviceState>& states,
           virtioDevices_.size());
   for (size_t i = 0; i < states.size(); ++i) {
     const auto& state = states[i];
-    bool isVsock = vsock_ && i + 1 == virtioDevices_.size();
+    bool isVsock = isVsockSlot(i);
     require(state.barAddress == virtioPlacements_[i].bar && isVsock == state.vsock.has_value(),
             "{}: virtio device {} (type {}, BAR {:#x}) does not match this VM's", templateDir, i,
             state.deviceType, state.barAddress);
