@@ -76,7 +76,7 @@ LazyMemoryFill::LazyMemoryFill(const GuestMemory& memory, const std::string& ima
   require((reg.ioctls & (1ull << _UFFDIO_COPY)) && (reg.ioctls & (1ull << _UFFDIO_ZEROPAGE)),
           "userfaultfd: the kernel offers no UFFDIO_COPY/ZEROPAGE for guest memory");
   stopEvent_ = UniqueFd(CLONE_SYSCALL(::eventfd(0, EFD_CLOEXEC), "eventfd (fill thread stop)"));
-  filled_.assign(size_ / kPageBytes, 0);
+  filled_.assign(size_ / kPageBytes, false);
 }
 
 LazyMemoryFill::~LazyMemoryFill() {
@@ -161,8 +161,7 @@ void LazyMemoryFill::fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool
     at = dataEnd;
   }
   if (at < stop) fillRange(at, stop, nullptr);
-  std::fill(filled_.begin() + static_cast<ptrdiff_t>(first),
-            filled_.begin() + static_cast<ptrdiff_t>(end), 1);
+  for (uint64_t page = first; page < end; ++page) filled_[page] = true;
   std::lock_guard lock(mutex_);
   stats_.copiedPages += copied / kPageBytes;
   stats_.zeroedPages += (stop - start - copied) / kPageBytes;

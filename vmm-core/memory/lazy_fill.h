@@ -80,7 +80,7 @@ class LazyMemoryFill {
   UniqueFd image_;
   UniqueFd uffd_;
   UniqueFd stopEvent_;
-  std::vector<uint8_t> filled_;  // one per page; handler thread (or before start) only
+  std::vector<bool> filled_;  // one bit per page; handler thread (or before start) only
   std::thread thread_;
 
   mutable std::mutex mutex_;

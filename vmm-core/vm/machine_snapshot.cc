@@ -1,5 +1,6 @@
 // Machine: writing a template (snapshot) and building a VM from one (restore).
 #include <fcntl.h>
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -192,6 +193,9 @@ void Machine::restoreFromTemplate() {
             config_.vcpuCount, memory_.size() >> 20, stats.prefetchedPages,
             stats.prefetchedPages * LazyMemoryFill::kPageBytes / 1024);
   recordWorkingSetPending_ = record;
+  // The template's state and extent map were decoded into buffers now freed: give their
+  // pages back, or each fork keeps them.
+  ::malloc_trim(0);
 }
 
 void Machine::recordWorkingSet() {
