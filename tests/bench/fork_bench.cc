@@ -1,7 +1,7 @@
 // Issue 7 benchmark, one run, side by side:
 // - Clone forks: from spawning `clone-vmm --restore TEMPLATE` until the guest agent in the fork
-//   has run `true` (vsock connect to the fork's CID, EXEC, exit code back), each fork destroyed
-//   after it is measured, so --forks 100 needs the memory of one fork at a time;
+//   has run `true` (vsock connect to the fork's CID, EXEC, exit code back), each fork powered
+//   off after it is measured, so --forks 100 needs the memory of one fork at a time;
 // - Clone cold boots, to the same agent answer;
 // - QEMU restoring the same guest from a migration file (-incoming "exec:cat FILE"), to the
 //   answer of `echo` on its serial console (QEMU's guest has no Clone agent);
@@ -67,6 +67,22 @@ bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 120s) {
 void powerOff(GuestSession& vm) {
   vm.sendLine("poweroff -f");
   vm.waitExit(20s);
+}
+
+// Ends a VM by powering its guest off. A VM whose process does not exit in time is left
+// running (and counted): killing it can leave it in the kernel for good (seen in the lab:
+// SIGKILLed forks stuck in vhost_vsock_dev_release), and the destructor's waitpid would
+// then stop the benchmark.
+int stuckAtExit = 0;
+void destroy(std::unique_ptr<GuestSession>& vm) {
+  vm->sendLine("poweroff -f");
+  if (vm->waitExit(30s)) {
+    vm.reset();
+    return;
+  }
+  stuckAtExit++;
+  std::cerr << "a VM did not exit 30 s after poweroff; left running\n";
+  (void)vm.release();
 }
 
 // Connects to QEMU's HMP monitor socket and sends one command line; returns what it printed.
@@ -321,17 +337,19 @@ int main(int argc, char** argv) {
   }
 
   // Fork latency: spawn clone-vmm --restore, until the agent ran `true`; then the fork is
-  // killed, so only one exists at a time. The first fork records the working set.
+  // powered off, so only one exists at a time. The first fork records the working set.
   Latencies forkMs;
   double firstForkMs = 0;
   for (int i = 0; i < forks; ++i) {
     uint32_t cid = nextCid++;
     auto start = Clock::now();
-    GuestSession fork(vmm, with({"--restore", templateDir}, cidArgs(cid)));
+    auto session = std::make_unique<GuestSession>(vmm, with({"--restore", templateDir}, cidArgs(cid)));
+    GuestSession& fork = *session;
     std::string error;
     if (!agentAnswers(cid, 120s, error, &fork)) {
       std::cerr << fmt::format("fork {}: the agent did not answer: {}\n{}\n", i, error, fork.output());
       forkMs.failures++;
+      destroy(session);
       continue;
     }
     double ms = msSince(start);
@@ -348,18 +366,19 @@ int main(int argc, char** argv) {
         }
       }
     }
+    destroy(session);
   }
 
   Latencies forkSerialMs;
   for (int i = 0; i < serialForks; ++i) {
     auto start = Clock::now();
-    GuestSession fork(vmm, with({"--restore", templateDir}, cidArgs(nextCid++)));
-    if (!answers(fork)) {
-      std::cerr << "fork did not answer on its console\n" << fork.output();
-      forkSerialMs.failures++;
-      continue;
-    }
-    forkSerialMs.ms.push_back(msSince(start));
+    auto session = std::make_unique<GuestSession>(vmm, with({"--restore", templateDir}, cidArgs(nextCid++)));
+    bool answered = answers(*session);
+    if (answered) forkSerialMs.ms.push_back(msSince(start));
+    else std::cerr << "fork did not answer on its console\n" << session->output();
+    forkSerialMs.failures += answered ? 0 : 1;
+    destroy(session);
+    if (!answered) continue;
     std::cout << fmt::format("fork (serial) {}: {:.1f} ms\n", i, forkSerialMs.ms.back());
   }
 
@@ -368,14 +387,14 @@ int main(int argc, char** argv) {
   for (int i = 0; i < boots; ++i) {
     uint32_t cid = nextCid++;
     auto start = Clock::now();
-    GuestSession vm(vmm, with(coldBootArgs, cidArgs(cid)));
+    auto session = std::make_unique<GuestSession>(vmm, with(coldBootArgs, cidArgs(cid)));
     std::string error;
-    if (!agentAnswers(cid, 180s, error, &vm)) {
-      std::cerr << "cold boot: the agent did not answer: " << error << "\n" << vm.output();
-      bootMs.failures++;
-      continue;
-    }
-    bootMs.ms.push_back(msSince(start));
+    bool answered = agentAnswers(cid, 180s, error, session.get());
+    if (answered) bootMs.ms.push_back(msSince(start));
+    else std::cerr << "cold boot: the agent did not answer: " << error << "\n" << session->output();
+    bootMs.failures += answered ? 0 : 1;
+    destroy(session);
+    if (!answered) continue;
     std::cout << fmt::format("clone cold boot {}: {:.1f} ms to exec\n", i, bootMs.ms.back());
   }
 
@@ -468,7 +487,7 @@ int main(int argc, char** argv) {
       std::cout << fmt::format("fork {} (median PSS), pid {}: largest mappings by PSS (KiB)\n", median, pid);
       for (const auto& row : topMappings(pid, 15)) std::cout << "  " << row << "\n";
     }
-    idle.clear();  // killed
+    for (auto& vm : idle) destroy(vm);
   }
 
   std::cout << fmt::format("RESULT clone_fork_to_exec_ms {} (first fork, which records the working set: {:.1f})\n",
@@ -485,6 +504,7 @@ int main(int argc, char** argv) {
                            ratio(qemuMs, forkSerialMs, 0.5), ratio(qemuMs, forkSerialMs, 0.99));
   std::cout << fmt::format("RESULT ratio clone_cold_boot(exec)/clone_fork(exec) p50 {:.2f}\n",
                            ratio(bootMs, forkMs, 0.5));
+  std::cout << fmt::format("RESULT vms_stuck_at_exit {}\n", stuckAtExit);
   std::cout << "RESULT with_disk not measured: templates refuse vhost-user devices\n";
   if (!pssMib.empty()) {
     std::cout << fmt::format("RESULT fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, goal <= 2 MB)\n",
