@@ -18,7 +18,26 @@
 namespace clonevm::vmm {
 namespace {
 
-constexpr uint64_t kPage = 4096;
+// Prefetch reads the image through a bounce buffer of this size at most per ioctl.
+constexpr uint64_t kMaxRunBytes = 1 << 20;
+
+// An anonymous mapping, unmapped when done, so a prefetch leaves no heap behind in the fork.
+class BounceBuffer {
+ public:
+  explicit BounceBuffer(size_t size) : size_(size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throwSystemError(errno, "mmap prefetch buffer");
+    data_ = static_cast<uint8_t*>(p);
+  }
+  ~BounceBuffer() { ::munmap(data_, size_); }
+  BounceBuffer(const BounceBuffer&) = delete;
+  BounceBuffer& operator=(const BounceBuffer&) = delete;
+  uint8_t* data() { return data_; }
+
+ private:
+  uint8_t* data_;
+  size_t size_;
+};
 
 }  // namespace
 
@@ -31,14 +50,16 @@ LazyMemoryFill::LazyMemoryFill(const GuestMemory& memory, const std::string& ima
       imagePath_(imagePath),
       extents_(std::move(dataExtents)),
       log_(log) {
-  require(size_ % kChunkBytes == 0, "guest memory of {} bytes is not a multiple of {}", size_,
-          kChunkBytes);
+  require(size_ % kPageBytes == 0, "guest memory of {} bytes is not a multiple of {}", size_,
+          kPageBytes);
+  for (const auto& [offset, length] : extents_) {
+    require(offset % kPageBytes == 0 && length % kPageBytes == 0 && offset + length <= size_ &&
+                offset + length > offset,
+            "{}: data extent ({:#x}, {:#x}) is not page-aligned inside the image", imagePath,
+            offset, length);
+  }
   image_ = UniqueFd(CLONE_SYSCALL(::open(imagePath.c_str(), O_RDONLY | O_CLOEXEC),
                                   "open template memory image", imagePath));
-  void* mapping = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED | MAP_NORESERVE, image_.get(), 0);
-  if (mapping == MAP_FAILED) throwSystemError(errno, "mmap template memory image", imagePath);
-  imageMapping_ = static_cast<const uint8_t*>(mapping);
-
   uffd_ = openUserfaultfd();
   uffdio_api api{};
   api.api = UFFD_API;
@@ -51,90 +72,131 @@ LazyMemoryFill::LazyMemoryFill(const GuestMemory& memory, const std::string& ima
   require((reg.ioctls & (1ull << _UFFDIO_COPY)) && (reg.ioctls & (1ull << _UFFDIO_ZEROPAGE)),
           "userfaultfd: the kernel offers no UFFDIO_COPY/ZEROPAGE for guest memory");
   stopEvent_ = UniqueFd(CLONE_SYSCALL(::eventfd(0, EFD_CLOEXEC), "eventfd (fill thread stop)"));
-  filled_.assign(size_ / kChunkBytes, 0);
+  filled_.assign(size_ / kPageBytes, false);
 }
 
 LazyMemoryFill::~LazyMemoryFill() {
   auto s = stats();
-  log_.info("memory fill: {} faults, {} chunks copied, {} zero-filled, {} prefetched", s.faults,
-            s.copiedChunks, s.zeroedChunks, s.prefetchedChunks);
+  log_.info("memory fill: {} faults, {} pages copied, {} zero-filled, {} of them prefetched",
+            s.faults, s.copiedPages, s.zeroedPages, s.prefetchedPages);
   if (thread_.joinable()) {
     uint64_t one = 1;
     (void)!::write(stopEvent_.get(), &one, sizeof(one));
     thread_.join();
   }
-  if (imageMapping_ != nullptr) ::munmap(const_cast<uint8_t*>(imageMapping_), size_);
 }
 
-bool LazyMemoryFill::chunkHasData(uint64_t start, uint64_t end) const {
-  // The first extent ending after `start`.
-  auto it = std::upper_bound(extents_.begin(), extents_.end(), start,
-                             [](uint64_t value, const auto& e) { return value < e.first + e.second; });
-  return it != extents_.end() && it->first < end;
+std::vector<std::pair<uint64_t, uint64_t>>::const_iterator LazyMemoryFill::extentAfter(
+    uint64_t offset) const {
+  return std::upper_bound(extents_.begin(), extents_.end(), offset,
+                          [](uint64_t value, const auto& e) { return value < e.first + e.second; });
 }
 
-void LazyMemoryFill::fillChunk(uint64_t chunkIndex, bool prefetching) {
-  if (filled_[chunkIndex]) return;
-  uint64_t start = chunkIndex * kChunkBytes;
-  uint64_t end = start + kChunkBytes;
-  bool data = chunkHasData(start, end);
-  if (prefetching && !data) return;  // zero chunks cost a fault later, not memory now
-  // A page of the chunk may exist already (EEXIST): then fill the rest page by page.
-  auto fill = [&](uint64_t from, uint64_t to, bool copy) -> int {
-    while (true) {
-      if (copy) {
+void LazyMemoryFill::fillRange(uint64_t from, uint64_t to, const uint8_t* source) {
+  // Returns 0 or an errno; a partial fill (EAGAIN with progress) continues where it stopped.
+  auto fill = [&](uint64_t start, uint64_t end) -> int {
+    while (start < end) {
+      int64_t done = 0;
+      int rc;
+      if (source != nullptr) {
         uffdio_copy copy{};
-        copy.dst = reinterpret_cast<uint64_t>(base_ + from);
-        copy.src = reinterpret_cast<uint64_t>(imageMapping_ + from);
-        copy.len = to - from;
-        if (::ioctl(uffd_.get(), UFFDIO_COPY, &copy) == 0) return 0;
+        copy.dst = reinterpret_cast<uint64_t>(base_ + start);
+        copy.src = reinterpret_cast<uint64_t>(source + (start - from));
+        copy.len = end - start;
+        rc = ::ioctl(uffd_.get(), UFFDIO_COPY, &copy);
+        done = copy.copy;
       } else {
         uffdio_zeropage zero{};
-        zero.range.start = reinterpret_cast<uint64_t>(base_ + from);
-        zero.range.len = to - from;
-        if (::ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &zero) == 0) return 0;
+        zero.range.start = reinterpret_cast<uint64_t>(base_ + start);
+        zero.range.len = end - start;
+        rc = ::ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &zero);
+        done = zero.zeropage;
       }
+      if (rc == 0) return 0;
       if (errno != EAGAIN) return errno;
+      if (done > 0) start += static_cast<uint64_t>(done);
     }
+    return 0;
   };
-  auto fillRange = [&](uint64_t from, uint64_t to, bool copy) {
-    int error = fill(from, to, copy);
-    if (error == EEXIST) {
-      for (uint64_t page = from; page < to; page += kPage) {
-        int pageError = fill(page, page + kPage, copy);
-        if (pageError != 0 && pageError != EEXIST) throwSystemError(pageError, "userfaultfd fill page");
+  int error = fill(from, to);
+  if (error == EEXIST) {
+    // A page of the range exists already (it raced with a fault): the others one by one.
+    // An ioctl that fails with EEXIST wakes no waiter, so the range is woken at the end.
+    for (uint64_t page = from; page < to; page += kPageBytes) {
+      int pageError = fill(page, page + kPageBytes);
+      if (pageError != 0 && pageError != EEXIST) {
+        throwSystemError(pageError, source ? "UFFDIO_COPY page" : "UFFDIO_ZEROPAGE page", imagePath_);
       }
-    } else if (error != 0) {
-      throwSystemError(error, copy ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE", imagePath_);
     }
-  };
-  if (!data) {
-    fillRange(start, end, false);
-  } else {
-    // Copy only the image's data; zero-fill its holes instead of reading them: a read fault
-    // on a hole of a tmpfs file allocates a page in it (and changes its extent map).
-    uint64_t at = start;
-    auto it = std::upper_bound(extents_.begin(), extents_.end(), start,
-                               [](uint64_t value, const auto& e) { return value < e.first + e.second; });
-    for (; it != extents_.end() && it->first < end; ++it) {
-      uint64_t dataStart = std::max(at, it->first);
-      uint64_t dataEnd = std::min(end, it->first + it->second);
-      if (dataStart > at) fillRange(at, dataStart, false);
-      fillRange(dataStart, dataEnd, true);
-      at = dataEnd;
-    }
-    if (at < end) fillRange(at, end, false);
+    wake(from, to - from);
+  } else if (error != 0) {
+    throwSystemError(error, source ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE", imagePath_);
   }
-  filled_[chunkIndex] = 1;
-  std::lock_guard lock(mutex_);
-  (data ? stats_.copiedChunks : stats_.zeroedChunks)++;
-  if (prefetching) stats_.prefetchedChunks++;
 }
 
-void LazyMemoryFill::prefetch(const std::vector<uint64_t>& chunkOffsets) {
-  for (uint64_t offset : chunkOffsets) {
-    if (offset % kChunkBytes != 0 || offset >= size_) continue;
-    fillChunk(offset / kChunkBytes, true);
+void LazyMemoryFill::wake(uint64_t offset, uint64_t length) {
+  uffdio_range range{reinterpret_cast<uint64_t>(base_ + offset), length};
+  CLONE_SYSCALL(::ioctl(uffd_.get(), UFFDIO_WAKE, &range), "UFFDIO_WAKE", imagePath_);
+}
+
+void LazyMemoryFill::fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool prefetching) {
+  uint64_t start = first * kPageBytes;
+  uint64_t stop = end * kPageBytes;
+  uint64_t copied = 0;
+  // Copy only the image's data; zero-fill its holes instead of reading them.
+  uint64_t at = start;
+  for (auto it = extentAfter(start); it != extents_.end() && it->first < stop; ++it) {
+    uint64_t dataStart = std::max(at, it->first);
+    uint64_t dataEnd = std::min(stop, it->first + it->second);
+    if (dataStart > at) fillRange(at, dataStart, nullptr);
+    uint8_t* into = buffer + (dataStart - start);
+    for (uint64_t done = 0; done < dataEnd - dataStart;) {
+      ssize_t n = ::pread(image_.get(), into + done, dataEnd - dataStart - done,
+                          static_cast<off_t>(dataStart + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) throwSystemError(errno, "read template memory image", imagePath_);
+      require(n > 0, "{}: the memory image ends at {:#x}, inside a data extent", imagePath_,
+              dataStart + done);
+      done += static_cast<uint64_t>(n);
+    }
+    fillRange(dataStart, dataEnd, into);
+    copied += dataEnd - dataStart;
+    at = dataEnd;
+  }
+  if (at < stop) fillRange(at, stop, nullptr);
+  for (uint64_t page = first; page < end; ++page) filled_[page] = true;
+  std::lock_guard lock(mutex_);
+  stats_.copiedPages += copied / kPageBytes;
+  stats_.zeroedPages += (stop - start - copied) / kPageBytes;
+  if (prefetching) stats_.prefetchedPages += end - first;
+}
+
+void LazyMemoryFill::prefetch(std::vector<uint64_t> pageOffsets) {
+  std::erase_if(pageOffsets, [&](uint64_t o) { return o % kPageBytes != 0 || o >= size_; });
+  if (pageOffsets.empty()) return;
+  std::sort(pageOffsets.begin(), pageOffsets.end());
+  BounceBuffer buffer(kMaxRunBytes);
+  constexpr uint64_t kMaxRunPages = kMaxRunBytes / kPageBytes;
+  size_t i = 0;
+  while (i < pageOffsets.size()) {
+    uint64_t first = pageOffsets[i] / kPageBytes;
+    if (filled_[first]) {
+      ++i;
+      continue;
+    }
+    uint64_t end = first + 1;
+    ++i;
+    while (i < pageOffsets.size() && end - first < kMaxRunPages) {
+      uint64_t page = pageOffsets[i] / kPageBytes;
+      if (page == end - 1) {  // a duplicate
+        ++i;
+        continue;
+      }
+      if (page != end || filled_[page]) break;
+      ++end;
+      ++i;
+    }
+    fillRun(first, end, buffer.data(), true);
   }
 }
 
@@ -146,7 +208,8 @@ void LazyMemoryFill::start(std::chrono::milliseconds recordFor) {
 
 void LazyMemoryFill::handleFaults() {
   pollfd fds[2] = {{uffd_.get(), POLLIN, 0}, {stopEvent_.get(), POLLIN, 0}};
-  uffd_msg messages[32];
+  uffd_msg messages[16];
+  alignas(kPageBytes) uint8_t page[kPageBytes];
   try {
     while (true) {
       int ready = ::poll(fds, 2, -1);
@@ -162,12 +225,19 @@ void LazyMemoryFill::handleFaults() {
         if (messages[i].event != UFFD_EVENT_PAGEFAULT) continue;
         uint64_t offset = messages[i].arg.pagefault.address - reinterpret_cast<uint64_t>(base_);
         if (offset >= size_) continue;
-        uint64_t chunk = offset / kChunkBytes;
-        bool fresh = !filled_[chunk];
-        fillChunk(chunk, false);
+        uint64_t index = offset / kPageBytes;
+        bool fresh = !filled_[index];
+        // A page filled since this fault was queued (two threads faulted on it) is woken
+        // again: a fill that met EEXIST woke nobody, and a waiter left asleep is a vCPU or
+        // vhost worker stuck for good.
+        if (fresh) {
+          fillRun(index, index + 1, page, false);
+        } else {
+          wake(index * kPageBytes, kPageBytes);
+        }
         std::lock_guard lock(mutex_);
         stats_.faults++;
-        if (recording && fresh) recorded_.push_back(chunk * kChunkBytes);
+        if (recording && fresh) recorded_.push_back(index * kPageBytes);
       }
     }
   } catch (const std::exception& e) {
@@ -177,13 +247,13 @@ void LazyMemoryFill::handleFaults() {
   }
 }
 
-std::vector<uint64_t> LazyMemoryFill::recordedChunks() {
+std::vector<uint64_t> LazyMemoryFill::recordedPages() {
   auto now = std::chrono::steady_clock::now();
   if (recordUntil_ > now) std::this_thread::sleep_for(recordUntil_ - now);
   std::lock_guard lock(mutex_);
-  std::vector<uint64_t> chunks = recorded_;
-  std::sort(chunks.begin(), chunks.end());
-  return chunks;
+  std::vector<uint64_t> pages = recorded_;
+  std::sort(pages.begin(), pages.end());
+  return pages;
 }
 
 LazyMemoryFill::Stats LazyMemoryFill::stats() const {

@@ -2,13 +2,17 @@
 // Fills a fork's guest memory lazily from a template's memory image (DESIGN §3, docs/FORK.md).
 //
 // The fork's memfd mapping is registered with userfaultfd in MISSING mode. A handler thread
-// resolves each fault for a whole aligned chunk (64 KiB): UFFDIO_COPY from the image (mapped
-// read-only, so every fork reads one page-cache copy) where the chunk holds data, and
-// UFFDIO_ZEROPAGE where the image has a hole. KVM's own accesses (vCPU entry, kvmclock
-// updates, get_user_pages) fault through the same mapping and are resolved the same way.
+// resolves each fault for the one 4 KiB page that faulted: UFFDIO_COPY from the image where
+// the page holds data, UFFDIO_ZEROPAGE where the image has a hole. Every page filled is a page
+// the fork owns for good (memfd pages are never shared or merged), so filling more than was
+// touched is memory lost per fork. KVM's own accesses (vCPU entry, kvmclock updates,
+// get_user_pages) fault through the same mapping and are resolved the same way.
 //
-// The working set: chunks faulted during the first moments after start() can be recorded,
-// and a recorded set prefetched in bulk before the vCPUs run.
+// The image is read with pread, not mapped: its page cache is shared by every fork and paid
+// once by the host, and is then not counted in any fork's PSS.
+//
+// The working set: pages faulted during the first moments after start() can be recorded,
+// and a recorded set prefetched in bulk (contiguous pages in one ioctl) before the vCPUs run.
 
 #include <atomic>
 #include <chrono>
@@ -28,13 +32,13 @@ namespace clonevm::vmm {
 
 class LazyMemoryFill {
  public:
-  static constexpr uint64_t kChunkBytes = 64 * 1024;
+  static constexpr uint64_t kPageBytes = 4096;
 
   struct Stats {
-    uint64_t faults = 0;         // fault messages handled
-    uint64_t copiedChunks = 0;   // chunks filled with UFFDIO_COPY
-    uint64_t zeroedChunks = 0;   // chunks filled with UFFDIO_ZEROPAGE
-    uint64_t prefetchedChunks = 0;
+    uint64_t faults = 0;           // fault messages handled
+    uint64_t copiedPages = 0;      // pages filled with UFFDIO_COPY (faults and prefetch)
+    uint64_t zeroedPages = 0;      // pages filled with UFFDIO_ZEROPAGE (faults and prefetch)
+    uint64_t prefetchedPages = 0;  // of those, filled by prefetch()
   };
 
   // `imagePath` has memory.size() bytes; `dataExtents` (offset, length) are its data
@@ -45,21 +49,29 @@ class LazyMemoryFill {
   LazyMemoryFill(const LazyMemoryFill&) = delete;
   LazyMemoryFill& operator=(const LazyMemoryFill&) = delete;
 
-  // Fills the chunks at these offsets now (before start(): no fault is waiting). Offsets are
-  // validated; bad ones are skipped.
-  void prefetch(const std::vector<uint64_t>& chunkOffsets);
-  // Starts the fault-handling thread. With recordFor > 0, the chunks faulted in during that
-  // time are kept for recordedChunks().
+  // Fills the pages at these offsets now (before start(): no fault is waiting), runs of
+  // contiguous pages with one ioctl each. Offsets need not be sorted; unaligned or out of
+  // range ones are skipped.
+  void prefetch(std::vector<uint64_t> pageOffsets);
+  // Starts the fault-handling thread. With recordFor > 0, the pages faulted in during that
+  // time are kept for recordedPages().
   void start(std::chrono::milliseconds recordFor = std::chrono::milliseconds(0));
-  // Waits until the recording window has passed; returns the chunks faulted in it, sorted.
-  std::vector<uint64_t> recordedChunks();
+  // Waits until the recording window has passed; returns the pages faulted in it, sorted.
+  std::vector<uint64_t> recordedPages();
   Stats stats() const;
 
  private:
   void handleFaults();
-  // Fills the chunk holding `offset` unless it is filled already. Handler thread or before start().
-  void fillChunk(uint64_t chunkIndex, bool prefetching);
-  bool chunkHasData(uint64_t start, uint64_t end) const;
+  // Fills pages [first, end) (page indices), none of them filled yet. `buffer` holds at least
+  // the run's bytes. Handler thread or before start().
+  void fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool prefetching);
+  // Fills [from, to) (bytes) with one ioctl; on EEXIST (a page there exists already: a
+  // racing fault) page by page.
+  void fillRange(uint64_t from, uint64_t to, const uint8_t* source);
+  // Wakes whoever waits on a fault in [offset, offset + length) (bytes).
+  void wake(uint64_t offset, uint64_t length);
+  // The first extent ending after `offset`.
+  std::vector<std::pair<uint64_t, uint64_t>>::const_iterator extentAfter(uint64_t offset) const;
 
   const GuestMemory& memory_;
   uint8_t* base_;
@@ -68,10 +80,9 @@ class LazyMemoryFill {
   std::vector<std::pair<uint64_t, uint64_t>> extents_;
   spdlog::logger& log_;
   UniqueFd image_;
-  const uint8_t* imageMapping_ = nullptr;
   UniqueFd uffd_;
   UniqueFd stopEvent_;
-  std::vector<uint8_t> filled_;  // one per chunk; handler thread (or before start) only
+  std::vector<bool> filled_;  // one bit per page; handler thread (or before start) only
   std::thread thread_;
 
   mutable std::mutex mutex_;

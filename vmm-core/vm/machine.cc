@@ -95,6 +95,15 @@ Machine::~Machine() {
   if (workingSetRecorder_.joinable()) workingSetRecorder_.join();
   // The vCPU threads may wait on a fault only the fill thread resolves: stop them first.
   for (auto& runner : runners_) runner->stop();
+  // So is vhost-vsock's kernel worker, which cannot be killed: stop it while the fill
+  // thread still answers, before lazyFill_ goes.
+  if (vsock_) {
+    try {
+      vsock_->stop();
+    } catch (const std::exception& e) {
+      log_.warn("stopping vsock at exit: {}", e.what());
+    }
+  }
 }
 
 double Machine::millisSinceStart() const {

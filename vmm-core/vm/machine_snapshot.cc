@@ -1,5 +1,6 @@
 // Machine: writing a template (snapshot) and building a VM from one (restore).
 #include <fcntl.h>
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,8 +23,9 @@ namespace {
 using namespace snapshot;
 
 constexpr char kWorkingSetMagic[8] = {'C', 'L', 'W', 'S', 'E', 'T', '0', '1'};
-// How long after a fork's vCPUs start its faults count as the template's working set.
-constexpr auto kWorkingSetWindow = std::chrono::milliseconds(300);
+// How long after a fork starts its faults count as the template's working set: long enough
+// to cover the guest's first answer to the agent, so later forks answer without faulting.
+constexpr auto kWorkingSetWindow = std::chrono::milliseconds(1000);
 
 const std::vector<std::string> kCoreDevices = {"serial-16550 (COM1)", "i8042", "cmos-rtc",
                                                "acpi-pm", "pci-host-bridge"};
@@ -38,6 +40,8 @@ void prepareOutputDir(const std::string& dir) {
   CLONE_SYSCALL(::mkdir(dir.c_str(), 0755), "create template directory", dir);
 }
 
+// The file: magic, granularity, count, then `count` offsets of that granularity. Sets
+// recorded in 64 KiB chunks by older builds are read as the pages of those chunks.
 std::vector<uint64_t> readWorkingSet(const std::string& path, uint64_t memorySize,
                                      spdlog::logger& log) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
@@ -49,19 +53,26 @@ std::vector<uint64_t> readWorkingSet(const std::string& path, uint64_t memorySiz
   }
   std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
   if (::pread(fd.get(), bytes.data(), bytes.size(), 0) != st.st_size) return {};
-  uint64_t chunk = 0;
+  uint64_t granule = 0;
   uint64_t count = 0;
-  std::memcpy(&chunk, bytes.data() + 8, 8);
+  std::memcpy(&granule, bytes.data() + 8, 8);
   std::memcpy(&count, bytes.data() + 16, 8);
-  if (std::memcmp(bytes.data(), kWorkingSetMagic, 8) != 0 || chunk != LazyMemoryFill::kChunkBytes ||
+  constexpr uint64_t kPage = LazyMemoryFill::kPageBytes;
+  bool granuleOk = granule >= kPage && granule <= (2 << 20) && (granule & (granule - 1)) == 0;
+  if (std::memcmp(bytes.data(), kWorkingSetMagic, 8) != 0 || !granuleOk ||
       count != (bytes.size() - 24) / 8 || (bytes.size() - 24) % 8 != 0) {
     log.warn("{}: malformed working set file, ignored", path);
     return {};
   }
   std::vector<uint64_t> offsets(count);
   if (count > 0) std::memcpy(offsets.data(), bytes.data() + 24, count * 8);
-  std::erase_if(offsets, [&](uint64_t o) { return o % chunk != 0 || o >= memorySize; });
-  return offsets;
+  std::erase_if(offsets, [&](uint64_t o) { return o % granule != 0 || o >= memorySize || memorySize - o < granule; });
+  if (granule == kPage) return offsets;
+  std::vector<uint64_t> pages;
+  for (uint64_t o : offsets) {
+    for (uint64_t page = o; page < o + granule; page += kPage) pages.push_back(page);
+  }
+  return pages;
 }
 
 // Written once by the first fork that finds none: to a private name, then linked into place
@@ -69,10 +80,10 @@ std::vector<uint64_t> readWorkingSet(const std::string& path, uint64_t memorySiz
 void writeWorkingSet(const std::string& dir, const std::vector<uint64_t>& offsets,
                      spdlog::logger& log) {
   std::vector<uint8_t> bytes(24 + offsets.size() * 8);
-  uint64_t chunk = LazyMemoryFill::kChunkBytes;
+  uint64_t granule = LazyMemoryFill::kPageBytes;
   uint64_t count = offsets.size();
   std::memcpy(bytes.data(), kWorkingSetMagic, 8);
-  std::memcpy(bytes.data() + 8, &chunk, 8);
+  std::memcpy(bytes.data() + 8, &granule, 8);
   std::memcpy(bytes.data() + 16, &count, 8);
   if (count > 0) std::memcpy(bytes.data() + 24, offsets.data(), count * 8);
   std::string temporary = fmt::format("{}.tmp.{}", kWorkingSetFile, ::getpid());
@@ -81,8 +92,8 @@ void writeWorkingSet(const std::string& dir, const std::vector<uint64_t>& offset
     std::string from = dir + "/" + temporary;
     std::string to = dir + "/" + kWorkingSetFile;
     if (::link(from.c_str(), to.c_str()) == 0) {
-      log.info("recorded the template's working set: {} chunks ({} KiB) in {}", count,
-               count * chunk / 1024, to);
+      log.info("recorded the template's working set: {} pages ({} KiB) in {}", count,
+               count * granule / 1024, to);
     }
     ::unlink(from.c_str());
   } catch (const std::exception& e) {
@@ -178,9 +189,13 @@ void Machine::restoreFromTemplate() {
   restoreVirtioDevices(state.virtio, source.dir);
   timings_.vcpusReady = millisSinceStart();
   auto stats = lazyFill_->stats();
-  log_.info("restored from {}: {} vCPUs, {} MiB, {} chunks prefetched", source.dir,
-            config_.vcpuCount, memory_.size() >> 20, stats.prefetchedChunks);
+  log_.info("restored from {}: {} vCPUs, {} MiB, {} pages prefetched ({} KiB)", source.dir,
+            config_.vcpuCount, memory_.size() >> 20, stats.prefetchedPages,
+            stats.prefetchedPages * LazyMemoryFill::kPageBytes / 1024);
   recordWorkingSetPending_ = record;
+  // The template's state and extent map were decoded into buffers now freed: give their
+  // pages back, or each fork keeps them.
+  ::malloc_trim(0);
 }
 
 void Machine::recordWorkingSet() {
@@ -188,7 +203,7 @@ void Machine::recordWorkingSet() {
   recordWorkingSetPending_ = false;
   std::string dir = config_.restoreFrom->dir;
   workingSetRecorder_ = std::thread([this, dir] {
-    writeWorkingSet(dir, lazyFill_->recordedChunks(), log_);
+    writeWorkingSet(dir, lazyFill_->recordedPages(), log_);
   });
 }
 

@@ -1,0 +1,152 @@
+// LazyMemoryFill on a real userfaultfd, no KVM: this thread's own reads of guest memory fault
+// and the fill thread resolves them. Needs userfaultfd (root, CAP_SYS_PTRACE or
+// vm.unprivileged_userfaultfd=1); skipped otherwise.
+#include "vmm-core/memory/lazy_fill.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
+
+#include "common/error.h"
+#include "vmm-core/arch/layout.h"
+
+namespace clonevm::vmm {
+namespace {
+
+constexpr uint64_t kPage = LazyMemoryFill::kPageBytes;
+constexpr uint64_t kSize = 4 * layout::kMiB;
+
+uint8_t patternByte(uint64_t offset) { return static_cast<uint8_t>((offset / kPage * 7 + offset % 251) | 1); }
+
+class LazyFillTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int probe = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC));
+    if (probe < 0) GTEST_SKIP() << "no userfaultfd here: " << std::strerror(errno);
+    ::close(probe);
+    dir_ = std::filesystem::temp_directory_path() / fmt::format("lazy-fill-test-{}", ::getpid());
+    std::filesystem::create_directories(dir_);
+    imagePath_ = (dir_ / "memory").string();
+    // Data in [64 KiB, 192 KiB) and [1 MiB + 8 KiB, 1 MiB + 12 KiB); the rest holes.
+    extents_ = {{64 * 1024, 128 * 1024}, {layout::kMiB + 8192, 4096}};
+    int fd = ::open(imagePath_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::ftruncate(fd, kSize), 0);
+    for (auto [offset, length] : extents_) {
+      std::vector<uint8_t> bytes(length);
+      for (uint64_t i = 0; i < length; ++i) bytes[i] = patternByte(offset + i);
+      ASSERT_EQ(::pwrite(fd, bytes.data(), length, static_cast<off_t>(offset)), static_cast<ssize_t>(length));
+    }
+    ::close(fd);
+    memory_ = std::make_unique<GuestMemory>(GuestMemory::create(kSize, "lazy-fill-test"));
+  }
+  void TearDown() override {
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+
+  uint8_t expected(uint64_t offset) const {
+    for (auto [start, length] : extents_) {
+      if (offset >= start && offset < start + length) return patternByte(offset);
+    }
+    return 0;
+  }
+  uint8_t at(uint64_t offset) const {
+    return static_cast<volatile uint8_t*>(memory_->mappingForRegistration().data())[offset];
+  }
+  // Pages of the memfd that exist (were filled): what the fork pays for.
+  uint64_t residentPages() const {
+    std::vector<unsigned char> vec(kSize / kPage);
+    CLONE_SYSCALL(::mincore(memory_->mappingForRegistration().data(), kSize, vec.data()), "mincore");
+    uint64_t n = 0;
+    for (auto v : vec) n += v & 1;
+    return n;
+  }
+
+  spdlog::logger log_{"lazy-fill-test"};
+  std::filesystem::path dir_;
+  std::string imagePath_;
+  std::vector<std::pair<uint64_t, uint64_t>> extents_;
+  std::unique_ptr<GuestMemory> memory_;
+};
+
+TEST_F(LazyFillTest, FaultsFillOnlyTheTouchedPageFromDataOrZero) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.start();
+  // A data page, its neighbour across the extent's end, a hole page, the lone data page.
+  std::vector<uint64_t> touched = {64 * 1024 + 5, 192 * 1024 - 1, 192 * 1024, 3 * layout::kMiB + 17,
+                                   layout::kMiB + 8192 + 100};
+  for (uint64_t offset : touched) EXPECT_EQ(at(offset), expected(offset)) << offset;
+  // Every byte of the filled pages is right, not just the one read.
+  for (uint64_t offset : touched) {
+    uint64_t page = offset / kPage * kPage;
+    for (uint64_t i = page; i < page + kPage; ++i) ASSERT_EQ(at(i), expected(i)) << i;
+  }
+  EXPECT_EQ(residentPages(), touched.size());
+  auto stats = fill.stats();
+  EXPECT_EQ(stats.faults, touched.size());
+  EXPECT_EQ(stats.copiedPages, 3u);
+  EXPECT_EQ(stats.zeroedPages, 2u);
+  EXPECT_EQ(stats.prefetchedPages, 0u);
+  // Writes land in the fork's memory; the image is untouched.
+  memory_->mappingForRegistration().data()[64 * 1024 + 5] = 0;
+  EXPECT_EQ(at(64 * 1024 + 5), 0);
+  int fd = ::open(imagePath_.c_str(), O_RDONLY | O_CLOEXEC);
+  uint8_t byte = 0;
+  ASSERT_EQ(::pread(fd, &byte, 1, 64 * 1024 + 5), 1);
+  ::close(fd);
+  EXPECT_EQ(byte, patternByte(64 * 1024 + 5));
+}
+
+TEST_F(LazyFillTest, PrefetchFillsRunsAcrossExtentsAndSkipsBadOffsets) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  // A run from a hole into data and out again (56 KiB .. 200 KiB), a duplicate, unordered,
+  // and offsets that are unaligned or out of range.
+  std::vector<uint64_t> offsets;
+  for (uint64_t o = 200 * 1024; o >= 56 * 1024; o -= kPage) offsets.push_back(o);
+  offsets.push_back(100 * 1024);
+  offsets.push_back(layout::kMiB + 8192);
+  offsets.push_back(12345);
+  offsets.push_back(kSize);
+  offsets.push_back(kSize + kPage);
+  fill.prefetch(offsets);
+  uint64_t runPages = (200 - 56) / 4 + 1;
+  auto stats = fill.stats();
+  EXPECT_EQ(stats.prefetchedPages, runPages + 1);
+  EXPECT_EQ(stats.copiedPages, 128 / 4 + 1u);
+  EXPECT_EQ(stats.zeroedPages, runPages - 128 / 4);
+  EXPECT_EQ(residentPages(), runPages + 1);
+  fill.start();
+  for (uint64_t o = 56 * 1024; o < 204 * 1024; ++o) ASSERT_EQ(at(o), expected(o)) << o;
+  EXPECT_EQ(at(layout::kMiB + 8192 + 9), expected(layout::kMiB + 8192 + 9));
+  EXPECT_EQ(fill.stats().faults, 0u) << "prefetched pages must not fault";
+  EXPECT_EQ(at(2 * layout::kMiB), 0);
+  EXPECT_EQ(fill.stats().faults, 1u);
+}
+
+TEST_F(LazyFillTest, RecordsThePagesFaultedInTheWindow) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.start(std::chrono::milliseconds(300));
+  (void)at(3 * layout::kMiB);
+  (void)at(70 * 1024);
+  (void)at(70 * 1024 + 1);  // the same page: recorded once
+  auto recorded = fill.recordedPages();
+  EXPECT_EQ(recorded, (std::vector<uint64_t>{68 * 1024, 3 * layout::kMiB}));
+  (void)at(2 * layout::kMiB);  // after the window: not recorded
+  EXPECT_EQ(fill.recordedPages().size(), 2u);
+}
+
+TEST_F(LazyFillTest, RejectsExtentsOutsideTheImageOrUnaligned) {
+  EXPECT_THROW(LazyMemoryFill(*memory_, imagePath_, {{100, 4096}}, log_), Error);
+  EXPECT_THROW(LazyMemoryFill(*memory_, imagePath_, {{kSize - kPage, 2 * kPage}}, log_), Error);
+}
+
+}  // namespace
+}  // namespace clonevm::vmm
