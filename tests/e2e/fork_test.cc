@@ -292,13 +292,15 @@ TEST_F(ForkTest, ForksDivergeAndTheTemplateStaysIntact) {
   auto b = startFork("b");
   ASSERT_TRUE(answers(*a)) << a->output();
   ASSERT_TRUE(answers(*b)) << b->output();
-  ASSERT_TRUE(a->run("echo from-a > /tmp/only-in-a; sync"));
-  ASSERT_TRUE(b->run("dd if=/dev/urandom of=/tmp/b-noise bs=1M count=8 2>/dev/null; echo ok"));
+  ASSERT_TRUE(a->run("echo from-a > /tmp/only-in-a; sync")) << a->output();
+  // Writes 8 MiB of pages the template never wrote: each is a fresh lazy fill.
+  ASSERT_TRUE(b->run("dd if=/dev/urandom of=/tmp/b-noise bs=1M count=8 2>/dev/null; echo ok", 120s))
+      << b->output();
   auto inA = a->run("cat /tmp/only-in-a");
-  ASSERT_TRUE(inA);
+  ASSERT_TRUE(inA) << a->output();
   EXPECT_EQ(*inA, "from-a");
   auto inB = b->run("test -e /tmp/only-in-a && echo PRESENT || echo ABSENT");
-  ASSERT_TRUE(inB);
+  ASSERT_TRUE(inB) << b->output();
   EXPECT_EQ(*inB, "ABSENT");
   auto inTemplate = templateVm_->run("test -e /tmp/only-in-a && echo PRESENT || echo ABSENT");
   ASSERT_TRUE(inTemplate) << templateVm_->output();

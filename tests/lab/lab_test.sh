@@ -63,6 +63,8 @@ t "CPU has svm" test "${flags/ svm /}" != "$flags"
 for m in vhost_net vhost_vsock tun vfio_pci vfio_iommu_type1 fuse overlay loop bridge veth nvme; do
   t "module $m is loaded" test -d "/sys/module/$m"
 done
+holder=$(first_line /run/clone-lab/key-holder)
+t "the KVM key holder runs (pid $holder, docs/LAB.md)" test -d "/proc/${holder:-none}"
 t "modprobe loads a module on demand (dummy)" modprobe dummy
 for m in /sys/fs/cgroup:cgroup2 /tmp:tmpfs /var/tmp:tmpfs /run:tmpfs /dev:devtmpfs /dev/pts:devpts \
   /dev/shm:tmpfs /proc:proc /sys:sysfs /:overlay; do
