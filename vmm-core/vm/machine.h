@@ -102,8 +102,10 @@ class Machine {
   // Presses the ACPI power button: a guest that handles it powers off by itself.
   void pressPowerButton();
   // Writes a template of this VM (docs/FORK.md): pauses the vCPUs, writes memory, state and
-  // manifest.json, then resumes them unless options.leavePaused. Refuses a VM with
-  // vhost-user devices. Called from the API thread.
+  // manifest.json, then resumes them unless options.leavePaused. vhost-user-blk disks
+  // (clone-block, with image=) have their queues stopped and started again around it; the
+  // disk copy is left to the caller (`clone snapshot`, while the VM stays paused). Refuses
+  // virtio-fs and disks without image=. Called from the API thread.
   SnapshotResult snapshot(const SnapshotOptions& options);
   // True for a VM restored from a template.
   bool restored() const { return config_.restoreFrom != nullptr; }
@@ -131,7 +133,9 @@ class Machine {
   void attachVhostUserDevices();
   void attachVsock();
   // Snapshot and restore of the virtio-pci devices (machine_snapshot.cc).
-  std::vector<snapshot::VirtioDeviceState> saveVirtioDevices();
+  // `vhostUser`: the suspended vhost-user devices' states, in slot order.
+  std::vector<snapshot::VirtioDeviceState> saveVirtioDevices(
+      const std::vector<VhostUserDeviceState>& vhostUser);
   // The vsock device is attached last (attachDevices), after the vhost-user ones.
   bool isVsockSlot(size_t index) const { return vsock_ && index + 1 == virtioDevices_.size(); }
   void restoreVirtioDevices(const std::vector<snapshot::VirtioDeviceState>& states,
