@@ -125,7 +125,8 @@ class CliForks {
   }
   ~CliForks() {
     for (const auto& [id, socket] : printed.forks) {
-      if (cloneCli({"destroy", "--vm", socket}).code != 0) ADD_FAILURE() << "destroy " << id;
+      auto destroyed = cloneCli({"destroy", "--vm", socket});
+      if (destroyed.code != 0) ADD_FAILURE() << "destroy " << id << ": " << destroyed.output;
     }
   }
   // Did `clone fork` start `count` forks, each with its identity applied?
