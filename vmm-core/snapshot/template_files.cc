@@ -351,8 +351,7 @@ VerifiedTemplate verifyTemplate(const std::string& dir) {
             "{}: {} bytes, the manifest says {} (truncated or corrupted template disk)", path,
             diskStat.st_size, disk.bytes);
     require(templateDiskDigest(fd.get(), disk.bytes, path) == disk.sha256,
-            "{}: its first or last 64 KiB differ from the manifest's digest (modified or "
-            "corrupted template disk)", path);
+            "{}: differs from the manifest's digest (modified or corrupted template disk)", path);
   }
   return t;
 }
@@ -365,6 +364,19 @@ std::string templateDiskDigest(int fd, uint64_t size, const std::string& path) {
   std::memcpy(bytes.data(), &size, 8);
   if (head > 0) preadAll(fd, bytes.data() + 8, head, 0, path);
   if (size > tailStart) preadAll(fd, bytes.data() + 8 + head, size - tailStart, tailStart, path);
+  // The extent map (a write into a hole or a re-sparsified copy changes it) and pages spread
+  // over the data.
+  auto extents = dataExtents(fd, size, path);
+  std::string map = sha256Hex(extents);
+  bytes.insert(bytes.end(), map.begin(), map.end());
+  uint64_t dataBytes = 0;
+  for (const auto& e : extents) dataBytes += e.length;
+  for (uint64_t offset : sampleOffsets(extents, dataBytes)) {
+    size_t length = static_cast<size_t>(std::min<uint64_t>(kPageSize, size - offset));
+    size_t at = bytes.size();
+    bytes.resize(at + length);
+    preadAll(fd, bytes.data() + at, length, offset, path);
+  }
   return sha256Hex(bytes.data(), bytes.size());
 }
 

@@ -111,9 +111,10 @@ std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const st
 void describeMemoryImage(int fd, uint64_t size, const std::vector<Extent>& extents,
                          Manifest& manifest, const std::string& path);
 
-// A cheap fingerprint of a template disk file: SHA-256 over its size and its first and last
-// 64 KiB (partition table, superblocks, the end a truncation cuts). Not a full hash: a fork
-// must not read the whole disk to start.
+// A cheap fingerprint of a template disk file: SHA-256 over its size, its first and last
+// 64 KiB (partition table, superblocks, the end a truncation cuts), its extent map
+// (SEEK_DATA/SEEK_HOLE) and 32 pages spread over its data. Not a full hash: a fork must not
+// read the whole disk to start, so a change confined to unsampled data pages goes unseen.
 std::string templateDiskDigest(int fd, uint64_t size, const std::string& path);
 
 // Replaces dir/manifest.json with `manifest` (a new 0444 file renamed over the old one).

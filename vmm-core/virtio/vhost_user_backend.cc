@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -99,21 +100,6 @@ std::span<const uint8_t> bytesOf(const T& value) {
 
 std::string hex(uint64_t value) { return fmt::format("{:#x}", value); }
 
-// Reads one byte of every page of a restored queue's rings through the core's mapping, so
-// that the lazy fill brings them in from the template before the back-end reads them.
-void touchRingPages(const GuestMemory& memory, const VirtioQueueInfo& queue) {
-  auto touch = [&](uint64_t guest, uint64_t length) {
-    auto bytes = memory.slice(guest, length);
-    for (size_t at = 0; at < bytes.size(); at += 4096) {
-      (void)*static_cast<volatile const uint8_t*>(bytes.data() + at);
-    }
-    (void)*static_cast<volatile const uint8_t*>(bytes.data() + bytes.size() - 1);
-  };
-  touch(queue.descTable, virtio::splitDescTableSize(queue.size));
-  touch(queue.availRing, virtio::splitAvailRingSize(queue.size));
-  touch(queue.usedRing, virtio::splitUsedRingSize(queue.size));
-}
-
 }  // namespace
 
 const char* vhostUserKindName(VhostUserDeviceKind kind) {
@@ -162,11 +148,21 @@ std::shared_ptr<VhostUserBackend> VhostUserBackend::connect(const VhostUserDevic
                                                             const GuestMemory& memory,
                                                             spdlog::logger& log) {
   try {
+    UniqueFd inherited;
+    if (config.socketFd >= 0) {
+      // Taken over: nothing the core might start inherits it.
+      inherited = UniqueFd(config.socketFd);
+      struct stat st {};
+      CLONE_SYSCALL(::fstat(inherited.get(), &st), "check the inherited vhost-user socket",
+                    config.socketPath);
+      require(S_ISSOCK(st.st_mode), "{} is not a socket", config.socketPath);
+      CLONE_SYSCALL(::fcntl(inherited.get(), F_SETFD, FD_CLOEXEC),
+                    "set close-on-exec on the inherited socket", config.socketPath);
+    }
     auto frontend =
-        config.socketFd >= 0
-            ? vhost::Frontend(UniqueFd(config.socketFd), config.socketPath,
-                              {.replyTimeout = config.replyTimeout})
-            : vhost::Frontend::connect(config.socketPath, {.replyTimeout = config.replyTimeout});
+        inherited ? vhost::Frontend(std::move(inherited), config.socketPath,
+                                    {.replyTimeout = config.replyTimeout})
+                  : vhost::Frontend::connect(config.socketPath, {.replyTimeout = config.replyTimeout});
     return std::make_shared<VhostUserBackend>(std::move(frontend), config, memory, log);
   } catch (const std::exception& e) {
     std::string where = optionName(config.kind) + " " + config.socketPath;
@@ -268,13 +264,11 @@ void VhostUserBackend::negotiate() {
     require(slots >= regions.size(), "the back-end maps at most {} memory regions, guest RAM has {}",
             slots, regions.size());
   }
-  // POSTCOPY (wip-postcopy, not on main yet): a fork's guest RAM is filled lazily, and the
-  // back-end's own accesses to pages not filled yet must fault to the core. When the back-end
-  // offers VHOST_USER_PROTOCOL_F_PAGEFAULT and the memory is filled lazily:
-  //   POSTCOPY_ADVISE here (the back-end answers with its userfaultfd), SET_MEM_TABLE (the
-  //   back-end replies with its mapping addresses), POSTCOPY_LISTEN, then
-  //   LazyMemoryFill::addDeviceFaults(uffd, regions). Until then activate() faults in the
-  //   rings of a restored device through the core's mapping (see touchRingPages).
+  // A fork's guest RAM is filled through the core's userfaultfd, which does not see the
+  // back-end's own mapping: until postcopy (PAGEFAULT, POSTCOPY_ADVISE/LISTEN) is built, a
+  // fork with a vhost-user device fills all of its RAM before any queue starts
+  // (Machine::restoreFromTemplate, docs/FORK.md), so the back-end never meets a page that is
+  // not filled yet.
   frontend_.setMemTable(regions);
 
   if (has(vhost::protocol::kBackendReq)) {
@@ -362,9 +356,6 @@ void VhostUserBackend::activate(const VirtioActivationInfo& info) {
       require(saved.size == queue.size, "{}: queue {} was {} entries in the template, {} now",
               describe(), queue.index, saved.size, queue.size);
       availIndex = saved.availIndex;
-      // Interim until postcopy (see negotiate()): the back-end reads the rings as soon as
-      // the queue starts, through its own mapping, which the lazy fill does not watch.
-      touchRingPages(memory_, queue);
     }
     startQueueLocked(queue, availIndex);
   }
@@ -467,9 +458,18 @@ void VhostUserBackend::restoreState(const VhostUserDeviceState& state) {
     require(queue.size >= 1 && queue.size <= config_.queueSize && std::has_single_bit(queue.size),
             "{}: saved queue {} has size {}", describe(), queue.index, queue.size);
   }
-  // The guest keeps reading the config it knew (a writable field such as writeback may
-  // differ from the new back-end's default); the capacity is checked equal above.
-  if (state.config.size() == configSpace_.size()) configSpace_ = state.config;
+  // The guest keeps reading the config it knew; the capacity is checked equal above. The one
+  // field a driver writes (writeback, with CONFIG_WCE) goes to the new back-end too.
+  if (state.config.size() == configSpace_.size()) {
+    constexpr unsigned kBlkFeatureConfigWce = 11;
+    constexpr size_t kWritebackOffset = 32;
+    if (vhost::hasBit(state.ackedFeatures, kBlkFeatureConfigWce) &&
+        configSpace_.size() > kWritebackOffset &&
+        configSpace_[kWritebackOffset] != state.config[kWritebackOffset]) {
+      frontend_.setConfig(kWritebackOffset, std::span(&state.config[kWritebackOffset], 1));
+    }
+    configSpace_ = state.config;
+  }
   restoredQueues_ = state.queues;
 }
 

@@ -103,9 +103,10 @@ class Machine {
   void pressPowerButton();
   // Writes a template of this VM (docs/FORK.md): pauses the vCPUs, writes memory, state and
   // manifest.json, then resumes them unless options.leavePaused. vhost-user-blk disks
-  // (clone-block, with image=) have their queues stopped and started again around it; the
-  // disk copy is left to the caller (`clone snapshot`, while the VM stays paused). Refuses
-  // virtio-fs and disks without image=. Called from the API thread.
+  // (clone-block, with image=) have their queues stopped first; they start again when the
+  // vCPUs do, so a VM left paused keeps its disks quiet while the caller copies them
+  // (`clone snapshot`). Refuses virtio-fs and disks without image=. Called from the API
+  // thread.
   SnapshotResult snapshot(const SnapshotOptions& options);
   // True for a VM restored from a template.
   bool restored() const { return config_.restoreFrom != nullptr; }
@@ -183,6 +184,8 @@ class Machine {
   std::unique_ptr<ConsoleInput> console_;
   std::mutex pauseMutex_;
   std::atomic<bool> paused_{false};
+  // A snapshot stopped the vhost-user disks' queues; resume() starts them (pauseMutex_).
+  bool disksSuspended_ = false;
   std::atomic<double> firstEntryMillis_{0};  // read by the API thread
 };
 

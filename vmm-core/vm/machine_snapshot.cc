@@ -174,11 +174,23 @@ void Machine::restoreFromTemplate() {
   for (const auto& e : source.memoryExtents) extents.emplace_back(e.offset, e.length);
   lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
                                                std::move(extents), log_);
-  auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
-  lazyFill_->prefetch(workingSet);
+  // A vhost-user back-end (a disk's clone-block) maps this memfd too, and its accesses do not
+  // go through the core's userfaultfd: a page it touched before the core filled it would stay
+  // a zero page. Until postcopy is built, such a fork gets all of the template's data before
+  // any queue starts (docs/FORK.md), and records no working set.
+  bool eager = !config_.vhostUserDevices.empty();
+  bool record = false;
+  if (eager) {
+    uint64_t pages = lazyFill_->fillAllData();
+    log_.info("filled all {} data pages ({} MiB) of {} up front: the fork has vhost-user devices",
+              pages, pages * LazyMemoryFill::kPageBytes >> 20, source.dir);
+  } else {
+    auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
+    lazyFill_->prefetch(workingSet);
+    // Record this fork's first faults when the template has no working set yet.
+    record = workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
+  }
   timings_.memoryReady = millisSinceStart();
-  // Record this fork's first faults when the template has no working set yet.
-  bool record = workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
   // From here on KVM may touch guest memory (kvmclock, LAPIC pages): the fill thread runs.
   lazyFill_->start(record ? kWorkingSetWindow : std::chrono::milliseconds(0));
 
@@ -236,20 +248,15 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
   if (!wasPaused) pause();
   SnapshotResult result;
   std::vector<VhostUserDeviceState> disks;
-  // The disks' rings run again whatever happens below; the vCPUs stay paused meanwhile.
-  auto resumeDisks = [&] {
-    for (size_t i = 0; i < disks.size(); ++i) {
-      try {
-        vhostUserBackends_[i]->resumeAfterSuspend();
-      } catch (const std::exception& e) {
-        log_.error("after the snapshot: {}", e.what());
-      }
-    }
-    disks.clear();
-  };
   try {
     // First: the back-ends complete what they have in flight, which writes guest memory and
-    // raises interrupts that the vCPU and irqchip state below must hold.
+    // raises interrupts that the vCPU and irqchip state below must hold. The disks' queues
+    // stay stopped until the vCPUs run again (resume()), so that `clone snapshot` can copy
+    // the images of a VM left paused.
+    {
+      std::lock_guard lock(pauseMutex_);
+      disksSuspended_ = true;
+    }
     for (auto& backend : vhostUserBackends_) disks.push_back(backend->suspend());
     MachineState state;
     state.vm = captureVm(vm_);
@@ -270,8 +277,7 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
         memory_.fd(), memory_.size(), memoryPath,
         restored() ? memory_.mappingForRegistration().data() : nullptr);
     if (vsock_) vsock_->start();
-    std::vector<VhostUserDeviceState> savedDisks = disks;
-    resumeDisks();
+    std::vector<VhostUserDeviceState> savedDisks = std::move(disks);
     if (!wasPaused && !options.leavePaused) resume();
     result.pausedMillis = std::chrono::duration<double, std::milli>(Clock::now() - pauseStart).count();
 
@@ -316,7 +322,7 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
     result.stateBytes = stateBytes.size();
   } catch (...) {
     if (vsock_) vsock_->start();
-    resumeDisks();
+    // A VM that stays paused gets its disks back when it resumes.
     if (!wasPaused && paused_ && !options.leavePaused) resume();
     throw;
   }
