@@ -23,6 +23,7 @@
 
 #include "cli/direct_launcher.h"
 #include "cli/program_path.h"
+#include "cli/template_disks.h"
 #include "cli/vm_client.h"
 #include "common/error.h"
 #include "common/unique_fd.h"
@@ -299,15 +300,46 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     if (!output.empty() && output[0] != '/' && ::getcwd(resolved, sizeof(resolved)) != nullptr) {
       output = std::string(resolved) + "/" + output;
     }
+    // A VM with disks stays paused, its disk queues stopped, until their images are copied
+    // into the template; then it runs again (unless --leave-paused or it was paused before).
+    bool wasPaused = false;
+    uint32_t vhostUserDevices = 0;
+    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      auto status = vm.statusRequest().send().wait(waitScope).getStatus();
+      wasPaused = status.getState() == rpc::VmState::PAUSED;
+      vhostUserDevices = status.getVhostUserDevices();
+    });
+    bool copyDisks = vhostUserDevices > 0;
+    auto start = std::chrono::steady_clock::now();
     withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
       auto request = vm.snapshotRequest();
       request.setOutputDir(output);
-      request.setLeavePaused(options.leavePaused);
+      request.setLeavePaused(options.leavePaused || copyDisks);
       auto result = request.send().wait(waitScope).getResult();
       streams.out << fmt::format("template {}: {} MiB of memory data, state {} bytes, paused {:.1f} ms\n",
                                  output, result.getMemoryDataBytes() >> 20, result.getStateBytes(),
                                  result.getPausedMs());
     });
+    if (!copyDisks) return;
+    auto resumeVm = [&] {
+      if (options.leavePaused || wasPaused) return;
+      withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+        vm.resumeRequest().send().wait(waitScope);
+      });
+    };
+    TemplateDiskCopies copies;
+    try {
+      copies = copyTemplateDisks(output);
+    } catch (const std::exception& error) {
+      resumeVm();
+      throw Error(fmt::format("copying the VM's disks into {}: {} (the template is incomplete and "
+                              "cannot be forked)", output, error.what()));
+    }
+    resumeVm();
+    double pausedMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    streams.out << fmt::format("template {}: {} disks copied, {} MiB of data; the VM was paused {:.1f} ms in all{}\n",
+                               output, copies.disks, copies.dataBytes >> 20, pausedMs,
+                               options.leavePaused || wasPaused ? " (and stays paused)" : "");
   });
 
   auto* forkVerb = app.add_subcommand(
