@@ -22,6 +22,7 @@
 #include <fmt/format.h>
 
 #include "cli/direct_launcher.h"
+#include "cli/fork_disks.h"
 #include "cli/program_path.h"
 #include "cli/template_disks.h"
 #include "cli/vm_client.h"
@@ -350,7 +351,11 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                    "the fork's API socket (with --count N: PATH.1 .. PATH.N); default: in the runtime directory");
   forkVerb->add_flag("--no-identity", options.noIdentity,
                  "do not apply hostname, RNG seed and clock through the guest agent (forks share the template's)");
-  forkVerb->add_flag("--no-jail", options.noJail, "run the forks' cores unjailed (debugging only)");
+  forkVerb->add_flag("--no-jail", options.noJail, "run the forks' cores and disks unjailed (debugging only)");
+  forkVerb->add_option("--disk", options.disks,
+                       "N,overlay=PATH: put the fork's overlay of the template's disk N at PATH "
+                       "(PATH.1 .. PATH.K with --count K), kept after the fork ends; repeatable")
+      ->allow_extra_args(false);
   forkVerb->callback([&options, streams, &jailed] {
     std::string dir = options.templateDir;
     char resolved[PATH_MAX];
@@ -371,7 +376,10 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       bool identityApplied = false;
       double apiMs = 0, readyMs = 0;
       std::string error;
+      std::vector<std::string> diskLogs;  // clone-block's output, one per disk
     };
+    std::vector<ForkDiskOption> diskOptions;
+    for (const auto& value : options.disks) diskOptions.push_back(parseForkDiskOption(value));
     std::vector<Fork> forks;
     for (unsigned i = 0; i < options.count; ++i) {
       std::string id = randomId();
@@ -381,7 +389,22 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       std::string log = fmt::format("{}/{}.console", runtime, id);
       auto spawnedAt = std::chrono::steady_clock::now();
       auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program);
-      forks.push_back({id, socket, log, launcher.launch(spec), spawnedAt});
+      // Each disk: an overlay of its own and a clone-block serving it, before the core.
+      ForkDisks disks = startForkDisks(launcher, siblingProgram("clone-block"), id, dir,
+                                       verified.manifest, socket, diskOptions, i + 1, options.count);
+      spec.args.insert(spec.args.end(), disks.vmmArgs.begin(), disks.vmmArgs.end());
+      spec.keepFds = disks.keepFds();
+      pid_t pid = -1;
+      try {
+        pid = launcher.launch(spec);
+      } catch (...) {
+        disks.closeCoreEnds();
+        for (const auto& overlay : disks.createdOverlays) ::unlink(overlay.c_str());
+        throw;
+      }
+      disks.closeCoreEnds();
+      forks.push_back({id, socket, log, pid, spawnedAt});
+      forks.back().diskLogs = disks.logs;
     }
     // Each fork is brought up on its own thread: one slow guest does not hold up the others.
     std::vector<std::thread> threads;
@@ -418,6 +441,14 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
         stopFork(fork.pid, fork.socket);
         streams.err << fmt::format("clone fork: {} failed and was stopped (console log {}): {}\n",
                                    fork.id, fork.log, fork.error);
+        for (const auto& diskLog : fork.diskLogs) {
+          streams.err << fmt::format("clone fork: {}: its disk's log {}:\n{}\n", fork.id, diskLog,
+                                     tail(diskLog));
+        }
+        // Its overlays go; the logs stay to be read.
+        for (size_t d = 0; d < fork.diskLogs.size(); ++d) {
+          ::unlink(forkDiskOverlayPath(fork.socket, d).c_str());
+        }
         continue;
       }
       // Latency on stderr, stdout stays "ID SOCKET" for scripts.
@@ -480,6 +511,8 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     // The log of a fork started by `clone fork` is not needed once it is gone.
     std::string socket = options.socket;
     if (socket.ends_with(".sock")) ::unlink((socket.substr(0, socket.size() - 5) + ".console").c_str());
+    // Its disks' overlays and logs (clone-block ends with the core).
+    removeForkDiskFiles(socket);
     streams.out << "destroyed\n";
   });
 }
