@@ -388,6 +388,7 @@ int main(int argc, char** argv) {
       GuestSession forkCommand(buildBin("clone"), {"fork", "--template", fromTemplate, "--api-socket", socket});
       forkCommand.closeInput();
       bool ok = forkCommand.waitExit(180s) == 0;
+      std::cerr << fmt::format("progress {} {}: fork exited ok={} after {:.0f} ms\n", name, i, ok, msSince(start));
       if (ok) {
         GuestSession execCommand(buildBin("clone"), {"exec", "--vm", socket, "--", "true"});
         execCommand.closeInput();
@@ -399,9 +400,12 @@ int main(int argc, char** argv) {
       double ms = msSince(start);
       if (ok) latencies.ms.push_back(ms);
       else latencies.failures++;
+      std::cerr << fmt::format("progress {} {}: exec done ok={} after {:.0f} ms\n", name, i, ok, msSince(start));
       GuestSession destroyCommand(buildBin("clone"), {"destroy", "--vm", socket});
       destroyCommand.closeInput();
-      if (destroyCommand.waitExit(60s) != 0) {
+      auto destroyed = destroyCommand.waitExit(60s);
+      std::cerr << fmt::format("progress {} {}: destroy exited {} after {:.0f} ms\n", name, i, destroyed.value_or(-1), msSince(start));
+      if (destroyed != 0) {
         std::cerr << "clone destroy failed\n" << destroyCommand.output();
         stuckAtExit++;
       }
