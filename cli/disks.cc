@@ -105,8 +105,10 @@ std::string DiskProcesses::start(const DiskSpec& disk, std::chrono::milliseconds
     files_.push_back(overlay);
     spec.args.insert(spec.args.end(), {"--image", overlay, "--format", "qcow2"});
     spec.readPaths.push_back(absolute);  // the base, opened read-only through the overlay
+    lastServed_ = {overlay, "qcow2"};
   } else {
     spec.args.insert(spec.args.end(), {"--image", absolute, "--format", disk.format});
+    lastServed_ = {absolute, disk.format};
     if (disk.readOnly) {
       spec.args.push_back("--readonly");
       spec.readPaths.push_back(absolute);

@@ -1,7 +1,8 @@
 #pragma once
 // `clone run --disk PATH[,readonly][,overlay][,format=FMT]`: one clone-block process per disk,
 // each on a vhost-user socket in a private runtime directory, handed to clone-vmm as
-// --vhost-user-blk SOCKET. `overlay` serves a new qcow2 overlay (in the runtime directory)
+// --vhost-user-blk SOCKET,image=IMAGE,format=FORMAT (the image clone-block serves, for
+// `clone snapshot`). `overlay` serves a new qcow2 overlay (in the runtime directory)
 // over PATH, which is then only read; the overlay is deleted with the VM.
 
 #include <sys/types.h>
@@ -46,6 +47,13 @@ class DiskProcesses {
   const std::string& runtimeDir() const { return runtimeDir_; }
   // The spec the last start() launched (tests).
   const ProcessSpec& lastSpec() const { return lastSpec_; }
+  // What the last start()'s clone-block serves: the image itself, or the overlay (qcow2).
+  // clone-vmm gets it as image=,format= so that `clone snapshot` can copy the disk.
+  struct ServedImage {
+    std::string path;
+    std::string format;  // raw|qcow2|auto
+  };
+  const ServedImage& lastServed() const { return lastServed_; }
   void stopAll();
 
  private:
@@ -58,6 +66,7 @@ class DiskProcesses {
   std::vector<pid_t> pids_;
   std::vector<std::string> files_;  // sockets and overlays to delete
   ProcessSpec lastSpec_;
+  ServedImage lastServed_;
 };
 
 }  // namespace clonevm::cli

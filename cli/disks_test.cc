@@ -92,6 +92,8 @@ TEST_F(DiskProcessesTest, ReadOnlyAndOverlayGrantOnlyReadingTheBase) {
   EXPECT_NE(std::find(launcher_.specs[0].args.begin(), launcher_.specs[0].args.end(),
                       "--readonly"),
             launcher_.specs[0].args.end());
+  EXPECT_EQ(disks.lastServed().path, image_);
+  EXPECT_EQ(disks.lastServed().format, "raw");
   disks.start(parseDiskOption(image_ + ",overlay,format=raw"));
   const ProcessSpec& overlay = launcher_.specs[1];
   EXPECT_EQ(overlay.readPaths[0], image_);
@@ -101,6 +103,8 @@ TEST_F(DiskProcessesTest, ReadOnlyAndOverlayGrantOnlyReadingTheBase) {
   std::string overlayPath = *(it + 1);
   EXPECT_EQ(overlayPath.rfind(disks.runtimeDir(), 0), 0u);
   EXPECT_TRUE(std::filesystem::exists(overlayPath));
+  EXPECT_EQ(disks.lastServed().path, overlayPath) << "a snapshot copies what the guest sees";
+  EXPECT_EQ(disks.lastServed().format, "qcow2");
   disks.stopAll();
   EXPECT_FALSE(std::filesystem::exists(overlayPath)) << "the overlay goes with the VM";
   EXPECT_TRUE(std::filesystem::exists(image_));

@@ -22,7 +22,9 @@
 #include <fmt/format.h>
 
 #include "cli/direct_launcher.h"
+#include "cli/fork_disks.h"
 #include "cli/program_path.h"
+#include "cli/template_disks.h"
 #include "cli/vm_client.h"
 #include "common/error.h"
 #include "common/unique_fd.h"
@@ -299,15 +301,46 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     if (!output.empty() && output[0] != '/' && ::getcwd(resolved, sizeof(resolved)) != nullptr) {
       output = std::string(resolved) + "/" + output;
     }
+    // A VM with disks stays paused, its disk queues stopped, until their images are copied
+    // into the template; then it runs again (unless --leave-paused or it was paused before).
+    bool wasPaused = false;
+    uint32_t vhostUserDevices = 0;
+    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      auto status = vm.statusRequest().send().wait(waitScope).getStatus();
+      wasPaused = status.getState() == rpc::VmState::PAUSED;
+      vhostUserDevices = status.getVhostUserDevices();
+    });
+    bool copyDisks = vhostUserDevices > 0;
+    auto start = std::chrono::steady_clock::now();
     withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
       auto request = vm.snapshotRequest();
       request.setOutputDir(output);
-      request.setLeavePaused(options.leavePaused);
+      request.setLeavePaused(options.leavePaused || copyDisks);
       auto result = request.send().wait(waitScope).getResult();
       streams.out << fmt::format("template {}: {} MiB of memory data, state {} bytes, paused {:.1f} ms\n",
                                  output, result.getMemoryDataBytes() >> 20, result.getStateBytes(),
                                  result.getPausedMs());
     });
+    if (!copyDisks) return;
+    auto resumeVm = [&] {
+      if (options.leavePaused || wasPaused) return;
+      withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+        vm.resumeRequest().send().wait(waitScope);
+      });
+    };
+    TemplateDiskCopies copies;
+    try {
+      copies = copyTemplateDisks(output);
+    } catch (const std::exception& error) {
+      resumeVm();
+      throw Error(fmt::format("copying the VM's disks into {}: {} (the template is incomplete and "
+                              "cannot be forked)", output, error.what()));
+    }
+    resumeVm();
+    double pausedMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    streams.out << fmt::format("template {}: {} disks copied, {} MiB of data; the VM was paused {:.1f} ms in all{}\n",
+                               output, copies.disks, copies.dataBytes >> 20, pausedMs,
+                               options.leavePaused || wasPaused ? " (and stays paused)" : "");
   });
 
   auto* forkVerb = app.add_subcommand(
@@ -318,7 +351,11 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                    "the fork's API socket (with --count N: PATH.1 .. PATH.N); default: in the runtime directory");
   forkVerb->add_flag("--no-identity", options.noIdentity,
                  "do not apply hostname, RNG seed and clock through the guest agent (forks share the template's)");
-  forkVerb->add_flag("--no-jail", options.noJail, "run the forks' cores unjailed (debugging only)");
+  forkVerb->add_flag("--no-jail", options.noJail, "run the forks' cores and disks unjailed (debugging only)");
+  forkVerb->add_option("--disk", options.disks,
+                       "N,overlay=PATH: put the fork's overlay of the template's disk N at PATH "
+                       "(PATH.1 .. PATH.K with --count K), kept after the fork ends; repeatable")
+      ->allow_extra_args(false);
   forkVerb->callback([&options, streams, &jailed] {
     std::string dir = options.templateDir;
     char resolved[PATH_MAX];
@@ -339,7 +376,10 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       bool identityApplied = false;
       double apiMs = 0, readyMs = 0;
       std::string error;
+      std::vector<std::string> diskLogs;  // clone-block's output, one per disk
     };
+    std::vector<ForkDiskOption> diskOptions;
+    for (const auto& value : options.disks) diskOptions.push_back(parseForkDiskOption(value));
     std::vector<Fork> forks;
     for (unsigned i = 0; i < options.count; ++i) {
       std::string id = randomId();
@@ -349,7 +389,22 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       std::string log = fmt::format("{}/{}.console", runtime, id);
       auto spawnedAt = std::chrono::steady_clock::now();
       auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program);
-      forks.push_back({id, socket, log, launcher.launch(spec), spawnedAt});
+      // Each disk: an overlay of its own and a clone-block serving it, before the core.
+      ForkDisks disks = startForkDisks(launcher, siblingProgram("clone-block"), id, dir,
+                                       verified.manifest, socket, diskOptions, i + 1, options.count);
+      spec.args.insert(spec.args.end(), disks.vmmArgs.begin(), disks.vmmArgs.end());
+      spec.keepFds = disks.keepFds();
+      pid_t pid = -1;
+      try {
+        pid = launcher.launch(spec);
+      } catch (...) {
+        disks.closeCoreEnds();
+        for (const auto& overlay : disks.createdOverlays) ::unlink(overlay.c_str());
+        throw;
+      }
+      disks.closeCoreEnds();
+      forks.push_back({id, socket, log, pid, spawnedAt});
+      forks.back().diskLogs = disks.logs;
     }
     // Each fork is brought up on its own thread: one slow guest does not hold up the others.
     std::vector<std::thread> threads;
@@ -386,6 +441,14 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
         stopFork(fork.pid, fork.socket);
         streams.err << fmt::format("clone fork: {} failed and was stopped (console log {}): {}\n",
                                    fork.id, fork.log, fork.error);
+        for (const auto& diskLog : fork.diskLogs) {
+          streams.err << fmt::format("clone fork: {}: its disk's log {}:\n{}\n", fork.id, diskLog,
+                                     tail(diskLog));
+        }
+        // Its overlays go; the logs stay to be read.
+        for (size_t d = 0; d < fork.diskLogs.size(); ++d) {
+          ::unlink(forkDiskOverlayPath(fork.socket, d).c_str());
+        }
         continue;
       }
       // Latency on stderr, stdout stays "ID SOCKET" for scripts.
@@ -448,6 +511,8 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     // The log of a fork started by `clone fork` is not needed once it is gone.
     std::string socket = options.socket;
     if (socket.ends_with(".sock")) ::unlink((socket.substr(0, socket.size() - 5) + ".console").c_str());
+    // Its disks' overlays and logs (clone-block ends with the core).
+    removeForkDiskFiles(socket);
     streams.out << "destroyed\n";
   });
 }

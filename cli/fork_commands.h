@@ -23,6 +23,7 @@ struct ForkCommandOptions {
   std::string apiSocket;      // fork: explicit socket (PATH, or PATH.N for N > 1 forks)
   bool noIdentity = false;    // fork: --no-identity (do not talk to the guest agent)
   bool noJail = false;        // fork: --no-jail
+  std::vector<std::string> disks;  // fork: --disk N,overlay=PATH
 };
 
 // Where forks' API sockets and console logs live: $CLONE_RUNTIME_DIR, else

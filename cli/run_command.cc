@@ -87,7 +87,10 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
       disks.emplace(*launcher, siblingProgram("clone-block"), fmt::format("vm-{}", ::getpid()),
                     std::move(blockArgs));
       for (const auto& value : options.disks) {
-        vmmOptions.vhostUserBlk.push_back(disks->start(parseDiskOption(value)));
+        std::string socket = disks->start(parseDiskOption(value));
+        const auto& served = disks->lastServed();
+        vmmOptions.vhostUserBlk.push_back(
+            fmt::format("{},image={},format={}", socket, served.path, served.format));
       }
     }
     auto spec = vmmProcessSpec(vmmOptions, global.toArgs(), siblingProgram("clone-vmm"));

@@ -129,9 +129,15 @@ int runVmm(int argc, char** argv) {
     auto seccomp = seccomp::parseMode(seccompMode);
     std::optional<snapshot::VerifiedTemplate> source;
     if (!restoreDir.empty()) {
-      require(config.vhostUserDevices.empty(),
-              "--restore: a template has no vhost-user devices to reconnect (docs/FORK.md)");
+      require(vhostUserFs.empty(), "--restore: templates hold no virtio-fs shares (docs/FORK.md)");
       source = snapshot::verifyTemplate(restoreDir);
+      // One --vhost-user-blk a template disk, in its order: the fork's clone-block serving an
+      // overlay over that disk (clone fork does this).
+      const auto& disks = source->manifest.disks;
+      require(config.vhostUserDevices.size() == disks.size(),
+              "--restore {}: the template has {} disks, {} --vhost-user-blk given (one each, in "
+              "order)", restoreDir, disks.size(), config.vhostUserDevices.size());
+      for (size_t i = 0; i < disks.size(); ++i) config.vhostUserDevices[i].queues = disks[i].queues;
       config.memoryBytes = source->manifest.memoryBytes;
       config.vcpuCount = source->manifest.vcpus;
       config.cmdline = source->manifest.cmdline;

@@ -20,6 +20,7 @@ struct VmStatus {
   pid @4 :UInt32;           # of clone-vmm
   kernel @5 :Text;
   vsockCid @6 :UInt32;      # the guest's vsock CID (the agent's address); 0 without vsock
+  vhostUserDevices @7 :UInt32;  # disks and shares served by vhost-user back-ends
 }
 
 interface VmControl {
@@ -32,7 +33,10 @@ interface VmControl {
   shutdown @3 (graceful :Bool) -> ();
   # Writes a template of this VM into outputDir (created; must not exist or be empty):
   # memory, state, manifest.json (docs/FORK.md). The vCPUs are paused meanwhile and resumed
-  # after, unless leavePaused. Fails for a VM with vhost-user devices.
+  # after, unless leavePaused. The queues of vhost-user-blk disks stop too and start again
+  # with the vCPUs; the manifest lists the disks, whose images the caller copies into the
+  # template while the VM stays paused (`clone snapshot`). Fails for a VM with a virtio-fs
+  # share or a disk given without image=.
   snapshot @4 (outputDir :Text, leavePaused :Bool) -> (result :SnapshotResult);
 }
 

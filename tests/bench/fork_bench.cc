@@ -6,6 +6,8 @@
 // - QEMU restoring the same guest from a migration file (-incoming "exec:cat FILE"), to the
 //   answer of `echo` on its serial console (QEMU's guest has no Clone agent);
 // - a few forks measured to the serial answer too, the same probe as QEMU's;
+// - with a disk (--disk-forks): `clone fork` + `clone exec` of a template that has a
+//   clone-block disk, beside QEMU restores of the same guest with a virtio-blk disk;
 // - the private memory of idle forks: PSS of every process of each fork, summed, and where it
 //   goes (a /proc/PID/smaps breakdown by kind of mapping).
 // Needs /dev/kvm and vhost-vsock: run it in the lab (docs/BENCHMARKS.md has the command).
@@ -296,6 +298,10 @@ int main(int argc, char** argv) {
   app.add_option("--forks", forks, "forks timed to the agent's answer, one at a time");
   app.add_option("--cli-forks", cliForks,
                  "forks through `clone fork` (jailed, identity applied) then `clone exec -- true`, one at a time");
+  int diskForks = 10;
+  app.add_option("--disk-forks", diskForks,
+                 "the same with a clone-block disk in the template (each fork: its own overlay and "
+                 "clone-block; memory filled up front); QEMU restores with a virtio-blk disk beside");
   app.add_option("--serial-forks", serialForks, "forks timed to the serial console's answer");
   app.add_option("--boots", boots, "Clone cold boots timed to the agent's answer");
   app.add_option("--qemu-restores", qemuRestores, "QEMU -incoming restores timed to the serial answer");
@@ -374,31 +380,71 @@ int main(int argc, char** argv) {
   // The user's path: `clone fork` (jailed core, identity applied through the agent) and then
   // `clone exec -- true`, timed from the fork command's start to exec's exit; then
   // `clone destroy`. One fork at a time.
-  Latencies cliForkMs;
-  for (int i = 0; i < cliForks; ++i) {
-    std::string socket = fmt::format("{}/cli-{}.sock", dir, i);
-    auto start = Clock::now();
-    GuestSession forkCommand(buildBin("clone"), {"fork", "--template", templateDir, "--api-socket", socket});
-    forkCommand.closeInput();
-    bool ok = forkCommand.waitExit(180s) == 0;
-    if (ok) {
-      GuestSession execCommand(buildBin("clone"), {"exec", "--vm", socket, "--", "true"});
-      execCommand.closeInput();
-      ok = execCommand.waitExit(120s) == 0;
-      if (!ok) std::cerr << "clone exec failed\n" << execCommand.output();
-    } else {
-      std::cerr << "clone fork failed\n" << forkCommand.output();
+  auto timeCliForks = [&](const std::string& fromTemplate, int count, const std::string& name) {
+    Latencies latencies;
+    for (int i = 0; i < count; ++i) {
+      std::string socket = fmt::format("{}/{}-{}.sock", dir, name, i);
+      auto start = Clock::now();
+      GuestSession forkCommand(buildBin("clone"), {"fork", "--template", fromTemplate, "--api-socket", socket});
+      forkCommand.closeInput();
+      bool ok = forkCommand.waitExit(180s) == 0;
+      std::cerr << fmt::format("progress {} {}: fork exited ok={} after {:.0f} ms\n", name, i, ok, msSince(start));
+      if (ok) {
+        GuestSession execCommand(buildBin("clone"), {"exec", "--vm", socket, "--", "true"});
+        execCommand.closeInput();
+        ok = execCommand.waitExit(120s) == 0;
+        if (!ok) std::cerr << "clone exec failed\n" << execCommand.output();
+      } else {
+        std::cerr << "clone fork failed\n" << forkCommand.output();
+      }
+      double ms = msSince(start);
+      if (ok) latencies.ms.push_back(ms);
+      else latencies.failures++;
+      std::cerr << fmt::format("progress {} {}: exec done ok={} after {:.0f} ms\n", name, i, ok, msSince(start));
+      GuestSession destroyCommand(buildBin("clone"), {"destroy", "--vm", socket});
+      destroyCommand.closeInput();
+      auto destroyed = destroyCommand.waitExit(60s);
+      std::cerr << fmt::format("progress {} {}: destroy exited {} after {:.0f} ms\n", name, i, destroyed.value_or(-1), msSince(start));
+      if (destroyed != 0) {
+        std::cerr << "clone destroy failed\n" << destroyCommand.output();
+        stuckAtExit++;
+      }
+      if (ok) std::cout << fmt::format("clone fork + exec ({}) {}: {:.1f} ms ({})\n", name, i, ms,
+                                       forkCommand.output().substr(0, 160));
     }
-    double ms = msSince(start);
-    if (ok) cliForkMs.ms.push_back(ms);
-    else cliForkMs.failures++;
-    GuestSession destroyCommand(buildBin("clone"), {"destroy", "--vm", socket});
-    destroyCommand.closeInput();
-    if (destroyCommand.waitExit(60s) != 0) {
-      std::cerr << "clone destroy failed\n" << destroyCommand.output();
-      stuckAtExit++;
+    return latencies;
+  };
+  Latencies cliForkMs = timeCliForks(templateDir, cliForks, "cli");
+
+  // A second template with a clone-block disk (`clone run --disk BASE,overlay`; its guest
+  // probed the disk at boot, nothing mounted), snapshotted through `clone snapshot`, which
+  // copies the disk; forked the same way.
+  Latencies diskCliForkMs;
+  std::string diskTemplateDir = dir + "/disk-template";
+  std::string diskBase = dir + "/disk-base.raw";
+  constexpr uint64_t kBenchDiskBytes = 64 << 20;
+  if (diskForks > 0) {
+    { std::ofstream(diskBase).close(); }
+    std::filesystem::resize_file(diskBase, kBenchDiskBytes);
+    uint32_t cid = nextCid++;
+    std::string socket = dir + "/disk-template.sock";
+    GuestSession vm(buildBin("clone"),
+                    with(with({"run", "--no-jail"}, with(coldBootArgs, cidArgs(cid))),
+                         {"--api-socket", socket, "--disk", diskBase + ",overlay"}));
+    std::string error;
+    if (!vm.expect("CLONE-GUEST-READY") || !answers(vm) || !agentAnswers(cid, 120s, error, &vm)) {
+      std::cerr << "the disk template did not boot: " << error << "\n" << vm.output();
+      return 1;
     }
-    if (ok) std::cout << fmt::format("clone fork + exec {}: {:.1f} ms ({})\n", i, ms, forkCommand.output().substr(0, 160));
+    GuestSession snap(buildBin("clone"), {"snapshot", "--vm", socket, "--output", diskTemplateDir});
+    snap.closeInput();
+    if (snap.waitExit(120s) != 0) {
+      std::cerr << "snapshot with a disk failed\n" << snap.output();
+      return 1;
+    }
+    std::cout << "snapshot with a disk: " << snap.output();
+    powerOff(vm);
+    diskCliForkMs = timeCliForks(diskTemplateDir, diskForks, "disk-cli");
   }
 
   Latencies forkSerialMs;
@@ -430,45 +476,62 @@ int main(int argc, char** argv) {
     std::cout << fmt::format("clone cold boot {}: {:.1f} ms to exec\n", i, bootMs.ms.back());
   }
 
-  // QEMU: boot, migrate to a file, then restore from it.
-  Latencies qemuMs;
-  std::string monitor = dir + "/qemu.monitor";
-  std::string stateFile = dir + "/qemu.migration";
+  // QEMU: boot, migrate to a file, then restore from it (`extra`: its devices, the same for
+  // the boot and the restores).
   std::vector<std::string> qemu = {"-accel", "kvm", "-M", "q35", "-cpu", "host", "-m", mem,
                                    "-smp", "1", "-nodefaults", "-nographic", "-no-reboot",
                                    "-serial", "stdio", "-kernel", guestKernel(), "-initrd",
                                    guestInitrd(), "-append", kCmdline};
-  if (qemuRestores > 0) {
-    GuestSession vm("/usr/bin/qemu-system-x86_64",
-                    with(qemu, {"-monitor", "unix:" + monitor + ",server=on,wait=off"}));
-    if (!vm.expect("CLONE-GUEST-READY") || !answers(vm)) {
-      std::cerr << "QEMU did not boot\n" << vm.output();
-      return 1;
+  auto timeQemuRestores = [&](const std::vector<std::string>& extra, const std::string& name, int count) {
+    Latencies latencies;
+    std::string monitor = fmt::format("{}/qemu-{}.monitor", dir, name);
+    std::string stateFile = fmt::format("{}/qemu-{}.migration", dir, name);
+    if (count <= 0) return latencies;
+    {
+      GuestSession vm("/usr/bin/qemu-system-x86_64",
+                      with(with(qemu, extra), {"-monitor", "unix:" + monitor + ",server=on,wait=off"}));
+      if (!vm.expect("CLONE-GUEST-READY") || !answers(vm)) {
+        std::cerr << "QEMU (" << name << ") did not boot\n" << vm.output();
+        return latencies;
+      }
+      hmp(monitor, "migrate \"exec:cat > " + stateFile + "\"");
+      bool done = false;
+      for (int i = 0; i < 120 && !done; ++i) {
+        done = hmp(monitor, "info migrate").find("completed") != std::string::npos;
+      }
+      hmp(monitor, "quit");
+      vm.waitExit(20s);
+      if (!done) {
+        std::cerr << "QEMU (" << name << ") migration to a file did not complete\n";
+        return latencies;
+      }
+      std::cout << fmt::format("QEMU ({}) migration file: {} MiB\n", name,
+                               std::filesystem::file_size(stateFile) >> 20);
     }
-    hmp(monitor, "migrate \"exec:cat > " + stateFile + "\"");
-    bool done = false;
-    for (int i = 0; i < 120 && !done; ++i) {
-      done = hmp(monitor, "info migrate").find("completed") != std::string::npos;
+    for (int i = 0; i < count; ++i) {
+      auto start = Clock::now();
+      GuestSession vm("/usr/bin/qemu-system-x86_64", with(with(qemu, extra), {"-incoming", "exec:cat " + stateFile}));
+      if (!answers(vm)) {
+        std::cerr << "QEMU (" << name << ") restore did not answer\n" << vm.output();
+        latencies.failures++;
+        continue;
+      }
+      latencies.ms.push_back(msSince(start));
+      std::cout << fmt::format("qemu restore ({}) {}: {:.1f} ms to serial answer\n", name, i,
+                               latencies.ms.back());
     }
-    hmp(monitor, "quit");
-    vm.waitExit(20s);
-    if (!done) {
-      std::cerr << "QEMU migration to a file did not complete\n";
-      qemuRestores = 0;
-    } else {
-      std::cout << fmt::format("QEMU migration file: {} MiB\n", std::filesystem::file_size(stateFile) >> 20);
-    }
-  }
-  for (int i = 0; i < qemuRestores; ++i) {
-    auto start = Clock::now();
-    GuestSession vm("/usr/bin/qemu-system-x86_64", with(qemu, {"-incoming", "exec:cat " + stateFile}));
-    if (!answers(vm)) {
-      std::cerr << "QEMU restore did not answer\n" << vm.output();
-      qemuMs.failures++;
-      continue;
-    }
-    qemuMs.ms.push_back(msSince(start));
-    std::cout << fmt::format("qemu restore {}: {:.1f} ms to serial answer\n", i, qemuMs.ms.back());
+    return latencies;
+  };
+  Latencies qemuMs = timeQemuRestores({}, "plain", qemuRestores);
+  // The same guest with a virtio-blk disk on a raw file of the same size (snapshot=on: the
+  // restores share the boot's image, unwritten).
+  Latencies qemuDiskMs;
+  if (diskForks > 0) {
+    std::string qemuDisk = dir + "/qemu-disk.raw";
+    { std::ofstream(qemuDisk).close(); }
+    std::filesystem::resize_file(qemuDisk, kBenchDiskBytes);
+    qemuDiskMs = timeQemuRestores({"-drive", "file=" + qemuDisk + ",if=virtio,format=raw,snapshot=on"},
+                                  "disk", qemuRestores);
   }
 
   // Private memory of idle forks, each asked once through its agent.
@@ -541,7 +604,17 @@ int main(int argc, char** argv) {
   std::cout << fmt::format("RESULT ratio clone_cold_boot(exec)/clone_fork(exec) p50 {:.2f}\n",
                            ratio(bootMs, forkMs, 0.5));
   std::cout << fmt::format("RESULT vms_stuck_at_exit {}\n", stuckAtExit);
-  std::cout << "RESULT with_disk not measured: templates refuse vhost-user devices\n";
+  if (diskForks > 0) {
+    std::cout << fmt::format("RESULT clone_fork_command_with_disk_to_exec_ms {} (as above, the template has a "
+                             "clone-block disk: an overlay and a jailed clone-block per fork, memory filled "
+                             "up front)\n", describe(diskCliForkMs));
+    std::cout << fmt::format("RESULT qemu_restore_with_disk_to_serial_ms {}\n", describe(qemuDiskMs));
+    std::cout << fmt::format("RESULT ratio qemu_restore_with_disk(serial)/clone_fork_command_with_disk(exec) "
+                             "p50 {:.2f} p99 {:.2f}\n",
+                             ratio(qemuDiskMs, diskCliForkMs, 0.5), ratio(qemuDiskMs, diskCliForkMs, 0.99));
+    std::cout << fmt::format("RESULT ratio clone_fork_command_with_disk/clone_fork_command (cost of the disk) "
+                             "p50 {:.2f}\n", ratio(diskCliForkMs, cliForkMs, 0.5));
+  }
   if (!pssMib.empty()) {
     std::cout << fmt::format("RESULT fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, goal <= 2 MB)\n",
                              percentile(pssMib, 0.5), *std::min_element(pssMib.begin(), pssMib.end()),

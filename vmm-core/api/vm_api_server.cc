@@ -29,6 +29,7 @@ class VmControlServer final : public rpc::VmControl::Server {
     status.setPid(static_cast<uint32_t>(::getpid()));
     status.setKernel(machine_.config().kernelPath);
     if (auto* vsock = machine_.vsock()) status.setVsockCid(static_cast<uint32_t>(vsock->guestCid()));
+    status.setVhostUserDevices(static_cast<uint32_t>(machine_.vhostUserBackends().size()));
     return kj::READY_NOW;
   }
 
@@ -62,7 +63,7 @@ class VmControlServer final : public rpc::VmControl::Server {
     options.outputDir = params.getOutputDir();
     options.leavePaused = params.getLeavePaused();
     log_.info("API: snapshot to {}", options.outputDir);
-    // Errors (bad directory, vhost-user devices) go back to the caller as the call's exception.
+    // Errors (bad directory, a virtio-fs share) go back to the caller as the call's exception.
     SnapshotResult done;
     try {
       done = machine_.snapshot(options);

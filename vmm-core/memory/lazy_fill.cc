@@ -200,6 +200,29 @@ void LazyMemoryFill::prefetch(std::vector<uint64_t> pageOffsets) {
   }
 }
 
+uint64_t LazyMemoryFill::fillAllData() {
+  require(!thread_.joinable(), "{}: fillAllData() after start()", imagePath_);
+  BounceBuffer buffer(kMaxRunBytes);
+  constexpr uint64_t kMaxRunPages = kMaxRunBytes / kPageBytes;
+  uint64_t filled = 0;
+  for (const auto& [offset, length] : extents_) {
+    uint64_t page = offset / kPageBytes;
+    uint64_t end = (offset + length) / kPageBytes;
+    while (page < end) {
+      if (filled_[page]) {
+        ++page;
+        continue;
+      }
+      uint64_t runEnd = page + 1;
+      while (runEnd < end && runEnd - page < kMaxRunPages && !filled_[runEnd]) ++runEnd;
+      fillRun(page, runEnd, buffer.data(), true);
+      filled += runEnd - page;
+      page = runEnd;
+    }
+  }
+  return filled;
+}
+
 void LazyMemoryFill::start(std::chrono::milliseconds recordFor) {
   if (recordFor.count() > 0) recordUntil_ = std::chrono::steady_clock::now() + recordFor;
   thread_ = std::thread([this] { handleFaults(); });

@@ -11,6 +11,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <thread>
 
 #include <gtest/gtest.h>
 #include <spdlog/spdlog.h>
@@ -90,6 +91,11 @@ TEST_F(LazyFillTest, FaultsFillOnlyTheTouchedPageFromDataOrZero) {
     for (uint64_t i = page; i < page + kPage; ++i) ASSERT_EQ(at(i), expected(i)) << i;
   }
   EXPECT_EQ(residentPages(), touched.size());
+  // The fill thread counts a fault after the ioctl that woke the reader: let it finish.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (fill.stats().faults < touched.size() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   auto stats = fill.stats();
   EXPECT_EQ(stats.faults, touched.size());
   EXPECT_EQ(stats.copiedPages, 3u);
@@ -141,6 +147,32 @@ TEST_F(LazyFillTest, RecordsThePagesFaultedInTheWindow) {
   EXPECT_EQ(recorded, (std::vector<uint64_t>{68 * 1024, 3 * layout::kMiB}));
   (void)at(2 * layout::kMiB);  // after the window: not recorded
   EXPECT_EQ(fill.recordedPages().size(), 2u);
+}
+
+// A device process maps the same memfd without the core's userfaultfd (a fork's clone-block).
+// What it reads there is what the template had, because every data page was filled first.
+TEST_F(LazyFillTest, FillAllDataLeavesNoDataPageForADeviceMappingToMiss) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.prefetch({72 * 1024});  // one page filled already: skipped, not filled twice
+  uint64_t dataPages = (128 * 1024 + 4096) / kPage;
+  EXPECT_EQ(fill.fillAllData(), dataPages - 1);
+  EXPECT_EQ(residentPages(), dataPages) << "holes are left unfilled";
+  fill.start();
+  void* device = ::mmap(nullptr, kSize, PROT_READ | PROT_WRITE, MAP_SHARED, memory_->fd(), 0);
+  ASSERT_NE(device, MAP_FAILED);
+  auto* bytes = static_cast<volatile uint8_t*>(device);
+  for (auto [offset, length] : extents_) {
+    for (uint64_t o = offset; o < offset + length; ++o) ASSERT_EQ(bytes[o], patternByte(o)) << o;
+  }
+  // The device touches a hole first: a zero page, as the template's; the core then reads
+  // it without a fault (the page exists).
+  EXPECT_EQ(bytes[3 * layout::kMiB + 5], 0);
+  bytes[3 * layout::kMiB + 6] = 0x42;
+  EXPECT_EQ(at(3 * layout::kMiB + 6), 0x42);
+  EXPECT_EQ(at(3 * layout::kMiB + 5), 0);
+  for (auto [offset, length] : extents_) EXPECT_EQ(at(offset + length - 1), expected(offset + length - 1));
+  EXPECT_EQ(fill.stats().faults, 0u);
+  ::munmap(device, kSize);
 }
 
 TEST_F(LazyFillTest, RejectsExtentsOutsideTheImageOrUnaligned) {

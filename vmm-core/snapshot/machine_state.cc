@@ -24,8 +24,16 @@ enum : uint32_t { kTagSerial = 1, kTagCmos, kTagAcpiPm, kTagI8042 };
 // In kTagVirtio (one per device, in slot order).
 enum : uint32_t {
   kTagVirtioType = 1, kTagVirtioBar, kTagVirtioRegisters, kTagVirtioQueues, kTagVirtioMsix,
-  kTagVsock
+  kTagVsock, kTagVhostUser
 };
+// In kTagVhostUser.
+enum : uint32_t {
+  kTagUserType = 1, kTagUserBackendFeatures, kTagUserAckedFeatures, kTagUserProtocolFeatures,
+  kTagUserQueueCount, kTagUserQueues, kTagUserConfig
+};
+// A virtio device has at most this many queues (the transport's limit) and 4 KiB of config.
+constexpr size_t kMaxSavedQueues = 1024;
+constexpr size_t kMaxSavedConfig = 4096;
 // Fields of the device levels.
 enum : uint32_t { kTagRegisters = 1, kTagFifo, kTagNvram, kTagOffset, kTagQueue };
 
@@ -97,6 +105,42 @@ DeviceStates decodeDevices(const StateReader& r) {
   d.i8042.outputBuffer = i8042.pod<int32_t>(kTagFifo);
   d.i8042.queue = i8042.podVector<uint16_t>(kTagQueue);
   require(d.i8042.queue.size() <= 64, "state: i8042 queue holds {} bytes", d.i8042.queue.size());
+  return d;
+}
+
+void encodeVhostUser(StateWriter& w, const VhostUserDeviceState& d) {
+  w.begin(kTagVhostUser);
+  w.pod(kTagUserType, d.deviceType);
+  w.u64(kTagUserBackendFeatures, d.backendFeatures);
+  w.u64(kTagUserAckedFeatures, d.ackedFeatures);
+  w.u64(kTagUserProtocolFeatures, d.protocolFeatures);
+  w.pod(kTagUserQueueCount, d.numQueues);
+  w.podVector(kTagUserQueues, d.queues);
+  w.bytes(kTagUserConfig, d.config);
+  w.end();
+}
+
+VhostUserDeviceState decodeVhostUser(const StateReader& r, const std::string& what) {
+  VhostUserDeviceState d;
+  d.deviceType = r.pod<uint32_t>(kTagUserType);
+  d.backendFeatures = r.u64(kTagUserBackendFeatures);
+  d.ackedFeatures = r.u64(kTagUserAckedFeatures);
+  d.protocolFeatures = r.u64(kTagUserProtocolFeatures);
+  d.numQueues = r.pod<uint16_t>(kTagUserQueueCount);
+  d.queues = r.podVector<VhostUserDeviceState::Queue>(kTagUserQueues);
+  auto config = r.bytes(kTagUserConfig);
+  d.config.assign(config.begin(), config.end());
+  require(d.numQueues >= 1 && d.numQueues <= kMaxSavedQueues,
+          "{}: vhost-user device with {} queues", what, d.numQueues);
+  require(d.queues.size() <= d.numQueues, "{}: vhost-user device has {} started queues of {}",
+          what, d.queues.size(), d.numQueues);
+  for (size_t i = 0; i < d.queues.size(); ++i) {
+    require(d.queues[i].index < d.numQueues && (i == 0 || d.queues[i].index > d.queues[i - 1].index),
+            "{}: vhost-user queue records out of order or out of range (queue {})", what,
+            d.queues[i].index);
+  }
+  require(d.config.size() <= kMaxSavedConfig, "{}: vhost-user config space of {} bytes", what,
+          d.config.size());
   return d;
 }
 
@@ -224,6 +268,7 @@ std::vector<uint8_t> encodeMachineState(const MachineState& state) {
     w.podVector(kTagVirtioQueues, device.transport.queues);
     w.podVector(kTagVirtioMsix, device.transport.msixTable);
     if (device.vsock) w.pod(kTagVsock, *device.vsock);
+    if (device.vhostUser) encodeVhostUser(w, *device.vhostUser);
     w.end();
   }
   return w.finish();
@@ -274,6 +319,9 @@ MachineState decodeMachineState(std::span<const uint8_t> data, const std::string
     device.transport.queues = v.podVector<VirtioPciState::Queue>(kTagVirtioQueues);
     device.transport.msixTable = v.podVector<VirtioPciState::MsixEntry>(kTagVirtioMsix);
     if (v.has(kTagVsock)) device.vsock = v.pod<VhostVsockState>(kTagVsock);
+    if (v.has(kTagVhostUser)) device.vhostUser = decodeVhostUser(v.level(kTagVhostUser), what);
+    require(!(device.vsock && device.vhostUser), "{}: virtio device {} is both vsock and "
+            "vhost-user", what, state.virtio.size());
     state.virtio.push_back(std::move(device));
   }
   return state;

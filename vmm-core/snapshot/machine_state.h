@@ -16,6 +16,7 @@
 #include "vmm-core/devices/i8042.h"
 #include "vmm-core/devices/serial.h"
 #include "vmm-core/kvm/kvm.h"
+#include "vmm-core/virtio/vhost_user_backend.h"
 #include "vmm-core/virtio/vhost_vsock_backend.h"
 #include "vmm-core/virtio/virtio_pci_device.h"
 
@@ -58,6 +59,7 @@ struct VirtioDeviceState {
   uint64_t barAddress = 0;  // BAR 0, where the VMM placed it and the guest kept it
   VirtioPciState transport;
   std::optional<VhostVsockState> vsock;  // the kernel rings' positions, for the vsock device
+  std::optional<VhostUserDeviceState> vhostUser;  // for a vhost-user-blk device
 };
 
 struct MachineState {

@@ -120,6 +120,48 @@ TEST(StateFormatTest, RoundTripKeepsEveryField) {
   EXPECT_EQ(encodeMachineState(back), bytes);
 }
 
+TEST(StateFormatTest, VhostUserDeviceStateRoundTripsAndIsChecked) {
+  auto state = sampleState(1);
+  VirtioDeviceState disk;
+  disk.deviceType = 2;
+  disk.barAddress = 0x8000004000;
+  VhostUserDeviceState user;
+  user.deviceType = 2;
+  user.backendFeatures = 0x1'4000'0244ull;
+  user.ackedFeatures = 0x1'0000'0244ull;
+  user.protocolFeatures = 0x8e3;
+  user.numQueues = 2;
+  user.queues = {{.index = 0, .size = 128, .availIndex = 517}, {.index = 1, .size = 64, .availIndex = 3}};
+  user.config = std::vector<uint8_t>(60, 0);
+  user.config[0] = 0x20;  // capacity
+  disk.vhostUser = user;
+  state.virtio.insert(state.virtio.begin(), disk);
+  auto bytes = encodeMachineState(state);
+  auto back = decodeMachineState(bytes, "s");
+  ASSERT_EQ(back.virtio.size(), 2u);
+  ASSERT_TRUE(back.virtio[0].vhostUser);
+  EXPECT_FALSE(back.virtio[0].vsock);
+  EXPECT_FALSE(back.virtio[1].vhostUser);
+  const auto& got = *back.virtio[0].vhostUser;
+  EXPECT_EQ(got.backendFeatures, user.backendFeatures);
+  EXPECT_EQ(got.ackedFeatures, user.ackedFeatures);
+  EXPECT_EQ(got.protocolFeatures, 0x8e3u);
+  EXPECT_EQ(got.numQueues, 2);
+  ASSERT_EQ(got.queues.size(), 2u);
+  EXPECT_EQ(got.queues[0].availIndex, 517);
+  EXPECT_EQ(got.queues[1].size, 64);
+  EXPECT_EQ(got.config, user.config);
+  EXPECT_EQ(encodeMachineState(back), bytes);
+
+  // Queue records out of order, or beyond the device's queue count, are refused.
+  auto swapped = state;
+  std::swap(swapped.virtio[0].vhostUser->queues[0], swapped.virtio[0].vhostUser->queues[1]);
+  EXPECT_THROW(decodeMachineState(encodeMachineState(swapped), "s"), Error);
+  auto beyond = state;
+  beyond.virtio[0].vhostUser->queues[1].index = 2;
+  EXPECT_THROW(decodeMachineState(encodeMachineState(beyond), "s"), Error);
+}
+
 TEST(StateFormatTest, RefusesBadMagicVersionAndTruncation) {
   auto bytes = encodeMachineState(sampleState(1));
   auto badMagic = bytes;
@@ -225,6 +267,90 @@ class TemplateTest : public ::testing::Test {
   std::vector<Extent> extents_;
   Manifest manifest_;
 };
+
+// Adds disk0.raw (1 MiB: data at the start, in the middle and at the end, holes between)
+// to a written template and lists it in the manifest as `clone snapshot` does.
+void addDisk(const std::string& dir, Manifest& manifest) {
+  std::string path = dir + "/disk0.raw";
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  ASSERT_TRUE(fd);
+  ASSERT_EQ(::ftruncate(fd.get(), 1 << 20), 0);
+  std::string text = "CLONE-DISK";
+  for (off_t offset : {off_t{0}, off_t{512 << 10}, off_t{(1 << 20) - 4096}}) {
+    ASSERT_EQ(::pwrite(fd.get(), text.data(), text.size(), offset), static_cast<ssize_t>(text.size()));
+  }
+  ::fchmod(fd.get(), 0444);
+  TemplateDisk disk{.file = "disk0.raw", .source = "/images/base.qcow2", .sourceFormat = "qcow2",
+                    .bytes = 1 << 20, .readOnly = false, .queues = 2, .sha256 = {}};
+  disk.sha256 = templateDiskDigest(fd.get(), disk.bytes, path);
+  manifest.disks = {disk};
+  rewriteManifest(dir, manifest);
+}
+
+TEST_F(TemplateTest, DisksAreListedAndVerified) {
+  writeTemplate();
+  addDisk(dir_, manifest_);
+  auto verified = verifyTemplate(dir_);
+  ASSERT_EQ(verified.manifest.disks.size(), 1u);
+  const auto& disk = verified.manifest.disks[0];
+  EXPECT_EQ(disk.file, "disk0.raw");
+  EXPECT_EQ(disk.source, "/images/base.qcow2");
+  EXPECT_EQ(disk.sourceFormat, "qcow2");
+  EXPECT_EQ(disk.bytes, 1u << 20);
+  EXPECT_EQ(disk.queues, 2);
+  EXPECT_EQ(disk.sha256, manifest_.disks[0].sha256);
+  struct stat st {};
+  ASSERT_EQ(::stat((dir_ + "/" + kManifestFile).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0444u) << "the rewritten manifest is read-only too";
+}
+
+TEST_F(TemplateTest, RefusesADamagedOrUncopiedDisk) {
+  struct Case {
+    const char* name;
+    std::function<void(const std::string& path)> damage;
+    const char* reason;
+  };
+  auto writeAt = [](const std::string& path, off_t offset) {
+    ::chmod(path.c_str(), 0644);
+    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    ASSERT_EQ(::pwrite(fd.get(), "x", 1, offset), 1);
+  };
+  std::vector<Case> cases = {
+      {"truncated", [](const std::string& path) { ::chmod(path.c_str(), 0644); ASSERT_EQ(::truncate(path.c_str(), 1 << 19), 0); },
+       "truncated"},
+      {"head", [&](const std::string& path) { writeAt(path, 3); }, "differs from the manifest's digest"},
+      {"hole", [&](const std::string& path) { writeAt(path, 300 << 10); }, "differs from the manifest's digest"},
+      {"sampled", [&](const std::string& path) { writeAt(path, (512 << 10) + 1); }, "differs from the manifest's digest"},
+      {"missing", [](const std::string& path) { ::unlink(path.c_str()); }, "disk0.raw"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    TearDown();
+    SetUp();
+    writeTemplate();
+    addDisk(dir_, manifest_);
+    c.damage(dir_ + "/disk0.raw");
+    EXPECT_NE(expectRefused().find(c.reason), std::string::npos);
+  }
+  // A manifest whose disk was never copied (the snapshot did not finish).
+  TearDown();
+  SetUp();
+  writeTemplate();
+  addDisk(dir_, manifest_);
+  manifest_.disks[0].sha256.clear();
+  rewriteManifest(dir_, manifest_);
+  EXPECT_NE(expectRefused().find("never copied"), std::string::npos);
+}
+
+TEST_F(TemplateTest, RefusesADiskFileNameOutsideTheTemplate) {
+  writeTemplate();
+  addDisk(dir_, manifest_);
+  for (const char* name : {"../disk0.raw", "/etc/passwd", ".hidden", ""}) {
+    auto m = manifest_;
+    m.disks[0].file = name;
+    EXPECT_THROW(manifestFromJson(toJson(m), "m"), Error) << name;
+  }
+}
 
 TEST_F(TemplateTest, ImageIsSparseReadOnlyAndVerifies) {
   writeTemplate();

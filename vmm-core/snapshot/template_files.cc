@@ -191,6 +191,16 @@ std::string toJson(const Manifest& m) {
   }
   json samples = json::array();
   for (const auto& s : m.memorySamples) samples.push_back({{"offset", s.offset}, {"sha256", s.sha256}});
+  json disks = json::array();
+  for (const auto& d : m.disks) {
+    disks.push_back({{"file", d.file},
+                     {"source", d.source},
+                     {"source_format", d.sourceFormat},
+                     {"bytes", d.bytes},
+                     {"read_only", d.readOnly},
+                     {"queues", d.queues},
+                     {"sha256", d.sha256}});
+  }
   json doc = {
       {"format", kFormatName},
       {"version", m.version},
@@ -213,6 +223,7 @@ std::string toJson(const Manifest& m) {
         {"extent_count", m.memoryExtentCount},
         {"extents_sha256", m.memoryExtentsSha256},
         {"samples", samples}}},
+      {"disks", disks},
   };
   return doc.dump(2) + "\n";
 }
@@ -253,6 +264,27 @@ Manifest manifestFromJson(const std::string& text, const std::string& what) {
     m.memoryExtentsSha256 = memory.at("extents_sha256").get<std::string>();
     for (const auto& s : memory.at("samples")) {
       m.memorySamples.push_back({s.at("offset").get<uint64_t>(), s.at("sha256").get<std::string>()});
+    }
+    if (doc.contains("disks")) {
+      for (const auto& d : doc.at("disks")) {
+        TemplateDisk disk;
+        disk.file = d.at("file").get<std::string>();
+        disk.source = d.value("source", "");
+        disk.sourceFormat = d.value("source_format", "");
+        disk.bytes = d.at("bytes").get<uint64_t>();
+        disk.readOnly = d.value("read_only", false);
+        disk.queues = d.value("queues", uint16_t{1});
+        disk.sha256 = d.value("sha256", "");
+        // The file name is joined to the template directory: no way out of it.
+        require(!disk.file.empty() && disk.file.find('/') == std::string::npos &&
+                    disk.file[0] != '.',
+                "{}: disk file name '{}' is not a plain name", what, disk.file);
+        require(disk.bytes > 0 && disk.bytes % 512 == 0, "{}: disk {} has {} bytes", what,
+                disk.file, disk.bytes);
+        require(disk.queues >= 1 && disk.queues <= 64, "{}: disk {} has {} queues", what,
+                disk.file, disk.queues);
+        m.disks.push_back(std::move(disk));
+      }
     }
     require(m.memorySize == m.memoryBytes, "{}: memory image size {} differs from the machine's {}",
             what, m.memorySize, m.memoryBytes);
@@ -306,7 +338,55 @@ VerifiedTemplate verifyTemplate(const std::string& dir) {
             "{}: page at {:#x} differs from the manifest's hash (corrupted template)", memoryPath,
             sample.offset);
   }
+  for (const auto& disk : m.disks) {
+    std::string path = join(dir, disk.file);
+    require(!disk.sha256.empty(),
+            "{}: disk {} was never copied into the template (the snapshot was taken through the "
+            "API, not `clone snapshot`, or did not finish)", manifestPath, disk.file);
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) throwSystemError(errno, "open template disk", path);
+    struct stat diskStat {};
+    CLONE_SYSCALL(::fstat(fd.get(), &diskStat), "stat", path);
+    require(static_cast<uint64_t>(diskStat.st_size) == disk.bytes,
+            "{}: {} bytes, the manifest says {} (truncated or corrupted template disk)", path,
+            diskStat.st_size, disk.bytes);
+    require(templateDiskDigest(fd.get(), disk.bytes, path) == disk.sha256,
+            "{}: differs from the manifest's digest (modified or corrupted template disk)", path);
+  }
   return t;
+}
+
+std::string templateDiskDigest(int fd, uint64_t size, const std::string& path) {
+  constexpr uint64_t kEdge = 64 << 10;
+  uint64_t head = std::min(size, kEdge);
+  uint64_t tailStart = size > kEdge ? std::max(head, size - kEdge) : size;
+  std::vector<uint8_t> bytes(8 + head + (size - tailStart));
+  std::memcpy(bytes.data(), &size, 8);
+  if (head > 0) preadAll(fd, bytes.data() + 8, head, 0, path);
+  if (size > tailStart) preadAll(fd, bytes.data() + 8 + head, size - tailStart, tailStart, path);
+  // The extent map (a write into a hole or a re-sparsified copy changes it) and pages spread
+  // over the data.
+  auto extents = dataExtents(fd, size, path);
+  std::string map = sha256Hex(extents);
+  bytes.insert(bytes.end(), map.begin(), map.end());
+  uint64_t dataBytes = 0;
+  for (const auto& e : extents) dataBytes += e.length;
+  for (uint64_t offset : sampleOffsets(extents, dataBytes)) {
+    size_t length = static_cast<size_t>(std::min<uint64_t>(kPageSize, size - offset));
+    size_t at = bytes.size();
+    bytes.resize(at + length);
+    preadAll(fd, bytes.data() + at, length, offset, path);
+  }
+  return sha256Hex(bytes.data(), bytes.size());
+}
+
+void rewriteManifest(const std::string& dir, const Manifest& manifest) {
+  std::string json = toJson(manifest);
+  std::string temporary = fmt::format("{}.new.{}", kManifestFile, ::getpid());
+  ::unlink(join(dir, temporary).c_str());
+  writeReadOnlyFile(dir, temporary, json.data(), json.size());
+  CLONE_SYSCALL(::rename(join(dir, temporary).c_str(), join(dir, kManifestFile).c_str()),
+                "replace", join(dir, kManifestFile));
 }
 
 void writeReadOnlyFile(const std::string& dir, const std::string& name, const void* bytes,

@@ -43,6 +43,21 @@ struct PageSample {
 // The manifest's name for the vsock device (a fork gets one, with a fresh CID).
 inline constexpr char kVsockDeviceName[] = "virtio-vsock (vhost-vsock)";
 
+// A disk of the template's VM (a vhost-user-blk device served by clone-block), frozen as a
+// sparse raw file in the template directory. The core writes the entry (without sha256) when
+// it takes the snapshot; `clone snapshot` copies the image while the VM stays paused and then
+// fills in sha256. A fork serves a qcow2 overlay over the file (or the file itself, read-only).
+struct TemplateDisk {
+  std::string file;          // in the template directory: "disk0.raw"
+  std::string source;        // the image the VM was served (informational)
+  std::string sourceFormat;  // raw|qcow2|auto
+  uint64_t bytes = 0;        // the device's capacity, which is the file's size
+  bool readOnly = false;     // the device offered VIRTIO_BLK_F_RO
+  uint16_t queues = 1;
+  // templateDiskDigest() of the file; empty: not copied (an unfinished snapshot).
+  std::string sha256;
+};
+
 struct Manifest {
   uint32_t version = kTemplateVersion;
   std::string createdUtc;
@@ -67,6 +82,8 @@ struct Manifest {
   uint64_t memoryExtentCount = 0;
   std::string memoryExtentsSha256;
   std::vector<PageSample> memorySamples;
+  // In PCI slot order (the vhost-user-blk devices come first).
+  std::vector<TemplateDisk> disks;
 };
 
 // "2026-11-23T05:00:00Z".
@@ -94,8 +111,18 @@ std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const st
 void describeMemoryImage(int fd, uint64_t size, const std::vector<Extent>& extents,
                          Manifest& manifest, const std::string& path);
 
+// A cheap fingerprint of a template disk file: SHA-256 over its size, its first and last
+// 64 KiB (partition table, superblocks, the end a truncation cuts), its extent map
+// (SEEK_DATA/SEEK_HOLE) and 32 pages spread over its data. Not a full hash: a fork must not
+// read the whole disk to start, so a change confined to unsampled data pages goes unseen.
+std::string templateDiskDigest(int fd, uint64_t size, const std::string& path);
+
+// Replaces dir/manifest.json with `manifest` (a new 0444 file renamed over the old one).
+void rewriteManifest(const std::string& dir, const Manifest& manifest);
+
 // A template read back and checked: the manifest parsed, the state file's hash and the
-// memory image's size, extent map and sample pages match. Throws clonevm::Error with a clear
+// memory image's size, extent map and sample pages match, and each disk file exists with the
+// manifest's size and digest. Throws clonevm::Error with a clear
 // message otherwise (corrupted, truncated, wrong version).
 struct VerifiedTemplate {
   std::string dir;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -62,8 +63,9 @@ VhostUserDeviceConfig parseCommon(VhostUserDeviceKind kind, const std::string& v
     comma = next;
     size_t eq = item.find('=');
     std::string key = item.substr(0, eq);
-    require(eq != std::string::npos, "{} {}: '{}' is not key=value (known keys: queues)", option,
-            value, item);
+    const char* known = kind == VhostUserDeviceKind::kBlock ? "queues, image, format" : "queues";
+    require(eq != std::string::npos, "{} {}: '{}' is not key=value (known keys: {})", option,
+            value, item, known);
     std::string number = item.substr(eq + 1);
     if (key == "queues") {
       unsigned parsed = 0;
@@ -73,8 +75,15 @@ VhostUserDeviceConfig parseCommon(VhostUserDeviceKind kind, const std::string& v
               "{} {}: queues={} is not a number from 1 to {}", option, value, number,
               kMaxQueuesOption);
       config.queues = static_cast<uint16_t>(parsed);
+    } else if (key == "image" && kind == VhostUserDeviceKind::kBlock) {
+      require(!number.empty(), "{} {}: image= needs a path", option, value);
+      config.imagePath = number;
+    } else if (key == "format" && kind == VhostUserDeviceKind::kBlock) {
+      require(number == "raw" || number == "qcow2" || number == "auto",
+              "{} {}: format must be raw, qcow2 or auto, not '{}'", option, value, number);
+      config.imageFormat = number;
     } else {
-      throw Error(fmt::format("{} {}: unknown key '{}' (known keys: queues)", option, value, key));
+      throw Error(fmt::format("{} {}: unknown key '{}' (known keys: {})", option, value, key, known));
     }
   }
   return config;
@@ -102,6 +111,17 @@ VhostUserDeviceConfig parseVhostUserBlkOption(const std::string& value) {
   VhostUserDeviceConfig config = parseCommon(VhostUserDeviceKind::kBlock, value, head);
   checkSocketPath("--vhost-user-blk", value, head);
   config.socketPath = head;
+  if (head.starts_with("fd=")) {
+    std::string number = head.substr(3);
+    int fd = -1;
+    auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), fd);
+    require(ec == std::errc() && end == number.data() + number.size() && fd > 2,
+            "--vhost-user-blk {}: fd={} is not an inherited descriptor number above 2", value,
+            number);
+    config.socketFd = fd;
+  }
+  require(config.imageFormat.empty() || !config.imagePath.empty(),
+          "--vhost-user-blk {}: format= without image=", value);
   return config;
 }
 
@@ -128,7 +148,21 @@ std::shared_ptr<VhostUserBackend> VhostUserBackend::connect(const VhostUserDevic
                                                             const GuestMemory& memory,
                                                             spdlog::logger& log) {
   try {
-    auto frontend = vhost::Frontend::connect(config.socketPath, {.replyTimeout = config.replyTimeout});
+    UniqueFd inherited;
+    if (config.socketFd >= 0) {
+      // Taken over: nothing the core might start inherits it.
+      inherited = UniqueFd(config.socketFd);
+      struct stat st {};
+      CLONE_SYSCALL(::fstat(inherited.get(), &st), "check the inherited vhost-user socket",
+                    config.socketPath);
+      require(S_ISSOCK(st.st_mode), "{} is not a socket", config.socketPath);
+      CLONE_SYSCALL(::fcntl(inherited.get(), F_SETFD, FD_CLOEXEC),
+                    "set close-on-exec on the inherited socket", config.socketPath);
+    }
+    auto frontend =
+        inherited ? vhost::Frontend(std::move(inherited), config.socketPath,
+                                    {.replyTimeout = config.replyTimeout})
+                  : vhost::Frontend::connect(config.socketPath, {.replyTimeout = config.replyTimeout});
     return std::make_shared<VhostUserBackend>(std::move(frontend), config, memory, log);
   } catch (const std::exception& e) {
     std::string where = optionName(config.kind) + " " + config.socketPath;
@@ -230,6 +264,11 @@ void VhostUserBackend::negotiate() {
     require(slots >= regions.size(), "the back-end maps at most {} memory regions, guest RAM has {}",
             slots, regions.size());
   }
+  // A fork's guest RAM is filled through the core's userfaultfd, which does not see the
+  // back-end's own mapping: until postcopy (PAGEFAULT, POSTCOPY_ADVISE/LISTEN) is built, a
+  // fork with a vhost-user device fills all of its RAM before any queue starts
+  // (Machine::restoreFromTemplate, docs/FORK.md), so the back-end never meets a page that is
+  // not filled yet.
   frontend_.setMemTable(regions);
 
   if (has(vhost::protocol::kBackendReq)) {
@@ -306,27 +345,19 @@ void VhostUserBackend::activate(const VirtioActivationInfo& info) {
   }
   frontend_.setFeatures(features);
   featuresSent_ = true;
+  ackedFeatures_ = info.features;
+  std::vector<VhostUserDeviceState::Queue> restored = std::move(restoredQueues_);
+  restoredQueues_.clear();
   for (const VirtioQueueInfo& queue : info.queues) {
     require(queue.index < numQueues_, "{}: queue {} does not exist", describe(), queue.index);
-    // The transport validated the rings against guest memory; translate them to our mapping,
-    // which the back-end knows from SET_MEM_TABLE.
-    auto user = [&](uint64_t guest, uint64_t length) {
-      return reinterpret_cast<uint64_t>(memory_.slice(guest, length).data());
-    };
-    vhost::VringAddresses addresses{
-        .descriptor = user(queue.descTable, virtio::splitDescTableSize(queue.size)),
-        .available = user(queue.availRing, virtio::splitAvailRingSize(queue.size)),
-        .used = user(queue.usedRing, virtio::splitUsedRingSize(queue.size)),
-    };
-    frontend_.setVringNum(queue.index, queue.size);
-    frontend_.setVringBase(queue.index, 0);
-    frontend_.setVringAddr(queue.index, addresses);
-    frontend_.setVringKick(queue.index, queue.kickFd);
-    startedQueues_.push_back(queue.index);
-    frontend_.setVringCall(queue.index, queue.callFd);
-    if (vhost::hasBit(backendFeatures_, vhost::feature::kProtocolFeatures)) {
-      frontend_.setVringEnable(queue.index, true);
+    uint16_t availIndex = 0;
+    for (const auto& saved : restored) {
+      if (saved.index != queue.index) continue;
+      require(saved.size == queue.size, "{}: queue {} was {} entries in the template, {} now",
+              describe(), queue.index, saved.size, queue.size);
+      availIndex = saved.availIndex;
     }
+    startQueueLocked(queue, availIndex);
   }
   {
     std::lock_guard callbackLock(callbackMutex_);
@@ -335,6 +366,111 @@ void VhostUserBackend::activate(const VirtioActivationInfo& info) {
   activations_.fetch_add(1);
   log_.debug("{}: started {} queues with features {:#x}", describe(), info.queues.size(),
              info.features);
+}
+
+void VhostUserBackend::startQueueLocked(const VirtioQueueInfo& queue, uint16_t availIndex) {
+  // The transport validated the rings against guest memory; translate them to our mapping,
+  // which the back-end knows from SET_MEM_TABLE.
+  auto user = [&](uint64_t guest, uint64_t length) {
+    return reinterpret_cast<uint64_t>(memory_.slice(guest, length).data());
+  };
+  vhost::VringAddresses addresses{
+      .descriptor = user(queue.descTable, virtio::splitDescTableSize(queue.size)),
+      .available = user(queue.availRing, virtio::splitAvailRingSize(queue.size)),
+      .used = user(queue.usedRing, virtio::splitUsedRingSize(queue.size)),
+  };
+  frontend_.setVringNum(queue.index, queue.size);
+  frontend_.setVringBase(queue.index, availIndex);
+  frontend_.setVringAddr(queue.index, addresses);
+  frontend_.setVringKick(queue.index, queue.kickFd);
+  startedQueues_.push_back(queue);
+  frontend_.setVringCall(queue.index, queue.callFd);
+  if (vhost::hasBit(backendFeatures_, vhost::feature::kProtocolFeatures)) {
+    frontend_.setVringEnable(queue.index, true);
+  }
+}
+
+VhostUserDeviceState VhostUserBackend::suspend() {
+  std::lock_guard lock(mutex_);
+  require(connected(), "{} is disconnected", describe());
+  require(suspendedQueues_.empty(), "{}: already suspended", describe());
+  VhostUserDeviceState state;
+  state.deviceType = deviceType();
+  state.backendFeatures = backendFeatures_;
+  state.ackedFeatures = featuresSent_ ? ackedFeatures_ : 0;
+  state.protocolFeatures = protocolFeatures_;
+  state.numQueues = numQueues_;
+  state.config = configSpace_;
+  std::vector<VhostUserDeviceState::Queue> stopped;
+  for (const VirtioQueueInfo& queue : startedQueues_) {
+    if (vhost::hasBit(backendFeatures_, vhost::feature::kProtocolFeatures)) {
+      frontend_.setVringEnable(queue.index, false);
+    }
+    uint32_t base = frontend_.getVringBase(queue.index);
+    stopped.push_back({.index = queue.index, .size = queue.size,
+                       .availIndex = static_cast<uint16_t>(base)});
+  }
+  state.queues = stopped;
+  suspendedQueues_ = std::move(stopped);
+  log_.debug("{}: suspended {} queues", describe(), state.queues.size());
+  return state;
+}
+
+void VhostUserBackend::resumeAfterSuspend() {
+  std::lock_guard lock(mutex_);
+  std::vector<VhostUserDeviceState::Queue> stopped = std::move(suspendedQueues_);
+  suspendedQueues_.clear();
+  if (stopped.empty()) return;
+  require(connected(), "{} is disconnected", describe());
+  std::vector<VirtioQueueInfo> queues = std::move(startedQueues_);
+  startedQueues_.clear();
+  for (const auto& queue : queues) {
+    uint16_t availIndex = 0;
+    for (const auto& saved : stopped) {
+      if (saved.index == queue.index) availIndex = saved.availIndex;
+    }
+    startQueueLocked(queue, availIndex);
+  }
+  log_.debug("{}: resumed {} queues", describe(), queues.size());
+}
+
+void VhostUserBackend::restoreState(const VhostUserDeviceState& state) {
+  std::lock_guard lock(mutex_);
+  require(state.deviceType == deviceType(), "{}: the template's device is virtio type {}, this "
+          "one {}", describe(), state.deviceType, deviceType());
+  require(state.numQueues == numQueues_, "{}: the template's device had {} queues, this one {}",
+          describe(), state.numQueues, numQueues_);
+  uint64_t missing = state.ackedFeatures & ~(offeredFeatures_ | vhost::bit(vhost::feature::kVersion1));
+  require(missing == 0,
+          "{}: the back-end does not offer features {} that the template's driver negotiated "
+          "(it offers {:#x}, the template's offered {:#x})",
+          describe(), hex(missing), backendFeatures_, state.backendFeatures);
+  require(state.config.size() >= 8 && configSpace_.size() >= 8, "{}: no capacity in the config "
+          "space ({} bytes saved)", describe(), state.config.size());
+  uint64_t savedCapacity = 0, capacity = 0;
+  std::memcpy(&savedCapacity, state.config.data(), 8);
+  std::memcpy(&capacity, configSpace_.data(), 8);
+  require(savedCapacity == capacity, "{}: the disk has {} sectors, the template's had {}",
+          describe(), capacity, savedCapacity);
+  for (const auto& queue : state.queues) {
+    require(queue.index < numQueues_, "{}: saved queue {} does not exist ({} queues)", describe(),
+            queue.index, numQueues_);
+    require(queue.size >= 1 && queue.size <= config_.queueSize && std::has_single_bit(queue.size),
+            "{}: saved queue {} has size {}", describe(), queue.index, queue.size);
+  }
+  // The guest keeps reading the config it knew; the capacity is checked equal above. The one
+  // field a driver writes (writeback, with CONFIG_WCE) goes to the new back-end too.
+  if (state.config.size() == configSpace_.size()) {
+    constexpr unsigned kBlkFeatureConfigWce = 11;
+    constexpr size_t kWritebackOffset = 32;
+    if (vhost::hasBit(state.ackedFeatures, kBlkFeatureConfigWce) &&
+        configSpace_.size() > kWritebackOffset &&
+        configSpace_[kWritebackOffset] != state.config[kWritebackOffset]) {
+      frontend_.setConfig(kWritebackOffset, std::span(&state.config[kWritebackOffset], 1));
+    }
+    configSpace_ = state.config;
+  }
+  restoredQueues_ = state.queues;
 }
 
 void VhostUserBackend::reset() {
@@ -348,12 +484,14 @@ void VhostUserBackend::resetLocked() {
     configChanged_ = nullptr;
   }
   if (startedQueues_.empty() && !featuresSent_) return;
-  std::vector<uint16_t> started = std::move(startedQueues_);
+  std::vector<VirtioQueueInfo> started = std::move(startedQueues_);
   startedQueues_.clear();
+  suspendedQueues_.clear();
   featuresSent_ = false;
   if (!connected()) return;
   try {
-    for (uint16_t queue : started) {
+    for (const VirtioQueueInfo& info : started) {
+      uint16_t queue = info.index;
       if (vhost::hasBit(backendFeatures_, vhost::feature::kProtocolFeatures)) {
         frontend_.setVringEnable(queue, false);
       }

@@ -55,13 +55,21 @@ enum class VhostUserDeviceKind { kBlock, kFs };
 // One --vhost-user-blk / --vhost-user-fs option.
 struct VhostUserDeviceConfig {
   VhostUserDeviceKind kind = VhostUserDeviceKind::kBlock;
-  std::string socketPath;
+  std::string socketPath;  // or "fd=N" when socketFd is set
+  // An already connected socket (`fd=N`), inherited from whoever started the core: a fork's
+  // clone-block, which exits when the core closes it. -1: connect to socketPath.
+  int socketFd = -1;
   // blk: request queues (default 1). fs: request queues, not counting the hiprio queue
   // (default 1). 0 means the default.
   uint16_t queues = 0;
   std::string tag;  // fs only: the mount tag, 1..36 bytes
   // The largest queue the driver may set up (QEMU's default queue-size for both devices).
   uint16_t queueSize = 128;
+  // blk: the image the back-end serves (`image=PATH,format=F`, given by `clone run --disk`),
+  // recorded in a template's manifest so that `clone snapshot` can copy it. The core never
+  // opens it. A disk without it cannot be put in a template.
+  std::string imagePath;
+  std::string imageFormat;
   // How long to wait for each reply of the back-end; zero waits forever.
   std::chrono::milliseconds replyTimeout{10000};
 };
@@ -70,7 +78,7 @@ struct VhostUserDeviceConfig {
 const char* vhostUserKindName(VhostUserDeviceKind kind);
 
 // Parses the option values (docs/VMM.md):
-//   --vhost-user-blk SOCKET[,queues=N]
+//   --vhost-user-blk SOCKET|fd=N[,queues=N][,image=PATH][,format=raw|qcow2|auto]
 //   --vhost-user-fs SOCKET:TAG[,queues=N]
 // Throws clonevm::Error with a one-line message naming the option on bad syntax, a bad queue
 // count or a bad tag (empty, longer than 36 bytes, not printable ASCII, or with a space).
@@ -86,6 +94,26 @@ inline constexpr unsigned kBlkFeatureMq = 12;          // VIRTIO_BLK_F_MQ
 inline constexpr uint32_t kFsTagSize = 36;
 inline constexpr uint32_t kFsConfigSize = 40;          // tag[36], le32 num_request_queues
 }  // namespace vhost_user_config
+
+// What a template keeps of a vhost-user device beside its virtio-pci transport state: what
+// was negotiated with the back-end and where each started queue stopped (GET_VRING_BASE).
+// The back-end itself keeps no other state (clone-block: the disk is copied apart).
+struct VhostUserDeviceState {
+  struct Queue {  // fixed layout: stored as it is
+    uint16_t index = 0;
+    uint16_t size = 0;
+    uint16_t availIndex = 0;  // the back-end's last_avail_idx; used == avail once stopped
+    uint16_t reserved = 0;
+  };
+  uint32_t deviceType = 0;
+  uint64_t backendFeatures = 0;   // GET_FEATURES of the template's back-end
+  uint64_t ackedFeatures = 0;     // SET_FEATURES (the driver's choice); 0: never activated
+  uint64_t protocolFeatures = 0;  // negotiated
+  uint16_t numQueues = 0;
+  std::vector<Queue> queues;      // the started queues, by ascending index
+  std::vector<uint8_t> config;    // the config space as the guest saw it
+};
+static_assert(sizeof(VhostUserDeviceState::Queue) == 8);
 
 class VhostUserBackend final : public VirtioDeviceBackend {
  public:
@@ -115,6 +143,20 @@ class VhostUserBackend final : public VirtioDeviceBackend {
   // Requests sent at activation so far (tests, diagnostics).
   uint64_t activations() const { return activations_.load(); }
 
+  // Snapshot, with the vCPUs paused: stops every started queue (SET_VRING_ENABLE 0,
+  // GET_VRING_BASE: the back-end completes what it has in flight before it answers, so guest
+  // memory and the disk are quiet afterwards) and returns the state. Throws when the
+  // back-end is disconnected or does not answer.
+  VhostUserDeviceState suspend();
+  // After the snapshot: starts the queues suspend() stopped where they stopped (the same
+  // rings, eventfds and features).
+  void resumeAfterSuspend();
+  // A fork, before the transport's restoreState(): checks `state` against this back-end
+  // (device type, queue count, features the driver had negotiated, capacity) and keeps the
+  // queue positions for the activation the transport's restore triggers. Throws
+  // clonevm::Error naming what differs.
+  void restoreState(const VhostUserDeviceState& state);
+
   // VirtioDeviceBackend.
   uint32_t deviceType() const override;
   uint16_t numQueues() const override { return numQueues_; }
@@ -131,6 +173,8 @@ class VhostUserBackend final : public VirtioDeviceBackend {
   void negotiate();
   void fetchConfigLocked();
   void resetLocked();
+  // SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE for one queue.
+  void startQueueLocked(const VirtioQueueInfo& queue, uint16_t availIndex);
   void watch();
   void markDisconnected(const std::string& why);
   std::string describe() const;  // "vhost-user-blk backend /path"
@@ -146,8 +190,13 @@ class VhostUserBackend final : public VirtioDeviceBackend {
   uint64_t offeredFeatures_ = 0;
   uint16_t numQueues_ = 1;
   std::vector<uint8_t> configSpace_;
-  std::vector<uint16_t> startedQueues_;
+  std::vector<VirtioQueueInfo> startedQueues_;  // as activate() got them
   bool featuresSent_ = false;
+  uint64_t ackedFeatures_ = 0;
+  // Set by suspend(): the stopped queues' positions, for resumeAfterSuspend().
+  std::vector<VhostUserDeviceState::Queue> suspendedQueues_;
+  // Set by restoreState(): where the next activation starts each queue (index -> avail).
+  std::vector<VhostUserDeviceState::Queue> restoredQueues_;
 
   // Config-change messages arrive on the watcher thread; the cache is refreshed lazily by
   // the next readConfig.

@@ -384,6 +384,119 @@ TEST_F(VhostUserBackendTest, BackendDeathIsLoggedAndTheDeviceNeedsReset) {
   EXPECT_TRUE(driver_.status() & virtio::kStatusNeedsReset);
 }
 
+bool waitUsed(const GuestRing& ring, uint16_t index) {
+  for (int i = 0; i < 500 && ring.usedIndex() != index; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return ring.usedIndex() == index;
+}
+
+void kickByHand(int kickFd) {
+  uint64_t one = 1;
+  ASSERT_EQ(::write(kickFd, &one, sizeof(one)), 8);
+}
+
+TEST_F(VhostUserBackendTest, SuspendStopsTheQueuesUntilResumed) {
+  startServer(1);
+  attach(blkConfig());
+  GuestRing ring = bringUp();
+  const uint8_t out[4] = {1, 2, 3, 4};
+  ring.submit(0x200000, out, 0x201000, 4);
+  driver_.kick(0);
+  ASSERT_TRUE(waitUsed(ring, 1)) << logText();
+
+  VhostUserDeviceState state = backend_->suspend();
+  EXPECT_EQ(state.deviceType, virtio::kTypeBlock);
+  EXPECT_EQ(state.numQueues, 1);
+  ASSERT_EQ(state.queues.size(), 1u);
+  EXPECT_EQ(state.queues[0].index, 0);
+  EXPECT_EQ(state.queues[0].size, 64);
+  EXPECT_EQ(state.queues[0].availIndex, 1);
+  EXPECT_NE(state.ackedFeatures & virtio::feature(virtio::kFeatureVersion1), 0u);
+  uint64_t capacity = 0;
+  ASSERT_GE(state.config.size(), 8u);
+  std::memcpy(&capacity, state.config.data(), 8);
+  EXPECT_EQ(capacity, 2048u);
+  EXPECT_EQ(device_->stopped.load(), 1);
+  EXPECT_THROW(backend_->suspend(), Error) << "suspended twice";
+
+  // A request the guest queues meanwhile waits (the disk stays quiet during a copy).
+  ring.submit(0x200000, out, 0x201000, 4);
+  driver_.kick(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(ring.usedIndex(), 1);
+  EXPECT_EQ(device_->processed.load(), 1);
+
+  backend_->resumeAfterSuspend();
+  ASSERT_TRUE(waitUsed(ring, 2)) << logText();
+  EXPECT_EQ(device_->processed.load(), 2);
+  // And the device keeps serving.
+  ring.submit(0x200000, out, 0x201000, 4);
+  driver_.kick(0);
+  ASSERT_TRUE(waitUsed(ring, 3)) << logText();
+}
+
+// The fork's path without KVM: the template's device is suspended and saved, a new back-end
+// (the fork's clone-block) and a new transport are restored over the same guest memory, and
+// the back-end continues at the saved ring position instead of serving old requests again.
+TEST_F(VhostUserBackendTest, AForkStartsItsQueuesWhereTheTemplateStopped) {
+  startServer(1);
+  attach(blkConfig());
+  GuestRing ring = bringUp();
+  const uint8_t out[4] = {1, 2, 3, 4};
+  for (uint16_t i = 1; i <= 2; ++i) {
+    ring.submit(0x200000, out, 0x201000, 4);
+    driver_.kick(0);
+    ASSERT_TRUE(waitUsed(ring, i)) << logText();
+  }
+  VhostUserDeviceState saved = backend_->suspend();
+  VirtioPciState transportState = transport_->saveState();
+  ASSERT_EQ(saved.queues.size(), 1u);
+  EXPECT_EQ(saved.queues[0].availIndex, 2);
+
+  driver_.detach();
+  transport_.reset();
+  backend_.reset();
+  stopServer();
+  startServer(1);
+  backend_ = VhostUserBackend::connect(blkConfig(), memory_, *log_);
+  backend_->restoreState(saved);
+  transport_ = std::make_shared<VirtioPciDevice>(backend_, memory_, events_, events_, *log_);
+  transport_->restoreState(transportState);
+  EXPECT_EQ(backend_->activations(), 1u);
+  EXPECT_EQ(device_->started.load(), 1);
+
+  ring.submit(0x200000, out, 0x201000, 4);
+  kickByHand(transport_->kickFd(0));  // what KVM's ioeventfd does on the guest's doorbell write
+  ASSERT_TRUE(waitUsed(ring, 3)) << logText();
+  EXPECT_EQ(device_->processed.load(), 1) << "the fork's back-end served the template's requests again";
+}
+
+TEST_F(VhostUserBackendTest, RestoreRefusesADeviceThatDiffersFromTheTemplates) {
+  startServer(1);
+  attach(blkConfig());
+  bringUp();
+  VhostUserDeviceState saved = backend_->suspend();
+  driver_.detach();
+  transport_.reset();
+  backend_.reset();
+  stopServer();
+
+  startServer(2);
+  device_->setCapacity(4096);  // another disk size
+  auto other = VhostUserBackend::connect(blkConfig(), memory_, *log_);
+  try {
+    other->restoreState(saved);
+    FAIL() << "a disk of another size was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("4096 sectors, the template's had 2048"), std::string::npos)
+        << e.what();
+  }
+  other.reset();
+  auto twoQueues = VhostUserBackend::connect(blkConfig(2), memory_, *log_);
+  EXPECT_THROW(twoQueues->restoreState(saved), Error);
+}
+
 TEST(VhostUserOptionTest, ParsesBlk) {
   auto config = parseVhostUserBlkOption("/run/blk.sock");
   EXPECT_EQ(config.kind, VhostUserDeviceKind::kBlock);
@@ -398,6 +511,24 @@ TEST(VhostUserOptionTest, ParsesBlk) {
   EXPECT_THROW(parseVhostUserBlkOption("/s,queues=65"), Error);
   EXPECT_THROW(parseVhostUserBlkOption("/s,queue=2"), Error);
   EXPECT_THROW(parseVhostUserBlkOption("/s,queues"), Error);
+}
+
+TEST(VhostUserOptionTest, ParsesAnInheritedSocketAndTheImage) {
+  auto config = parseVhostUserBlkOption("fd=7,image=/run/f/disk0.qcow2,format=qcow2,queues=2");
+  EXPECT_EQ(config.socketFd, 7);
+  EXPECT_EQ(config.socketPath, "fd=7");
+  EXPECT_EQ(config.imagePath, "/run/f/disk0.qcow2");
+  EXPECT_EQ(config.imageFormat, "qcow2");
+  EXPECT_EQ(config.queues, 2);
+  config = parseVhostUserBlkOption("/run/blk.sock,image=/img.raw");
+  EXPECT_EQ(config.socketFd, -1);
+  EXPECT_EQ(config.imagePath, "/img.raw");
+  EXPECT_EQ(config.imageFormat, "");
+  for (const char* bad : {"fd=2", "fd=x", "fd=", "fd=-4", "/s,format=raw", "/s,image=",
+                          "/s,image=/i,format=vmdk"}) {
+    EXPECT_THROW(parseVhostUserBlkOption(bad), Error) << bad;
+  }
+  EXPECT_THROW(parseVhostUserFsOption("/s:tag,image=/i"), Error);
 }
 
 TEST(VhostUserOptionTest, ParsesFsAndChecksTheTag) {

@@ -240,6 +240,17 @@ void Machine::pause() {
 
 void Machine::resume() {
   std::lock_guard lock(pauseMutex_);
+  if (disksSuspended_) {
+    // Stopped by a snapshot: the disks run again before the vCPUs do.
+    for (auto& backend : vhostUserBackends_) {
+      try {
+        backend->resumeAfterSuspend();
+      } catch (const std::exception& e) {
+        log_.error("restarting the disk's queues after the snapshot: {}", e.what());
+      }
+    }
+    disksSuspended_ = false;
+  }
   for (auto& runner : runners_) runner->resume();
   paused_ = false;
 }

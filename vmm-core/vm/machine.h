@@ -102,8 +102,11 @@ class Machine {
   // Presses the ACPI power button: a guest that handles it powers off by itself.
   void pressPowerButton();
   // Writes a template of this VM (docs/FORK.md): pauses the vCPUs, writes memory, state and
-  // manifest.json, then resumes them unless options.leavePaused. Refuses a VM with
-  // vhost-user devices. Called from the API thread.
+  // manifest.json, then resumes them unless options.leavePaused. vhost-user-blk disks
+  // (clone-block, with image=) have their queues stopped first; they start again when the
+  // vCPUs do, so a VM left paused keeps its disks quiet while the caller copies them
+  // (`clone snapshot`). Refuses virtio-fs and disks without image=. Called from the API
+  // thread.
   SnapshotResult snapshot(const SnapshotOptions& options);
   // True for a VM restored from a template.
   bool restored() const { return config_.restoreFrom != nullptr; }
@@ -131,7 +134,9 @@ class Machine {
   void attachVhostUserDevices();
   void attachVsock();
   // Snapshot and restore of the virtio-pci devices (machine_snapshot.cc).
-  std::vector<snapshot::VirtioDeviceState> saveVirtioDevices();
+  // `vhostUser`: the suspended vhost-user devices' states, in slot order.
+  std::vector<snapshot::VirtioDeviceState> saveVirtioDevices(
+      const std::vector<VhostUserDeviceState>& vhostUser);
   // The vsock device is attached last (attachDevices), after the vhost-user ones.
   bool isVsockSlot(size_t index) const { return vsock_ && index + 1 == virtioDevices_.size(); }
   void restoreVirtioDevices(const std::vector<snapshot::VirtioDeviceState>& states,
@@ -179,6 +184,8 @@ class Machine {
   std::unique_ptr<ConsoleInput> console_;
   std::mutex pauseMutex_;
   std::atomic<bool> paused_{false};
+  // A snapshot stopped the vhost-user disks' queues; resume() starts them (pauseMutex_).
+  bool disksSuspended_ = false;
   std::atomic<double> firstEntryMillis_{0};  // read by the API thread
 };
 

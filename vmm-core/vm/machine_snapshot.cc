@@ -103,7 +103,8 @@ void writeWorkingSet(const std::string& dir, const std::vector<uint64_t>& offset
 
 }  // namespace
 
-std::vector<VirtioDeviceState> Machine::saveVirtioDevices() {
+std::vector<VirtioDeviceState> Machine::saveVirtioDevices(
+    const std::vector<VhostUserDeviceState>& vhostUser) {
   std::vector<VirtioDeviceState> states;
   for (size_t i = 0; i < virtioDevices_.size(); ++i) {
     const auto& placement = virtioPlacements_[i];
@@ -117,6 +118,10 @@ std::vector<VirtioDeviceState> Machine::saveVirtioDevices() {
     state.barAddress = placement.bar;
     state.transport = virtioDevices_[i]->saveState();
     if (isVsockSlot(i)) state.vsock = vsock_->saveState();
+    if (i < vhostUser.size()) {
+      state.deviceType = vhostUser[i].deviceType;
+      state.vhostUser = vhostUser[i];
+    }
     states.push_back(std::move(state));
   }
   return states;
@@ -130,11 +135,14 @@ void Machine::restoreVirtioDevices(const std::vector<VirtioDeviceState>& states,
   for (size_t i = 0; i < states.size(); ++i) {
     const auto& state = states[i];
     bool isVsock = isVsockSlot(i);
-    require(state.barAddress == virtioPlacements_[i].bar && isVsock == state.vsock.has_value(),
+    bool isVhostUser = i < vhostUserBackends_.size();
+    require(state.barAddress == virtioPlacements_[i].bar && isVsock == state.vsock.has_value() &&
+                isVhostUser == state.vhostUser.has_value(),
             "{}: virtio device {} (type {}, BAR {:#x}) does not match this VM's", templateDir, i,
             state.deviceType, state.barAddress);
     // The ring positions first: the transport re-activates the backend, which applies them.
     if (isVsock) vsock_->restoreState(*state.vsock);
+    if (isVhostUser) vhostUserBackends_[i]->restoreState(*state.vhostUser);
     virtioDevices_[i]->restoreState(state.transport);
   }
   devices_->pciRoot().refreshDecoding();
@@ -166,11 +174,23 @@ void Machine::restoreFromTemplate() {
   for (const auto& e : source.memoryExtents) extents.emplace_back(e.offset, e.length);
   lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
                                                std::move(extents), log_);
-  auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
-  lazyFill_->prefetch(workingSet);
+  // A vhost-user back-end (a disk's clone-block) maps this memfd too, and its accesses do not
+  // go through the core's userfaultfd: a page it touched before the core filled it would stay
+  // a zero page. Until postcopy is built, such a fork gets all of the template's data before
+  // any queue starts (docs/FORK.md), and records no working set.
+  bool eager = !config_.vhostUserDevices.empty();
+  bool record = false;
+  if (eager) {
+    uint64_t pages = lazyFill_->fillAllData();
+    log_.info("filled all {} data pages ({} MiB) of {} up front: the fork has vhost-user devices",
+              pages, pages * LazyMemoryFill::kPageBytes >> 20, source.dir);
+  } else {
+    auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
+    lazyFill_->prefetch(workingSet);
+    // Record this fork's first faults when the template has no working set yet.
+    record = workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
+  }
   timings_.memoryReady = millisSinceStart();
-  // Record this fork's first faults when the template has no working set yet.
-  bool record = workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
   // From here on KVM may touch guest memory (kvmclock, LAPIC pages): the fill thread runs.
   lazyFill_->start(record ? kWorkingSetWindow : std::chrono::milliseconds(0));
 
@@ -208,12 +228,18 @@ void Machine::recordWorkingSet() {
 }
 
 SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
-  // vhost-user back-ends would need their ring positions (GET_VRING_BASE) and their own
-  // state saved, and their faults on lazily filled memory resolved: not done yet.
-  require(vhostUserBackends_.empty(),
-          "cannot snapshot a VM with vhost-user devices ({} attached): templates hold the core's "
-          "devices and vsock only so far (docs/FORK.md)",
-          vhostUserBackends_.size());
+  // A template holds vhost-user-blk disks served by clone-block: their ring positions are
+  // saved here and `clone snapshot` copies the image (the core cannot see it). A virtio-fs
+  // share's state lives in virtiofsd, and a disk without image= cannot be copied.
+  for (const auto& backend : vhostUserBackends_) {
+    const auto& device = backend->config();
+    require(device.kind == VhostUserDeviceKind::kBlock,
+            "cannot snapshot: {} {} is a virtio-fs share; templates hold only clone-block disks "
+            "(docs/FORK.md)", vhostUserKindName(device.kind), device.socketPath);
+    require(!device.imagePath.empty(),
+            "cannot snapshot: the disk on vhost-user-blk {} was not started by `clone run --disk` "
+            "(no image=): a template needs a copy of every disk (docs/FORK.md)", device.socketPath);
+  }
   require(!runners_.empty(), "the VM has not started");
   std::lock_guard snapshotLock(snapshotMutex_);
   prepareOutputDir(options.outputDir);
@@ -221,7 +247,17 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
   auto pauseStart = Clock::now();
   if (!wasPaused) pause();
   SnapshotResult result;
+  std::vector<VhostUserDeviceState> disks;
   try {
+    // First: the back-ends complete what they have in flight, which writes guest memory and
+    // raises interrupts that the vCPU and irqchip state below must hold. The disks' queues
+    // stay stopped until the vCPUs run again (resume()), so that `clone snapshot` can copy
+    // the images of a VM left paused.
+    {
+      std::lock_guard lock(pauseMutex_);
+      disksSuspended_ = true;
+    }
+    for (auto& backend : vhostUserBackends_) disks.push_back(backend->suspend());
     MachineState state;
     state.vm = captureVm(vm_);
     auto msrs = readableMsrs(*vcpus_[0], kvm_.msrIndexList());
@@ -232,7 +268,7 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
     devices_->saveState(state.devices);
     // The kernel must stop writing the vsock rings (guest memory) before memory is saved.
     if (vsock_) vsock_->stop();
-    state.virtio = saveVirtioDevices();
+    state.virtio = saveVirtioDevices(disks);
     auto stateBytes = encodeMachineState(state);
     writeReadOnlyFile(options.outputDir, kStateFile, stateBytes.data(), stateBytes.size());
 
@@ -241,6 +277,7 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
         memory_.fd(), memory_.size(), memoryPath,
         restored() ? memory_.mappingForRegistration().data() : nullptr);
     if (vsock_) vsock_->start();
+    std::vector<VhostUserDeviceState> savedDisks = std::move(disks);
     if (!wasPaused && !options.leavePaused) resume();
     result.pausedMillis = std::chrono::duration<double, std::milli>(Clock::now() - pauseStart).count();
 
@@ -256,6 +293,21 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
     manifest.cmdline = config_.cmdline;
     manifest.devices = kCoreDevices;
     if (vsock_) manifest.devices.push_back(kVsockDeviceName);
+    for (size_t i = 0; i < savedDisks.size(); ++i) {
+      const auto& device = vhostUserBackends_[i]->config();
+      const auto& saved = savedDisks[i];
+      uint64_t sectors = 0;
+      require(saved.config.size() >= 8, "{}: no capacity in its config space", device.socketPath);
+      std::memcpy(&sectors, saved.config.data(), 8);
+      constexpr unsigned kBlkFeatureReadOnly = 5;  // VIRTIO_BLK_F_RO
+      manifest.disks.push_back({.file = fmt::format("disk{}.raw", i),
+                                .source = device.imagePath,
+                                .sourceFormat = device.imageFormat.empty() ? "auto" : device.imageFormat,
+                                .bytes = sectors * 512,
+                                .readOnly = ((saved.backendFeatures >> kBlkFeatureReadOnly) & 1) != 0,
+                                .queues = saved.numQueues,
+                                .sha256 = {}});
+    }
     for (const auto& leaf : vcpuCpuids_[0]) {
       manifest.cpuid.push_back({leaf.function, leaf.index, leaf.flags, leaf.eax, leaf.ebx,
                                 leaf.ecx, leaf.edx});
@@ -270,6 +322,7 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
     result.stateBytes = stateBytes.size();
   } catch (...) {
     if (vsock_) vsock_->start();
+    // A VM that stays paused gets its disks back when it resumes.
     if (!wasPaused && paused_ && !options.leavePaused) resume();
     throw;
   }
