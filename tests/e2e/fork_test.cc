@@ -144,6 +144,18 @@ class CliForks {
   ForkOutput printed;
 };
 
+// Shuts a fixture's template VM down and removes its directory.
+void shutDownTemplate(GuestSession*& templateVm, const std::string& socket, const std::string& base) {
+  if (templateVm != nullptr) {
+    cloneCli({"shutdown", "--vm", socket});
+    templateVm->waitExit(10s);
+    delete templateVm;
+    templateVm = nullptr;
+  }
+  std::error_code ignored;
+  std::filesystem::remove_all(base, ignored);
+}
+
 class ForkTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -191,16 +203,7 @@ class ForkTest : public ::testing::Test {
     memoryHash_ = fileSha256(templateDir_ + "/memory");
   }
 
-  static void TearDownTestSuite() {
-    if (templateVm_ != nullptr) {
-      cloneCli({"shutdown", "--vm", templateSocket_});
-      templateVm_->waitExit(10s);
-      delete templateVm_;
-      templateVm_ = nullptr;
-    }
-    std::error_code ignored;
-    std::filesystem::remove_all(base_, ignored);
-  }
+  static void TearDownTestSuite() { shutDownTemplate(templateVm_, templateSocket_, base_); }
 
   void SetUp() override { ASSERT_TRUE(setupError_.empty()) << setupError_; }
 
@@ -651,16 +654,7 @@ class ForkDiskTest : public ::testing::Test {
     diskHash_ = fileSha256(templateDir_ + "/disk0.raw");
   }
 
-  static void TearDownTestSuite() {
-    if (templateVm_ != nullptr) {
-      cloneCli({"shutdown", "--vm", templateSocket_});
-      templateVm_->waitExit(10s);
-      delete templateVm_;
-      templateVm_ = nullptr;
-    }
-    std::error_code ignored;
-    std::filesystem::remove_all(base_, ignored);
-  }
+  static void TearDownTestSuite() { shutDownTemplate(templateVm_, templateSocket_, base_); }
 
   void SetUp() override { ASSERT_TRUE(setupError_.empty()) << setupError_; }
 
