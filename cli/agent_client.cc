@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -116,9 +117,13 @@ AgentConnection AgentConnection::connect(uint32_t cid, uint32_t port,
   for (;;) {
     UniqueFd fd(::socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!fd) throwSystemError(errno, "socket(AF_VSOCK) (is the vsock module loaded?)");
-    auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - Clock::now());
+    // Each attempt waits at most kConnectAttempt: a request the guest never answers (sent
+    // while a fork's driver was still resetting for its new CID) is then sent again, instead
+    // of holding the whole timeout.
+    constexpr std::chrono::nanoseconds kConnectAttempt = std::chrono::seconds(2);
+    auto left = std::min(kConnectAttempt, std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                              deadline - Clock::now()));
     if (left.count() > 0) {
-      // A connect to a guest whose driver is not up waits this long (vsock default: 2 s).
       timeval tv{static_cast<time_t>(left.count() / 1000000000),
                  static_cast<suseconds_t>(left.count() % 1000000000 / 1000)};
       ::setsockopt(fd.get(), AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof tv);
