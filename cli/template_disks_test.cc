@@ -74,6 +74,18 @@ class TemplateDisksTest : public ::testing::Test {
 
   std::string dir_;
   std::string base_;
+
+  // A template manifest (one 4 KiB page of memory) whose one disk, of `bytes`, is base_ to copy.
+  void writeManifestWithOneDisk(uint64_t bytes) {
+    snapshot::Manifest manifest;
+    manifest.createdUtc = snapshot::currentUtcTime();
+    manifest.memoryBytes = manifest.memorySize = 4096;
+    manifest.vcpus = 1;
+    manifest.regions = {{0, 4096, 0}};
+    manifest.disks = {{.file = "disk0.raw", .source = base_, .sourceFormat = "raw",
+                       .bytes = bytes, .readOnly = false, .queues = 1, .sha256 = {}}};
+    snapshot::rewriteManifest(dir_, manifest);
+  }
 };
 
 TEST_F(TemplateDisksTest, RawCopyIsSparseAndReadOnly) {
@@ -121,14 +133,7 @@ TEST_F(TemplateDisksTest, Qcow2OverlayIsFlattenedWithItsBackingFile) {
 }
 
 TEST_F(TemplateDisksTest, FillsTheManifestDigests) {
-  snapshot::Manifest manifest;
-  manifest.createdUtc = snapshot::currentUtcTime();
-  manifest.memoryBytes = manifest.memorySize = 4096;
-  manifest.vcpus = 1;
-  manifest.regions = {{0, 4096, 0}};
-  manifest.disks = {{.file = "disk0.raw", .source = base_, .sourceFormat = "raw",
-                     .bytes = kDiskBytes, .readOnly = false, .queues = 1, .sha256 = {}}};
-  snapshot::rewriteManifest(dir_, manifest);
+  writeManifestWithOneDisk(kDiskBytes);
   auto copies = copyTemplateDisks(dir_);
   EXPECT_EQ(copies.disks, 1u);
   EXPECT_EQ(copies.dataBytes, 2 * 4096u);
@@ -143,14 +148,7 @@ TEST_F(TemplateDisksTest, FillsTheManifestDigests) {
 }
 
 TEST_F(TemplateDisksTest, AFailedCopyLeavesNoDiskBehind) {
-  snapshot::Manifest manifest;
-  manifest.createdUtc = snapshot::currentUtcTime();
-  manifest.memoryBytes = manifest.memorySize = 4096;
-  manifest.vcpus = 1;
-  manifest.regions = {{0, 4096, 0}};
-  manifest.disks = {{.file = "disk0.raw", .source = base_, .sourceFormat = "raw",
-                     .bytes = kDiskBytes + 4096, .readOnly = false, .queues = 1, .sha256 = {}}};
-  snapshot::rewriteManifest(dir_, manifest);
+  writeManifestWithOneDisk(kDiskBytes + 4096);
   try {
     copyTemplateDisks(dir_);
     FAIL() << "a disk of another size was copied";
