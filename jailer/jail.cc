@@ -422,6 +422,7 @@ bool catchesSignal(pid_t pid, int sig) {
 
 int waitForChild(pid_t child, int pidFd, int signalFd) {
   pollfd fds[2] = {{pidFd, POLLIN, 0}, {signalFd, POLLIN, 0}};
+  int forwarded = 0;
   while (true) {
     int ready = ::poll(fds, 2, -1);
     if (ready < 0 && errno == EINTR) continue;
@@ -431,7 +432,8 @@ int waitForChild(pid_t child, int pidFd, int signalFd) {
       if (::read(signalFd, &info, sizeof(info)) == sizeof(info)) {
         int sig = static_cast<int>(info.ssi_signo);
         // As PID 1 of its namespace the process ignores signals it has no handler for.
-        ::kill(child, catchesSignal(child, sig) ? sig : SIGKILL);
+        forwarded = catchesSignal(child, sig) ? sig : SIGKILL;
+        ::kill(child, forwarded);
       }
     }
     if (fds[0].revents & POLLIN) break;
@@ -439,7 +441,14 @@ int waitForChild(pid_t child, int pidFd, int signalFd) {
   int status = 0;
   CLONE_SYSCALL(::waitpid(child, &status, 0), "wait for the jailed process");
   if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return 128 + WTERMSIG(status);
+  int sig = WTERMSIG(status);
+  // A death the jailer did not ask for may have left no line of its own (seccomp kills silently).
+  if (sig != forwarded) {
+    std::cerr << "clone-jailer: the jailed process was killed by signal " << sig << " ("
+              << ::strsignal(sig) << ")"
+              << (sig == SIGSYS ? ": a syscall outside its seccomp policy" : "") << std::endl;
+  }
+  return 128 + sig;
 }
 
 }  // namespace

@@ -70,6 +70,11 @@ bool GuestSession::pump(std::chrono::milliseconds timeout) {
   ssize_t n = ::read(outputFd_.get(), buffer, sizeof(buffer));
   if (n <= 0) {
     outputFd_.reset();
+    // The output ended: the process is gone or going. Say how in the output, so a failure
+    // message shows a fork killed by a signal (SIGSYS: its seccomp policy) as such.
+    for (int i = 0; i < 50 && !exitCode_; ++i) {
+      if (!reap(WNOHANG)) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
     return false;
   }
   output_.append(buffer, static_cast<size_t>(n));
@@ -130,14 +135,27 @@ std::optional<std::string> GuestSession::run(const std::string& command,
 
 void GuestSession::closeInput() { input_.reset(); }
 
+bool GuestSession::reap(int options) {
+  if (exitCode_) return true;
+  int status = 0;
+  if (::waitpid(pid_, &status, options) != pid_) return false;
+  if (WIFEXITED(status)) {
+    exitCode_ = WEXITSTATUS(status);
+    output_ += fmt::format("\n[the process exited with code {}]\n", *exitCode_);
+  } else {
+    exitCode_ = 128 + WTERMSIG(status);
+    output_ += fmt::format("\n[the process was killed by signal {} ({}){}]\n", WTERMSIG(status),
+                           ::strsignal(WTERMSIG(status)),
+                           WTERMSIG(status) == SIGSYS ? ": a syscall outside its seccomp policy" : "");
+  }
+  return true;
+}
+
 std::optional<int> GuestSession::waitExit(std::chrono::milliseconds timeout) {
   if (exitCode_) return exitCode_;
   auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    int status = 0;
-    pid_t done = ::waitpid(pid_, &status, WNOHANG);
-    if (done == pid_) {
-      exitCode_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (reap(WNOHANG)) {
       while (pump(std::chrono::milliseconds(0)) && outputFd_.valid()) {
         pollfd fd{outputFd_.get(), POLLIN, 0};
         if (::poll(&fd, 1, 0) <= 0) break;

@@ -50,6 +50,9 @@ class GuestSession {
  private:
   // Reads what is available, waiting up to `timeout`; false at EOF.
   bool pump(std::chrono::milliseconds timeout);
+  // Collects the process's exit status if it has one (waitpid `options`), noting it in the
+  // output. True once it is collected.
+  bool reap(int options);
 
   pid_t pid_ = -1;
   std::optional<int> exitCode_;

@@ -7,6 +7,7 @@
 #include <linux/userfaultfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -17,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/error.h"
+#include "jailer/seccomp/seccomp_policy.h"
 #include "vmm-core/arch/layout.h"
 
 namespace clonevm::vmm {
@@ -173,6 +175,41 @@ TEST_F(LazyFillTest, FillAllDataLeavesNoDataPageForADeviceMappingToMiss) {
   for (auto [offset, length] : extents_) EXPECT_EQ(at(offset + length - 1), expected(offset + length - 1));
   EXPECT_EQ(fill.stats().faults, 0u);
   ::munmap(device, kSize);
+}
+
+// The fill runs inside clone-vmm's seccomp policy (kill mode): every ioctl it can issue must be
+// allowed, the rare ones too. A page that exists before its fill (here written through the
+// memfd, in a fork a racing fault) makes UFFDIO_COPY fail with EEXIST, and the fill then wakes
+// the range with UFFDIO_WAKE; a policy without it killed forks at random (SIGSYS, no log line).
+TEST_F(LazyFillTest, EveryFillPathRunsUnderTheCoresSeccompPolicy) {
+  constexpr uint64_t kPresent = 80 * 1024;  // inside the first data extent
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    int code = 0;
+    try {
+      LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+      uint8_t mark = 0x5a;
+      if (::pwrite(memory_->fd(), &mark, 1, kPresent) != 1) ::_exit(10);
+      seccomp::install(seccomp::Kind::kVmm, seccomp::Mode::kKill);
+      std::vector<uint64_t> run;
+      for (uint64_t o = 64 * 1024; o < 96 * 1024; o += kPage) run.push_back(o);
+      fill.prefetch(run);  // EEXIST at kPresent: page by page, then UFFDIO_WAKE
+      fill.start();
+      if (at(kPresent) != 0x5a) code = 11;                                 // kept, not overwritten
+      if (at(72 * 1024 + 3) != patternByte(72 * 1024 + 3)) code = 12;      // prefetched data
+      if (at(160 * 1024 + 1) != patternByte(160 * 1024 + 1)) code = 13;    // fault: UFFDIO_COPY
+      if (at(2 * layout::kMiB + 9) != 0) code = 14;                        // fault: UFFDIO_ZEROPAGE
+    } catch (const std::exception&) {
+      code = 15;
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_FALSE(WIFSIGNALED(status)) << "the fill was killed by signal " << WTERMSIG(status)
+                                    << (WTERMSIG(status) == SIGSYS ? " (seccomp)" : "");
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "see the code's meaning in the test";
 }
 
 TEST_F(LazyFillTest, RejectsExtentsOutsideTheImageOrUnaligned) {
