@@ -1,9 +1,11 @@
 #include "ipc/vhost-user/backend.h"
 
+#include <linux/userfaultfd.h>
 #include <poll.h>
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -78,6 +80,7 @@ uint64_t BackendSession::offeredFeatures() const {
 uint64_t BackendSession::offeredProtocolFeatures() const {
   uint64_t offered = device_.protocolFeatures() & kLibraryProtocolFeatures;
   if (device_.configSize() == 0) offered &= ~bit(protocol::kConfig);
+  if (newUserfaultfd_) offered |= bit(protocol::kPagefault);
   return offered;
 }
 
@@ -123,6 +126,10 @@ std::optional<Message> BackendSession::handle(Message message) {
 std::optional<Message> BackendSession::dispatch(Message& message) {
   using R = FrontendRequest;
   R request = message.frontendRequest();
+  if (awaitingPostcopyAck_) {
+    registerPostcopy(message);
+    return std::nullopt;
+  }
   switch (request) {
     case R::kGetFeatures:
       return replyTo(request, offeredFeatures());
@@ -176,6 +183,7 @@ std::optional<Message> BackendSession::dispatch(Message& message) {
       return replyTo(request, uint64_t{device_.queueCount()});
 
     case R::kSetMemTable: {
+      if (postcopyListening_) return postcopyMemoryTable(message);
       drainDevice();
       auto header = message.payloadAs<MemoryTableHeader>();
       std::vector<MemoryRegion> regions(header.regionCount);
@@ -188,12 +196,33 @@ std::optional<Message> BackendSession::dispatch(Message& message) {
       return std::nullopt;
     }
 
+    case R::kPostcopyAdvise:
+      requireProtocolFeature(protocol::kPagefault, request);
+      return postcopyAdvise();
+
+    case R::kPostcopyListen:
+      requireProtocolFeature(protocol::kPagefault, request);
+      require(postcopyFd_.valid(), "POSTCOPY_LISTEN before POSTCOPY_ADVISE");
+      // Mappings that exist now would not be registered (libvhost-user refuses too).
+      require(memory_.regionCount() == 0, "POSTCOPY_LISTEN after a memory table was set");
+      postcopyListening_ = true;
+      return std::nullopt;
+
+    case R::kPostcopyEnd:
+      requireProtocolFeature(protocol::kPagefault, request);
+      // The registration ends with the front-end's copy of the userfaultfd (this process
+      // holds none after registering): nothing is left to undo here.
+      postcopyListening_ = false;
+      postcopyFd_.reset();
+      return replyTo(request, uint64_t{0});
+
     case R::kGetMaxMemSlots:
       requireProtocolFeature(protocol::kConfigureMemSlots, request);
       return replyTo(request, uint64_t{memory_.maxRegions()});
 
     case R::kAddMemReg: {
       requireProtocolFeature(protocol::kConfigureMemSlots, request);
+      require(!postcopyListening_, "regions cannot be added in postcopy mode");
       auto body = message.payloadAs<SingleMemoryRegion>();
       drainDevice();
       memory_.addRegion(body.region, std::move(message.fds.front()));
@@ -459,6 +488,65 @@ bool BackendSession::notifyConfigChanged() {
   }
 }
 
+std::optional<Message> BackendSession::postcopyAdvise() {
+  require(!postcopyRegistered_, "postcopy is already running on this connection");
+  postcopyFd_ = newUserfaultfd_();
+  Message reply = replyTo(FrontendRequest::kPostcopyAdvise, std::span<const uint8_t>());
+  reply.fds.emplace_back(CLONE_SYSCALL(::fcntl(postcopyFd_.get(), F_DUPFD_CLOEXEC, 0),
+                                       "dup the postcopy userfaultfd"));
+  return reply;
+}
+
+std::optional<Message> BackendSession::postcopyMemoryTable(Message& message) {
+  require(!postcopyRegistered_ && memory_.regionCount() == 0,
+          "a second memory table in postcopy mode is not supported");
+  auto header = message.payloadAs<MemoryTableHeader>();
+  std::vector<MemoryRegion> regions(header.regionCount);
+  if (!regions.empty()) {
+    std::memcpy(regions.data(), message.payload.data() + sizeof(MemoryTableHeader),
+                regions.size() * sizeof(MemoryRegion));
+  }
+  memory_.setTable(regions, std::move(message.fds));
+  // The answer: the same table with our own address of each region, so that the front-end
+  // can tell which page a fault on our userfaultfd is. Nothing is touched until its go-ahead.
+  auto mappings = memory_.hostMappings();
+  auto mapped = memory_.regions();
+  std::vector<uint8_t> payload(sizeof(MemoryTableHeader) + mapped.size() * sizeof(MemoryRegion));
+  MemoryTableHeader answerHeader{};
+  answerHeader.regionCount = static_cast<uint32_t>(mapped.size());
+  std::memcpy(payload.data(), &answerHeader, sizeof(answerHeader));
+  for (size_t i = 0; i < mapped.size(); ++i) {
+    MemoryRegion region = mapped[i];
+    region.userAddress = reinterpret_cast<uint64_t>(mappings[i].host);
+    std::memcpy(payload.data() + sizeof(MemoryTableHeader) + i * sizeof(MemoryRegion), &region,
+                sizeof(region));
+  }
+  awaitingPostcopyAck_ = true;
+  return replyTo(FrontendRequest::kSetMemTable, std::span<const uint8_t>(payload));
+}
+
+void BackendSession::registerPostcopy(const Message& acknowledgement) {
+  awaitingPostcopyAck_ = false;
+  require(acknowledgement.frontendRequest() == FrontendRequest::kSetMemTable &&
+              acknowledgement.payload.size() == sizeof(uint64_t) &&
+              acknowledgement.payloadAs<uint64_t>() == 0 && acknowledgement.fds.empty(),
+          "expected the front-end's postcopy acknowledgement (SET_MEM_TABLE with 0), got {}",
+          requestName(acknowledgement.frontendRequest()));
+  for (const auto& mapping : memory_.hostMappings()) {
+    uffdio_register registration{};
+    registration.range.start = reinterpret_cast<uint64_t>(mapping.base);
+    registration.range.len = mapping.length;
+    registration.mode = UFFDIO_REGISTER_MODE_MISSING;
+    CLONE_SYSCALL(::ioctl(postcopyFd_.get(), UFFDIO_REGISTER, &registration),
+                  "UFFDIO_REGISTER vhost-user memory (postcopy)");
+  }
+  postcopyFd_.reset();
+  postcopyRegistered_ = true;
+  log_.info("vhost-user: postcopy: {} memory regions registered; the front-end resolves "
+            "their missing pages",
+            memory_.regionCount());
+}
+
 std::optional<Message> BackendSession::getInflightFd(const Message& message) {
   auto description = message.payloadAs<InflightDescription>();
   require(description.queueCount >= 1 && description.queueCount <= queues_.size(),
@@ -616,6 +704,7 @@ void VhostUserBackend::serveConnection(UniqueFd connection) {
   if (device_.deviceEventFd() >= 0) epollAdd(epoll.get(), device_.deviceEventFd(), kTagDevice);
   Loop loop(epoll.get());
   session_ = std::make_unique<BackendSession>(device_, log_, &loop);
+  if (options_.newUserfaultfd) session_->enablePostcopy(options_.newUserfaultfd);
   ++connectionsServed_;
   log_.info("vhost-user front-end connected");
   try {

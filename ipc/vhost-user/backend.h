@@ -151,6 +151,16 @@ class BackendSession {
   uint64_t offeredProtocolFeatures() const;
   uint8_t status() const { return status_; }
   const GuestMemoryMap& memory() const { return memory_; }
+
+  // Postcopy (VHOST_USER_PROTOCOL_F_PAGEFAULT): offered when set. `newUserfaultfd` makes a
+  // userfaultfd of this process for each POSTCOPY_ADVISE; the memory table that follows
+  // POSTCOPY_LISTEN is registered with it (missing pages), and the front-end resolves the
+  // faults. The session keeps no copy once its mappings are registered: when the front-end
+  // closes its copy (or dies), the registration ends and no thread stays blocked on a fault.
+  void enablePostcopy(std::function<UniqueFd()> newUserfaultfd) {
+    newUserfaultfd_ = std::move(newUserfaultfd);
+  }
+  bool postcopyRegistered() const { return postcopyRegistered_; }
   std::span<Virtqueue> queues() { return queues_; }
 
  private:
@@ -162,6 +172,10 @@ class BackendSession {
   void resetDevice();
   void drainDevice();  // before the memory table changes
   void notifyStartedQueues();
+
+  std::optional<Message> postcopyAdvise();
+  std::optional<Message> postcopyMemoryTable(Message& message);
+  void registerPostcopy(const Message& acknowledgement);
 
   std::optional<Message> getInflightFd(const Message& message);
   void setInflightFd(Message& message);
@@ -187,12 +201,20 @@ class BackendSession {
   };
   InflightArea inflight_;
   void unmapInflight();
+
+  std::function<UniqueFd()> newUserfaultfd_;
+  UniqueFd postcopyFd_;              // from ADVISE until the mappings are registered
+  bool postcopyListening_ = false;   // LISTEN received: the next memory table is postcopy's
+  bool awaitingPostcopyAck_ = false; // its answer sent, the front-end's go-ahead not yet in
+  bool postcopyRegistered_ = false;
 };
 
 struct BackendOptions {
   // A front-end that stops in the middle of a message for this long is dropped, so a stuck
   // peer cannot hang the device process.
   std::chrono::milliseconds messageTimeout{5000};
+  // Offers postcopy to every front-end (BackendSession::enablePostcopy) when set.
+  std::function<UniqueFd()> newUserfaultfd;
 };
 
 // Serves front-ends for one device. Not thread-safe except stop().

@@ -188,6 +188,67 @@ void Frontend::setMemTable(std::span<const MemoryRegionSpec> regions) {
 
 uint64_t Frontend::getMaxMemSlots() { return queryU64(FrontendRequest::kGetMaxMemSlots); }
 
+UniqueFd Frontend::postcopyAdvise() {
+  require(hasProtocolFeature(protocol::kPagefault),
+          "vhost-user backend {}: POSTCOPY_ADVISE without VHOST_USER_PROTOCOL_F_PAGEFAULT",
+          backendName_);
+  Message reply = query(FrontendRequest::kPostcopyAdvise, {}, 0, 1);
+  return std::move(reply.fds.front());
+}
+
+void Frontend::postcopyListen() { command(FrontendRequest::kPostcopyListen, {}); }
+
+void Frontend::setMemTablePostcopy(
+    std::span<const MemoryRegionSpec> regions,
+    const std::function<void(std::span<const uint64_t>)>& registered) {
+  require(regions.size() <= kMaxMemTableRegions,
+          "vhost-user SET_MEM_TABLE takes at most {} regions, got {}", kMaxMemTableRegions,
+          regions.size());
+  MemoryTable table{};
+  table.header.regionCount = static_cast<uint32_t>(regions.size());
+  int fds[kMaxMemTableRegions];
+  for (size_t i = 0; i < regions.size(); ++i) {
+    table.regions[i] = toWire(regions[i]);
+    fds[i] = regions[i].fd;
+  }
+  size_t size = sizeof(MemoryTableHeader) + regions.size() * sizeof(MemoryRegion);
+  // The spec's exception: no NEED_REPLY, the answer is the back-end's table.
+  sendRequest(FrontendRequest::kSetMemTable, 0,
+              std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&table), size),
+              std::span<const int>(fds, regions.size()));
+  Message reply = receiveReply(FrontendRequest::kSetMemTable);
+  std::vector<uint64_t> bases;
+  try {
+    validateReply(reply, FrontendRequest::kSetMemTable, static_cast<uint32_t>(size));
+    MemoryTable answer{};
+    std::memcpy(&answer, reply.payload.data(), size);
+    require(answer.header.regionCount == regions.size(),
+            "the postcopy memory table answer has {} regions, {} were sent",
+            answer.header.regionCount, regions.size());
+    for (size_t i = 0; i < regions.size(); ++i) {
+      require(answer.regions[i].guestAddress == table.regions[i].guestAddress &&
+                  answer.regions[i].size == table.regions[i].size,
+              "the postcopy memory table answer differs in region {}", i);
+      require(answer.regions[i].userAddress % 4096 == 0 && answer.regions[i].userAddress != 0,
+              "the postcopy memory table answer maps region {} at {:#x}", i,
+              answer.regions[i].userAddress);
+      bases.push_back(answer.regions[i].userAddress);
+    }
+  } catch (const std::exception& e) {
+    fail(FrontendRequest::kSetMemTable, e);
+  }
+  registered(bases);
+  // The acknowledgement QEMU sends: a SET_MEM_TABLE carrying a u64 0.
+  uint64_t ok = 0;
+  sendRequest(FrontendRequest::kSetMemTable, 0, bytesOf(ok), {});
+}
+
+void Frontend::postcopyEnd() {
+  uint64_t status = query(FrontendRequest::kPostcopyEnd, {}, sizeof(uint64_t)).payloadAs<uint64_t>();
+  require(status == 0, "vhost-user backend {} failed POSTCOPY_END (status {})", backendName_,
+          status);
+}
+
 void Frontend::addMemRegion(const MemoryRegionSpec& region) {
   SingleMemoryRegion body{0, toWire(region)};
   int fd = region.fd;

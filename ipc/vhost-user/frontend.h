@@ -105,6 +105,18 @@ class Frontend {
   // Guest memory.
   void setMemTable(std::span<const MemoryRegionSpec> regions);
   uint64_t getMaxMemSlots();
+  // Postcopy (PAGEFAULT), before the memory table: ADVISE returns the back-end's
+  // userfaultfd, LISTEN tells it that the next memory table is to be registered with it.
+  UniqueFd postcopyAdvise();
+  void postcopyListen();
+  // SET_MEM_TABLE after LISTEN: the back-end maps the regions and answers with its own
+  // address of each region's first byte. `registered` gets them (and must be ready to
+  // resolve the back-end's faults when it returns); only then is the back-end told it may
+  // register its mappings with its userfaultfd.
+  void setMemTablePostcopy(std::span<const MemoryRegionSpec> regions,
+                           const std::function<void(std::span<const uint64_t>)>& registered);
+  // POSTCOPY_END: the back-end stops using the userfaultfd (status 0 expected).
+  void postcopyEnd();
   void addMemRegion(const MemoryRegionSpec& region);
   void removeMemRegion(const MemoryRegionSpec& region);
 

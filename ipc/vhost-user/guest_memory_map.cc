@@ -65,6 +65,12 @@ std::vector<MemoryRegion> GuestMemoryMap::regions() const {
   return result;
 }
 
+std::vector<GuestMemoryMap::HostMapping> GuestMemoryMap::hostMappings() const {
+  std::vector<HostMapping> result;
+  for (const auto& mapping : regions_) result.push_back({mapping.host, mapping.base, mapping.length});
+  return result;
+}
+
 void GuestMemoryMap::validate(const MemoryRegion& region, std::span<const Mapping> others) const {
   require(region.size != 0, "vhost-user memory {} has zero size", describe(region));
   require(!wraps(region.guestAddress, region.size),

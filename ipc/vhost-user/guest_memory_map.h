@@ -42,6 +42,14 @@ class GuestMemoryMap {
   size_t maxRegions() const { return maxRegions_; }
   size_t regionCount() const { return regions_.size(); }
   std::vector<MemoryRegion> regions() const;
+  // Where this process mapped each region, in regions() order: its first byte, and the
+  // page-aligned mapping around it (postcopy registers those with a userfaultfd).
+  struct HostMapping {
+    uint8_t* host;
+    void* base;
+    size_t length;
+  };
+  std::vector<HostMapping> hostMappings() const;
   // Bumped on every change, so users of cached spans know to translate again.
   uint64_t generation() const { return generation_; }
 

@@ -11,9 +11,11 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <optional>
 
 #include "common/error.h"
-#include "vmm-core/memory/userfaultfd.h"
+#include "common/userfaultfd.h"
 
 namespace clonevm::vmm {
 namespace {
@@ -72,13 +74,16 @@ LazyMemoryFill::LazyMemoryFill(const GuestMemory& memory, const std::string& ima
   require((reg.ioctls & (1ull << _UFFDIO_COPY)) && (reg.ioctls & (1ull << _UFFDIO_ZEROPAGE)),
           "userfaultfd: the kernel offers no UFFDIO_COPY/ZEROPAGE for guest memory");
   stopEvent_ = UniqueFd(CLONE_SYSCALL(::eventfd(0, EFD_CLOEXEC), "eventfd (fill thread stop)"));
+  devicesChanged_ = UniqueFd(CLONE_SYSCALL(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK),
+                                           "eventfd (fill thread device list)"));
   filled_.assign(size_ / kPageBytes, false);
 }
 
 LazyMemoryFill::~LazyMemoryFill() {
   auto s = stats();
-  log_.info("memory fill: {} faults, {} pages copied, {} zero-filled, {} of them prefetched",
-            s.faults, s.copiedPages, s.zeroedPages, s.prefetchedPages);
+  log_.info("memory fill: {} faults ({} from devices), {} pages copied, {} zero-filled, {} of "
+            "them prefetched",
+            s.faults, s.deviceFaults, s.copiedPages, s.zeroedPages, s.prefetchedPages);
   if (thread_.joinable()) {
     uint64_t one = 1;
     (void)!::write(stopEvent_.get(), &one, sizeof(one));
@@ -175,6 +180,7 @@ void LazyMemoryFill::prefetch(std::vector<uint64_t> pageOffsets) {
   std::erase_if(pageOffsets, [&](uint64_t o) { return o % kPageBytes != 0 || o >= size_; });
   if (pageOffsets.empty()) return;
   std::sort(pageOffsets.begin(), pageOffsets.end());
+  std::lock_guard fillLock(fillMutex_);
   BounceBuffer buffer(kMaxRunBytes);
   constexpr uint64_t kMaxRunPages = kMaxRunBytes / kPageBytes;
   size_t i = 0;
@@ -201,7 +207,6 @@ void LazyMemoryFill::prefetch(std::vector<uint64_t> pageOffsets) {
 }
 
 uint64_t LazyMemoryFill::fillAllData() {
-  require(!thread_.joinable(), "{}: fillAllData() after start()", imagePath_);
   BounceBuffer buffer(kMaxRunBytes);
   constexpr uint64_t kMaxRunPages = kMaxRunBytes / kPageBytes;
   uint64_t filled = 0;
@@ -209,6 +214,8 @@ uint64_t LazyMemoryFill::fillAllData() {
     uint64_t page = offset / kPageBytes;
     uint64_t end = (offset + length) / kPageBytes;
     while (page < end) {
+      // A run at a time, so that faults (after start()) wait at most one run.
+      std::lock_guard fillLock(fillMutex_);
       if (filled_[page]) {
         ++page;
         continue;
@@ -223,44 +230,138 @@ uint64_t LazyMemoryFill::fillAllData() {
   return filled;
 }
 
+void LazyMemoryFill::addDeviceFaults(UniqueFd userfaultfd, std::vector<DeviceMapping> mappings,
+                                     std::string name) {
+  for (const auto& m : mappings) {
+    require(m.address % kPageBytes == 0 && m.length % kPageBytes == 0 &&
+                m.memoryOffset % kPageBytes == 0 && m.memoryOffset <= size_ &&
+                m.length <= size_ - m.memoryOffset && m.address + m.length > m.address,
+            "{}: its mapping ({:#x}, {:#x}) of guest memory offset {:#x} is not page-aligned "
+            "inside guest memory",
+            name, m.address, m.length, m.memoryOffset);
+  }
+  auto device = std::make_unique<DeviceSource>();
+  device->userfaultfd = std::move(userfaultfd);
+  device->mappings = std::move(mappings);
+  device->name = std::move(name);
+  {
+    std::lock_guard lock(mutex_);
+    devices_.push_back(std::move(device));
+  }
+  uint64_t one = 1;
+  CLONE_SYSCALL(::write(devicesChanged_.get(), &one, sizeof(one)), "wake the fill thread");
+}
+
 void LazyMemoryFill::start(std::chrono::milliseconds recordFor) {
   if (recordFor.count() > 0) recordUntil_ = std::chrono::steady_clock::now() + recordFor;
   thread_ = std::thread([this] { handleFaults(); });
   pthread_setname_np(thread_.native_handle(), "uffd-fill");
 }
 
-void LazyMemoryFill::handleFaults() {
-  pollfd fds[2] = {{uffd_.get(), POLLIN, 0}, {stopEvent_.get(), POLLIN, 0}};
+bool LazyMemoryFill::resolve(uint64_t offset, bool recording) {
+  uint64_t index = offset / kPageBytes;
+  alignas(kPageBytes) static thread_local uint8_t page[kPageBytes];
+  bool fresh;
+  {
+    std::lock_guard fillLock(fillMutex_);
+    fresh = !filled_[index];
+    // A page filled since this fault was queued (two threads faulted on it) is woken
+    // again: a fill that met EEXIST woke nobody, and a waiter left asleep is a vCPU or
+    // vhost worker stuck for good.
+    if (fresh) {
+      fillRun(index, index + 1, page, false);
+    } else {
+      wake(index * kPageBytes, kPageBytes);
+    }
+  }
+  std::lock_guard lock(mutex_);
+  stats_.faults++;
+  if (recording && fresh) recorded_.push_back(index * kPageBytes);
+  return fresh;
+}
+
+std::optional<std::string> LazyMemoryFill::handleDeviceFaults(DeviceSource& device,
+                                                              bool recording) {
   uffd_msg messages[16];
-  alignas(kPageBytes) uint8_t page[kPageBytes];
+  ssize_t n = ::read(device.userfaultfd.get(), messages, sizeof(messages));
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return std::nullopt;
+  if (n < 0) return fmt::format("read its userfaultfd: {}", std::strerror(errno));
+  for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
+    if (messages[i].event != UFFD_EVENT_PAGEFAULT) continue;
+    uint64_t address = messages[i].arg.pagefault.address & ~(kPageBytes - 1);
+    auto mapping = std::find_if(device.mappings.begin(), device.mappings.end(), [&](const auto& m) {
+      return address >= m.address && address - m.address < m.length;
+    });
+    if (mapping != device.mappings.end()) {
+      resolve(mapping->memoryOffset + (address - mapping->address), recording);
+      std::lock_guard lock(mutex_);
+      stats_.deviceFaults++;
+    } else {
+      log_.warn("{}: a fault at {:#x}, outside the guest memory it mapped", device.name, address);
+    }
+    // Its thread sleeps on its own userfaultfd: the fill above woke only the core's.
+    uffdio_range range{address, kPageBytes};
+    if (::ioctl(device.userfaultfd.get(), UFFDIO_WAKE, &range) != 0) {
+      return fmt::format("UFFDIO_WAKE at {:#x}: {}", address, std::strerror(errno));
+    }
+  }
+  return std::nullopt;
+}
+
+void LazyMemoryFill::handleFaults() {
+  uffd_msg messages[16];
+  std::vector<pollfd> fds;
+  std::vector<DeviceSource*> polled;
   try {
     while (true) {
-      int ready = ::poll(fds, 2, -1);
+      fds = {{uffd_.get(), POLLIN, 0}, {stopEvent_.get(), POLLIN, 0},
+             {devicesChanged_.get(), POLLIN, 0}};
+      polled.clear();
+      {
+        std::lock_guard lock(mutex_);
+        for (auto& device : devices_) {
+          if (device->failed) continue;
+          fds.push_back({device->userfaultfd.get(), POLLIN, 0});
+          polled.push_back(device.get());
+        }
+      }
+      int ready = ::poll(fds.data(), fds.size(), -1);
       if (ready < 0 && errno == EINTR) continue;
       if (ready < 0) throwSystemError(errno, "poll userfaultfd");
       if (fds[1].revents) return;
+      if (fds[2].revents) {
+        uint64_t count;
+        (void)!::read(devicesChanged_.get(), &count, sizeof(count));
+        continue;
+      }
+      bool recording = recordUntil_ != std::chrono::steady_clock::time_point{} &&
+                       std::chrono::steady_clock::now() < recordUntil_;
+      for (size_t d = 0; d < polled.size(); ++d) {
+        short events = fds[3 + d].revents;
+        if (events == 0) continue;
+        std::optional<std::string> error;
+        if (events & (POLLERR | POLLHUP | POLLNVAL)) {
+          error = fmt::format("its userfaultfd reports poll events {:#x}", events);
+        } else {
+          error = handleDeviceFaults(*polled[d], recording);
+        }
+        if (error) {
+          // The device process is gone or its fd broke: it cannot be served any more, and
+          // the VM goes on (as when a back-end hangs up).
+          log_.error("{}: stopped resolving its memory faults: {}", polled[d]->name, *error);
+          std::lock_guard lock(mutex_);
+          polled[d]->failed = true;
+        }
+      }
+      if (fds[0].revents == 0) continue;
       ssize_t n = ::read(uffd_.get(), messages, sizeof(messages));
       if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
       if (n < 0) throwSystemError(errno, "read userfaultfd");
-      bool recording = recordUntil_ != std::chrono::steady_clock::time_point{} &&
-                       std::chrono::steady_clock::now() < recordUntil_;
       for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
         if (messages[i].event != UFFD_EVENT_PAGEFAULT) continue;
         uint64_t offset = messages[i].arg.pagefault.address - reinterpret_cast<uint64_t>(base_);
         if (offset >= size_) continue;
-        uint64_t index = offset / kPageBytes;
-        bool fresh = !filled_[index];
-        // A page filled since this fault was queued (two threads faulted on it) is woken
-        // again: a fill that met EEXIST woke nobody, and a waiter left asleep is a vCPU or
-        // vhost worker stuck for good.
-        if (fresh) {
-          fillRun(index, index + 1, page, false);
-        } else {
-          wake(index * kPageBytes, kPageBytes);
-        }
-        std::lock_guard lock(mutex_);
-        stats_.faults++;
-        if (recording && fresh) recorded_.push_back(index * kPageBytes);
+        resolve(offset, recording);
       }
     }
   } catch (const std::exception& e) {

@@ -13,11 +13,18 @@
 //
 // The working set: pages faulted during the first moments after start() can be recorded,
 // and a recorded set prefetched in bulk (contiguous pages in one ioctl) before the vCPUs run.
+//
+// Device processes (vhost-user postcopy): a back-end that maps the same memfd registers its
+// mapping with a userfaultfd of its own and hands it over (addDeviceFaults). Its faults are
+// read here too: the page is filled through the core's mapping (the memfd page then exists
+// for every mapping) and the back-end's thread is woken on its userfaultfd.
 
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -39,6 +46,15 @@ class LazyMemoryFill {
     uint64_t copiedPages = 0;      // pages filled with UFFDIO_COPY (faults and prefetch)
     uint64_t zeroedPages = 0;      // pages filled with UFFDIO_ZEROPAGE (faults and prefetch)
     uint64_t prefetchedPages = 0;  // of those, filled by prefetch()
+    uint64_t deviceFaults = 0;     // fault messages from device processes' userfaultfds
+  };
+
+  // Where a device process mapped guest memory: [address, address + length) of its address
+  // space holds the memfd's bytes from memoryOffset on.
+  struct DeviceMapping {
+    uint64_t address = 0;
+    uint64_t length = 0;
+    uint64_t memoryOffset = 0;
   };
 
   // `imagePath` has memory.size() bytes; `dataExtents` (offset, length) are its data
@@ -60,6 +76,10 @@ class LazyMemoryFill {
   // UFFDIO_COPY meets EEXIST). Holes need nothing: a page first touched by the device reads
   // zero, as the template's did. Returns the pages filled.
   uint64_t fillAllData();
+  // Resolves the faults of a device process's userfaultfd from now on (before or after
+  // start()). `name` names the device in logs. Throws on a mapping outside guest memory.
+  void addDeviceFaults(UniqueFd userfaultfd, std::vector<DeviceMapping> mappings,
+                       std::string name);
   // Starts the fault-handling thread. With recordFor > 0, the pages faulted in during that
   // time are kept for recordedPages().
   void start(std::chrono::milliseconds recordFor = std::chrono::milliseconds(0));
@@ -68,7 +88,18 @@ class LazyMemoryFill {
   Stats stats() const;
 
  private:
+  struct DeviceSource {
+    UniqueFd userfaultfd;
+    std::vector<DeviceMapping> mappings;
+    std::string name;
+    bool failed = false;
+  };
   void handleFaults();
+  // One page fault at guest-memory offset `offset`; returns whether it filled the page.
+  bool resolve(uint64_t offset, bool recording);
+  // Reads and resolves what is queued on one device's userfaultfd; returns what went wrong
+  // with the device's fd (the core's own failures throw).
+  std::optional<std::string> handleDeviceFaults(DeviceSource& device, bool recording);
   // Fills pages [first, end) (page indices), none of them filled yet. `buffer` holds at least
   // the run's bytes. Handler thread or before start().
   void fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool prefetching);
@@ -89,8 +120,11 @@ class LazyMemoryFill {
   UniqueFd image_;
   UniqueFd uffd_;
   UniqueFd stopEvent_;
-  std::vector<bool> filled_;  // one bit per page; handler thread (or before start) only
+  UniqueFd devicesChanged_;  // addDeviceFaults() makes the handler poll the new fd too
+  std::mutex fillMutex_;     // filled_ and the fills: the handler thread and fillAllData()
+  std::vector<bool> filled_;  // one bit per page
   std::thread thread_;
+  std::vector<std::unique_ptr<DeviceSource>> devices_;  // appended under mutex_
 
   mutable std::mutex mutex_;
   Stats stats_;

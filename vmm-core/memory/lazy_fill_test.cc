@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -18,6 +19,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/error.h"
+#include "common/userfaultfd.h"
 #include "jailer/seccomp/seccomp_policy.h"
 #include "vmm-core/arch/layout.h"
 
@@ -210,6 +212,51 @@ TEST_F(LazyFillTest, EveryFillPathRunsUnderTheCoresSeccompPolicy) {
   ASSERT_FALSE(WIFSIGNALED(status)) << "the fill was killed by signal " << WTERMSIG(status)
                                     << (WTERMSIG(status) == SIGSYS ? " (seccomp)" : "");
   EXPECT_EQ(WEXITSTATUS(status), 0) << "see the code's meaning in the test";
+}
+
+// vhost-user postcopy: a device process maps the same memfd and registers its mapping with
+// a userfaultfd of its own (here: a second mapping and userfaultfd of this process, read
+// from a thread as a back-end's worker would). Its faults are resolved by the fill.
+TEST_F(LazyFillTest, DeviceFaultsAreFilledFromTheTemplateAndWoken) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.start();
+  void* device = ::mmap(nullptr, kSize, PROT_READ | PROT_WRITE, MAP_SHARED, memory_->fd(), 0);
+  ASSERT_NE(device, MAP_FAILED);
+  UniqueFd deviceUffd = openUserfaultfd();
+  uffdio_api api{};
+  api.api = UFFD_API;
+  ASSERT_EQ(::ioctl(deviceUffd.get(), UFFDIO_API, &api), 0);
+  uffdio_register reg{};
+  reg.range.start = reinterpret_cast<uint64_t>(device);
+  reg.range.len = kSize;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  ASSERT_EQ(::ioctl(deviceUffd.get(), UFFDIO_REGISTER, &reg), 0);
+  uint64_t base = reinterpret_cast<uint64_t>(device);
+  fill.addDeviceFaults(std::move(deviceUffd), {{base, kSize, 0}}, "test device");
+  auto* bytes = static_cast<volatile uint8_t*>(device);
+  // Data, a hole, and a write to a page of data the guest never touched: the write lands
+  // on the template's page, not on a zero page.
+  EXPECT_EQ(bytes[100 * 1024 + 7], patternByte(100 * 1024 + 7));
+  EXPECT_EQ(bytes[3 * layout::kMiB + 1], 0);
+  bytes[layout::kMiB + 8192 + 5] = 0xee;
+  EXPECT_EQ(bytes[layout::kMiB + 8192 + 6], patternByte(layout::kMiB + 8192 + 6));
+  auto stats = fill.stats();
+  EXPECT_EQ(stats.deviceFaults, 3u);
+  // The core's mapping sees the same pages, without faulting.
+  EXPECT_EQ(at(100 * 1024 + 7), patternByte(100 * 1024 + 7));
+  EXPECT_EQ(at(layout::kMiB + 8192 + 5), 0xee);
+  EXPECT_EQ(fill.stats().faults, stats.faults);
+  // A page the core filled first: the device finds it without a fault.
+  EXPECT_EQ(at(150 * 1024), patternByte(150 * 1024));
+  EXPECT_EQ(bytes[150 * 1024], patternByte(150 * 1024));
+  EXPECT_EQ(fill.stats().deviceFaults, 3u);
+  ::munmap(device, kSize);
+}
+
+TEST_F(LazyFillTest, RejectsDeviceMappingsOutsideGuestMemory) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  EXPECT_THROW(fill.addDeviceFaults(openUserfaultfd(), {{0x10000, kSize, kPage}}, "d"), Error);
+  EXPECT_THROW(fill.addDeviceFaults(openUserfaultfd(), {{0x10001, kPage, 0}}, "d"), Error);
 }
 
 TEST_F(LazyFillTest, RejectsExtentsOutsideTheImageOrUnaligned) {

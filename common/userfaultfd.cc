@@ -1,4 +1,4 @@
-#include "vmm-core/memory/userfaultfd.h"
+#include "common/userfaultfd.h"
 
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -12,7 +12,7 @@
 
 #include "common/error.h"
 
-namespace clonevm::vmm {
+namespace clonevm {
 
 namespace {
 constexpr char kDevice[] = "/dev/userfaultfd";
@@ -34,4 +34,17 @@ UniqueFd openUserfaultfd() {
       std::strerror(syscallError), kDevice, std::strerror(errno)));
 }
 
-}  // namespace clonevm::vmm
+UniqueFd openUserfaultfdDevice() {
+  return UniqueFd(CLONE_SYSCALL(::open(kDevice, O_RDWR | O_CLOEXEC), "open", kDevice));
+}
+
+UniqueFd newUserfaultfd(int device) {
+  UniqueFd fd(CLONE_SYSCALL(::ioctl(device, USERFAULTFD_IOC_NEW, kFlags),
+                            "create a userfaultfd (USERFAULTFD_IOC_NEW)", kDevice));
+  uffdio_api api{};
+  api.api = UFFD_API;
+  CLONE_SYSCALL(::ioctl(fd.get(), UFFDIO_API, &api), "UFFDIO_API", kDevice);
+  return fd;
+}
+
+}  // namespace clonevm
