@@ -113,7 +113,22 @@ void GuestSession::sendLine(const std::string& line) {
   while (left > 0) {
     ssize_t n = ::write(input_.get(), p, left);
     if (n < 0 && errno == EINTR) continue;
-    require(n > 0, "writing to the guest console failed: {}", std::strerror(errno));
+    if (n <= 0) {
+      int error = errno;
+      for (int i = 0; i < 50 && !reap(WNOHANG); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      while (pump(std::chrono::milliseconds(0)) && outputFd_.valid()) {
+        pollfd fd{outputFd_.get(), POLLIN, 0};
+        if (::poll(&fd, 1, 0) <= 0) break;
+      }
+      size_t tail = output_.size() > 3000 ? output_.size() - 3000 : 0;
+      throw Error(fmt::format("writing to the guest console failed: {}; {}; its last output:\n{}",
+                              std::strerror(error),
+                              exitCode_ ? fmt::format("exit status {}", *exitCode_)
+                                        : std::string("it has not exited"),
+                              output_.substr(tail)));
+    }
     p += n;
     left -= static_cast<size_t>(n);
   }
@@ -140,8 +155,7 @@ bool GuestSession::reap(int options) {
   int status = 0;
   if (::waitpid(pid_, &status, options) != pid_) return false;
   if (WIFEXITED(status)) {
-    exitCode_ = WEXITSTATUS(status);
-    output_ += fmt::format("\n[the process exited with code {}]\n", *exitCode_);
+    exitCode_ = WEXITSTATUS(status);  // (not noted: callers parse the output of clean exits)
   } else {
     exitCode_ = 128 + WTERMSIG(status);
     output_ += fmt::format("\n[the process was killed by signal {} ({}){}]\n", WTERMSIG(status),
