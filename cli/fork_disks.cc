@@ -103,6 +103,10 @@ ForkDisks startForkDisks(ProcessLauncher& launcher, const std::string& blockProg
       // The guest's driver had this many queues and this serial in the template.
       spec.args.insert(spec.args.end(), {"--queues", std::to_string(disk.queues), "--serial",
                                          fmt::format("clone-disk{}", i)});
+      // Postcopy: the fork's memory is filled lazily, and the core resolves the pages this
+      // disk's process touches first through a userfaultfd it makes (docs/FORK.md).
+      spec.args.push_back("--userfaultfd");
+      spec.devices.push_back("/dev/userfaultfd");
       require(image.find(',') == std::string::npos,
               "{}: a disk path with a comma cannot be given to clone-vmm", image);
       int pair[2];

@@ -53,6 +53,9 @@ ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv) {
                  "audit log (docs/JAILER.md)")
       ->check(CLI::IsMember({"kill", "log", "off"}))
       ->capture_default_str();
+  app.add_flag("--userfaultfd", options.userfaultfd,
+               "offer vhost-user postcopy: a fork's core then fills the guest pages this "
+               "process touches first (needs /dev/userfaultfd; docs/FORK.md)");
   ParsedBlockOptions result;
   try {
     app.parse(argc, argv);

@@ -24,6 +24,9 @@ struct BlockProgramOptions {
   std::string logLevel = "info";
   bool logJson = false;
   std::string seccomp = "kill";  // --seccomp kill|log|off (jailer/seccomp/seccomp_policy.h)
+  // --userfaultfd: offer vhost-user postcopy (PAGEFAULT), with userfaultfds made from
+  // /dev/userfaultfd, opened at startup (a fork's disks: its core resolves their faults).
+  bool userfaultfd = false;
 };
 
 // Either the options, or the exit code after CLI11 printed help or an error (`exitCode`).

@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "common/userfaultfd.h"
 #include "dev-block/block_options.h"
 #include "dev-block/control_server.h"
 #include "dev-block/image/block_image.h"
@@ -61,7 +62,15 @@ int runBlock(int argc, char** argv) {
     deviceOptions.readOnly = options.readOnly;
     deviceOptions.serial = options.serial;
     VirtioBlkDevice device(*image, deviceOptions, *log);
-    ipc::vhost::VhostUserBackend backend(device, *log);
+    ipc::vhost::BackendOptions backendOptions;
+    UniqueFd userfaultfdDevice;
+    if (options.userfaultfd) {
+      userfaultfdDevice = openUserfaultfdDevice();
+      backendOptions.newUserfaultfd = [device = userfaultfdDevice.get()] {
+        return newUserfaultfd(device);
+      };
+    }
+    ipc::vhost::VhostUserBackend backend(device, *log, backendOptions);
     std::unique_ptr<BlockControlServer> control;
     if (!options.controlSocket.empty()) {
       control = std::make_unique<BlockControlServer>(

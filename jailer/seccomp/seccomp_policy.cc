@@ -205,6 +205,11 @@ constexpr SyscallRule kBlock[] = {
 constexpr IoctlRule kBlockIoctls[] = {
     {BLKGETSIZE64, "BLKGETSIZE64", "size of a raw block device image"},
     {BLKSSZGET, "BLKSSZGET", "logical sector size of a block device"},
+    {USERFAULTFD_IOC_NEW, "USERFAULTFD_IOC_NEW",
+     "--userfaultfd: a userfaultfd for the front-end's POSTCOPY_ADVISE"},
+    {UFFDIO_API, "UFFDIO_API", "--userfaultfd: the new userfaultfd's handshake"},
+    {UFFDIO_REGISTER, "UFFDIO_REGISTER",
+     "--userfaultfd: register guest memory once the front-end is ready for its faults"},
     {FIONBIO, "FIONBIO", "kj sets O_NONBLOCK this way"},
     {FIOCLEX, "FIOCLEX", "kj sets close-on-exec this way"},
 };

@@ -147,7 +147,17 @@ void LazyMemoryFill::wake(uint64_t offset, uint64_t length) {
 void LazyMemoryFill::fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool prefetching) {
   uint64_t start = first * kPageBytes;
   uint64_t stop = end * kPageBytes;
-  uint64_t copied = 0;
+  {
+    // Counted before the fills wake whoever faulted, so that they see their own pages.
+    uint64_t dataBytes = 0;
+    for (auto it = extentAfter(start); it != extents_.end() && it->first < stop; ++it) {
+      dataBytes += std::min(stop, it->first + it->second) - std::max(start, it->first);
+    }
+    std::lock_guard lock(mutex_);
+    stats_.copiedPages += dataBytes / kPageBytes;
+    stats_.zeroedPages += (stop - start - dataBytes) / kPageBytes;
+    if (prefetching) stats_.prefetchedPages += end - first;
+  }
   // Copy only the image's data; zero-fill its holes instead of reading them.
   uint64_t at = start;
   for (auto it = extentAfter(start); it != extents_.end() && it->first < stop; ++it) {
@@ -165,15 +175,10 @@ void LazyMemoryFill::fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool
       done += static_cast<uint64_t>(n);
     }
     fillRange(dataStart, dataEnd, into);
-    copied += dataEnd - dataStart;
     at = dataEnd;
   }
   if (at < stop) fillRange(at, stop, nullptr);
   for (uint64_t page = first; page < end; ++page) filled_[page] = true;
-  std::lock_guard lock(mutex_);
-  stats_.copiedPages += copied / kPageBytes;
-  stats_.zeroedPages += (stop - start - copied) / kPageBytes;
-  if (prefetching) stats_.prefetchedPages += end - first;
 }
 
 void LazyMemoryFill::prefetch(std::vector<uint64_t> pageOffsets) {
@@ -263,6 +268,11 @@ bool LazyMemoryFill::resolve(uint64_t offset, bool recording) {
   alignas(kPageBytes) static thread_local uint8_t page[kPageBytes];
   bool fresh;
   {
+    // Counted before the fill wakes the faulting thread, so that it sees its own fault.
+    std::lock_guard lock(mutex_);
+    stats_.faults++;
+  }
+  {
     std::lock_guard fillLock(fillMutex_);
     fresh = !filled_[index];
     // A page filled since this fault was queued (two threads faulted on it) is woken
@@ -274,9 +284,10 @@ bool LazyMemoryFill::resolve(uint64_t offset, bool recording) {
       wake(index * kPageBytes, kPageBytes);
     }
   }
-  std::lock_guard lock(mutex_);
-  stats_.faults++;
-  if (recording && fresh) recorded_.push_back(index * kPageBytes);
+  if (recording && fresh) {
+    std::lock_guard lock(mutex_);
+    recorded_.push_back(index * kPageBytes);
+  }
   return fresh;
 }
 
@@ -293,9 +304,11 @@ std::optional<std::string> LazyMemoryFill::handleDeviceFaults(DeviceSource& devi
       return address >= m.address && address - m.address < m.length;
     });
     if (mapping != device.mappings.end()) {
+      {
+        std::lock_guard lock(mutex_);
+        stats_.deviceFaults++;
+      }
       resolve(mapping->memoryOffset + (address - mapping->address), recording);
-      std::lock_guard lock(mutex_);
-      stats_.deviceFaults++;
     } else {
       log_.warn("{}: a fault at {:#x}, outside the guest memory it mapped", device.name, address);
     }

@@ -146,7 +146,8 @@ VhostUserDeviceConfig parseVhostUserFsOption(const std::string& value) {
 
 std::shared_ptr<VhostUserBackend> VhostUserBackend::connect(const VhostUserDeviceConfig& config,
                                                             const GuestMemory& memory,
-                                                            spdlog::logger& log) {
+                                                            spdlog::logger& log,
+                                                            LazyMemoryFill* lazyFill) {
   try {
     UniqueFd inherited;
     if (config.socketFd >= 0) {
@@ -163,7 +164,8 @@ std::shared_ptr<VhostUserBackend> VhostUserBackend::connect(const VhostUserDevic
         inherited ? vhost::Frontend(std::move(inherited), config.socketPath,
                                     {.replyTimeout = config.replyTimeout})
                   : vhost::Frontend::connect(config.socketPath, {.replyTimeout = config.replyTimeout});
-    return std::make_shared<VhostUserBackend>(std::move(frontend), config, memory, log);
+    return std::make_shared<VhostUserBackend>(std::move(frontend), config, memory, log,
+                                              lazyFill);
   } catch (const std::exception& e) {
     std::string where = optionName(config.kind) + " " + config.socketPath;
     throw Error(fmt::format("{}: {}", where, e.what()));
@@ -171,8 +173,13 @@ std::shared_ptr<VhostUserBackend> VhostUserBackend::connect(const VhostUserDevic
 }
 
 VhostUserBackend::VhostUserBackend(vhost::Frontend frontend, const VhostUserDeviceConfig& config,
-                                   const GuestMemory& memory, spdlog::logger& log)
-    : config_(config), memory_(memory), log_(log), frontend_(std::move(frontend)) {
+                                   const GuestMemory& memory, spdlog::logger& log,
+                                   LazyMemoryFill* lazyFill)
+    : config_(config),
+      memory_(memory),
+      log_(log),
+      lazyFill_(lazyFill),
+      frontend_(std::move(frontend)) {
   if (config_.queues == 0) config_.queues = 1;
   require(config_.queueSize >= 1 && config_.queueSize <= virtio::kMaxQueueSize &&
               std::has_single_bit(config_.queueSize),
@@ -209,8 +216,10 @@ void VhostUserBackend::negotiate() {
           hex(backendFeatures_));
   if (vhost::hasBit(backendFeatures_, vhost::feature::kProtocolFeatures)) {
     uint64_t offered = frontend_.getProtocolFeatures();
-    frontend_.setProtocolFeatures(offered & kWantedProtocolFeatures);
-    protocolFeatures_ = offered & kWantedProtocolFeatures;
+    uint64_t wanted = kWantedProtocolFeatures;
+    if (lazyFill_ != nullptr) wanted |= vhost::bit(vhost::protocol::kPagefault);
+    frontend_.setProtocolFeatures(offered & wanted);
+    protocolFeatures_ = offered & wanted;
   }
   auto has = [this](unsigned bit) { return vhost::hasBit(protocolFeatures_, bit); };
   // A block device's config space (capacity, ...) lives in the back-end.
@@ -264,18 +273,35 @@ void VhostUserBackend::negotiate() {
     require(slots >= regions.size(), "the back-end maps at most {} memory regions, guest RAM has {}",
             slots, regions.size());
   }
-  // A fork's guest RAM is filled through the core's userfaultfd, which does not see the
-  // back-end's own mapping: until postcopy (PAGEFAULT, POSTCOPY_ADVISE/LISTEN) is built, a
-  // fork with a vhost-user device fills all of its RAM before any queue starts
-  // (Machine::restoreFromTemplate, docs/FORK.md), so the back-end never meets a page that is
-  // not filled yet.
-  frontend_.setMemTable(regions);
+  sendMemoryTable(regions);
 
   if (has(vhost::protocol::kBackendReq)) {
     requestChannel_.emplace(frontend_.openBackendRequestChannel());
   }
   log_.info("{}: features {:#x} (offered to the guest {:#x}), protocol features {:#x}, {} queues",
             describe(), backendFeatures_, offeredFeatures_, protocolFeatures_, numQueues_);
+}
+
+void VhostUserBackend::sendMemoryTable(std::span<const vhost::MemoryRegionSpec> regions) {
+  // A fork's guest RAM is filled through the core's userfaultfd, which does not see the
+  // back-end's own mapping. With postcopy the back-end registers its mapping with a
+  // userfaultfd of its own and the fill resolves those faults too; without it the fork
+  // fills all of its RAM before any queue starts (Machine::restoreFromTemplate).
+  if (lazyFill_ == nullptr || !vhost::hasBit(protocolFeatures_, vhost::protocol::kPagefault)) {
+    frontend_.setMemTable(regions);
+    return;
+  }
+  UniqueFd userfaultfd = frontend_.postcopyAdvise();
+  frontend_.postcopyListen();
+  frontend_.setMemTablePostcopy(regions, [&](std::span<const uint64_t> bases) {
+    std::vector<LazyMemoryFill::DeviceMapping> mappings;
+    for (size_t i = 0; i < regions.size(); ++i) {
+      mappings.push_back({.address = bases[i], .length = regions[i].size,
+                          .memoryOffset = regions[i].fdOffset});
+    }
+    lazyFill_->addDeviceFaults(std::move(userfaultfd), std::move(mappings), describe());
+  });
+  postcopy_ = true;
 }
 
 void VhostUserBackend::fetchConfigLocked() {

@@ -46,6 +46,7 @@
 #include "common/unique_fd.h"
 #include "ipc/vhost-user/frontend.h"
 #include "vmm-core/memory/guest_memory.h"
+#include "vmm-core/memory/lazy_fill.h"
 #include "vmm-core/virtio/virtio_backend.h"
 
 namespace clonevm::vmm {
@@ -120,12 +121,19 @@ class VhostUserBackend final : public VirtioDeviceBackend {
   // Connects to config.socketPath and negotiates (see above). Throws clonevm::Error with one
   // line, e.g. "--vhost-user-blk /run/blk.sock: connect to vhost-user socket /run/blk.sock:
   // No such file or directory".
+  //
+  // `lazyFill`: guest memory is a fork's, filled lazily. A back-end that offers PAGEFAULT
+  // then gets postcopy (POSTCOPY_ADVISE and LISTEN before the memory table, which it answers
+  // with where it mapped it), and its userfaultfd goes to `lazyFill`, which resolves its
+  // faults; postcopy() says whether that happened.
   static std::shared_ptr<VhostUserBackend> connect(const VhostUserDeviceConfig& config,
                                                    const GuestMemory& memory,
-                                                   spdlog::logger& log);
+                                                   spdlog::logger& log,
+                                                   LazyMemoryFill* lazyFill = nullptr);
   // The same over an already connected front-end (tests: a socketpair).
   VhostUserBackend(ipc::vhost::Frontend frontend, const VhostUserDeviceConfig& config,
-                   const GuestMemory& memory, spdlog::logger& log);
+                   const GuestMemory& memory, spdlog::logger& log,
+                   LazyMemoryFill* lazyFill = nullptr);
   ~VhostUserBackend() override;
   VhostUserBackend(const VhostUserBackend&) = delete;
   VhostUserBackend& operator=(const VhostUserBackend&) = delete;
@@ -140,6 +148,8 @@ class VhostUserBackend final : public VirtioDeviceBackend {
   // Negotiated vhost-user protocol features and the back-end's raw virtio feature offer.
   uint64_t protocolFeatures() const { return protocolFeatures_; }
   uint64_t backendFeatures() const { return backendFeatures_; }
+  // The back-end's faults on guest memory are resolved by the fork's lazy fill.
+  bool postcopy() const { return postcopy_; }
   // Requests sent at activation so far (tests, diagnostics).
   uint64_t activations() const { return activations_.load(); }
 
@@ -171,6 +181,8 @@ class VhostUserBackend final : public VirtioDeviceBackend {
 
  private:
   void negotiate();
+  // SET_MEM_TABLE, in postcopy mode when the back-end and a lazy fill allow it.
+  void sendMemoryTable(std::span<const ipc::vhost::MemoryRegionSpec> regions);
   void fetchConfigLocked();
   void resetLocked();
   // SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE for one queue.
@@ -182,6 +194,8 @@ class VhostUserBackend final : public VirtioDeviceBackend {
   VhostUserDeviceConfig config_;
   const GuestMemory& memory_;
   spdlog::logger& log_;
+  LazyMemoryFill* lazyFill_;
+  bool postcopy_ = false;
 
   std::mutex mutex_;  // guards frontend_ and everything below that vCPU threads change
   ipc::vhost::Frontend frontend_;

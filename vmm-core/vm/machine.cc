@@ -168,7 +168,8 @@ void Machine::attachVhostUserDevices() {
   for (const auto& deviceConfig : config_.vhostUserDevices) {
     // Connects and negotiates before the transport is built: the transport fixes its feature
     // offer and queue count at construction.
-    auto backend = VhostUserBackend::connect(deviceConfig, memory_, log_);
+    // A fork's back-ends get postcopy when they offer it: the lazy fill resolves their faults.
+    auto backend = VhostUserBackend::connect(deviceConfig, memory_, log_, lazyFill_.get());
     uint64_t size = VirtioPciDevice::barSizeFor(*backend);
     uint64_t bar = allocateBar(size, fmt::format("{} {}", vhostUserKindName(deviceConfig.kind),
                                                  deviceConfig.socketPath));

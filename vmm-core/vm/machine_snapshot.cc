@@ -174,23 +174,11 @@ void Machine::restoreFromTemplate() {
   for (const auto& e : source.memoryExtents) extents.emplace_back(e.offset, e.length);
   lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
                                                std::move(extents), log_);
-  // A vhost-user back-end (a disk's clone-block) maps this memfd too, and its accesses do not
-  // go through the core's userfaultfd: a page it touched before the core filled it would stay
-  // a zero page. Until postcopy is built, such a fork gets all of the template's data before
-  // any queue starts (docs/FORK.md), and records no working set.
-  bool eager = !config_.vhostUserDevices.empty();
-  bool record = false;
-  if (eager) {
-    uint64_t pages = lazyFill_->fillAllData();
-    log_.info("filled all {} data pages ({} MiB) of {} up front: the fork has vhost-user devices",
-              pages, pages * LazyMemoryFill::kPageBytes >> 20, source.dir);
-  } else {
-    auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
-    lazyFill_->prefetch(workingSet);
-    // Record this fork's first faults when the template has no working set yet.
-    record = workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
-  }
-  timings_.memoryReady = millisSinceStart();
+  auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
+  lazyFill_->prefetch(workingSet);
+  // Record this fork's first faults when the template has no working set yet.
+  bool record =
+      workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
   // From here on KVM may touch guest memory (kvmclock, LAPIC pages): the fill thread runs.
   lazyFill_->start(record ? kWorkingSetWindow : std::chrono::milliseconds(0));
 
@@ -201,6 +189,22 @@ void Machine::restoreFromTemplate() {
     vcpus_.push_back(std::move(vcpu));
   }
   attachDevices();
+  // A vhost-user back-end (a disk's clone-block) maps this memfd too. With postcopy its
+  // faults come to the fill like the core's own. Without it, its accesses bypass the core's
+  // userfaultfd and a page it touched first would stay a zero page: such a fork gets all of
+  // the template's data now, before any queue starts (docs/FORK.md).
+  std::vector<std::string> withoutPostcopy;
+  for (const auto& backend : vhostUserBackends_) {
+    if (!backend->postcopy()) withoutPostcopy.push_back(backend->config().socketPath);
+  }
+  if (!withoutPostcopy.empty()) {
+    uint64_t pages = lazyFill_->fillAllData();
+    log_.info("filled all {} data pages ({} MiB) of {} up front: vhost-user back-end {} does "
+              "not do postcopy",
+              pages, pages * LazyMemoryFill::kPageBytes >> 20, source.dir,
+              fmt::join(withoutPostcopy, ", "));
+  }
+  timings_.memoryReady = millisSinceStart();
   restoreVm(vm_, state.vm);
   for (uint32_t id = 0; id < config_.vcpuCount; ++id) {
     restoreVcpu(*vcpus_[id], state.vcpus[id], log_);
