@@ -153,7 +153,7 @@ class BackendSession {
   const GuestMemoryMap& memory() const { return memory_; }
 
   // Postcopy (VHOST_USER_PROTOCOL_F_PAGEFAULT): offered when set. `newUserfaultfd` makes a
-  // userfaultfd of this process for each POSTCOPY_ADVISE; the memory table that follows
+  // userfaultfd of this process, its UFFDIO_API handshake done, for each POSTCOPY_ADVISE; the memory table that follows
   // POSTCOPY_LISTEN is registered with it (missing pages), and the front-end resolves the
   // faults. The session keeps no copy once its mappings are registered: when the front-end
   // closes its copy (or dies), the registration ends and no thread stays blocked on a fault.

@@ -5,7 +5,11 @@
 
 #include "vmm-core/virtio/vhost_user_backend.h"
 
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -18,6 +22,8 @@
 
 #include "ipc/vhost-user/backend.h"
 #include "ipc/vhost-user/channel.h"
+#include "common/userfaultfd.h"
+#include "vmm-core/memory/lazy_fill.h"
 #include "vmm-core/virtio/testing/fake_device_events.h"
 #include "vmm-core/virtio/testing/virtio_pci_test_driver.h"
 #include "vmm-core/virtio/virtio.h"
@@ -108,6 +114,10 @@ struct GuestRing {
   // One request: `out` readable bytes at `outAddr`, `inLength` writable bytes at `inAddr`.
   void submit(uint64_t outAddr, std::span<const uint8_t> out, uint64_t inAddr, uint32_t inLength) {
     memory.write(outAddr, out);
+    submitChain(outAddr, static_cast<uint32_t>(out.size()), inAddr, inLength);
+  }
+  // The same with readable bytes already in guest memory (the driver does not touch them).
+  void submitChain(uint64_t outAddr, uint32_t outLength, uint64_t inAddr, uint32_t inLength) {
     struct Desc {
       uint64_t addr;
       uint32_t len;
@@ -115,8 +125,7 @@ struct GuestRing {
       uint16_t next;
     };
     uint16_t head = next;
-    memory.writeObject(desc + 16 * head, Desc{outAddr, static_cast<uint32_t>(out.size()), 1,
-                                              static_cast<uint16_t>(head + 1)});
+    memory.writeObject(desc + 16 * head, Desc{outAddr, outLength, 1, static_cast<uint16_t>(head + 1)});
     memory.writeObject(desc + 16 * (head + 1), Desc{inAddr, inLength, 2, 0});
     next = static_cast<uint16_t>(next + 2);
     uint16_t index = memory.readObject<uint16_t>(avail + 2);
@@ -141,10 +150,11 @@ class VhostUserBackendTest : public ::testing::Test {
     stopServer();
   }
 
-  void startServer(uint16_t queues, bool withConfig = true, bool withMq = true) {
+  void startServer(uint16_t queues, bool withConfig = true, bool withMq = true,
+                   vhost::BackendOptions options = {}) {
     static std::atomic<int> counter{0};
     device_ = std::make_unique<ToyDevice>(queues, withConfig, withMq);
-    server_ = std::make_unique<vhost::VhostUserBackend>(*device_, *log_);
+    server_ = std::make_unique<vhost::VhostUserBackend>(*device_, *log_, options);
     path_ = fmt::format("{}/vhost-user-backend-test-{}-{}.sock", ::testing::TempDir(), ::getpid(),
                         counter++);
     UniqueFd listener = vhost::listenUnixSocket(path_);
@@ -164,8 +174,8 @@ class VhostUserBackendTest : public ::testing::Test {
   }
 
   // connect() + transport + driver attached with BAR 0 programmed.
-  void attach(const VhostUserDeviceConfig& config) {
-    backend_ = VhostUserBackend::connect(config, memory_, *log_);
+  void attach(const VhostUserDeviceConfig& config, LazyMemoryFill* lazyFill = nullptr) {
+    backend_ = VhostUserBackend::connect(config, memory_, *log_, lazyFill);
     transport_ = std::make_shared<VirtioPciDevice>(backend_, memory_, events_, events_, *log_);
     driver_.attach(transport_, *log_);
     driver_.programBar(0x100000000ull);
@@ -470,6 +480,78 @@ TEST_F(VhostUserBackendTest, AForkStartsItsQueuesWhereTheTemplateStopped) {
   kickByHand(transport_->kickFd(0));  // what KVM's ioeventfd does on the guest's doorbell write
   ASSERT_TRUE(waitUsed(ring, 3)) << logText();
   EXPECT_EQ(device_->processed.load(), 1) << "the fork's back-end served the template's requests again";
+}
+
+// A fork's guest memory, filled lazily from a template image, served by a back-end that does
+// postcopy: the pages the back-end touches first (a request's data the driver never wrote in
+// this fork, and a reply buffer) come from the template through the core's fill, and what
+// the back-end writes lands on the template's page, not on a zero page.
+TEST_F(VhostUserBackendTest, PostcopyBackendFaultsAreFilledFromTheTemplate) {
+  int probe = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC));
+  if (probe < 0) GTEST_SKIP() << "no userfaultfd here: " << std::strerror(errno);
+  ::close(probe);
+  constexpr uint64_t kData = 0x300000;  // two pages of template data: request and reply
+  auto pattern = [](uint64_t offset) { return static_cast<uint8_t>(offset * 13 / 7 + 1); };
+  std::string image = fmt::format("{}/postcopy-template-{}", ::testing::TempDir(), ::getpid());
+  {
+    UniqueFd fd(::open(image.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    ASSERT_TRUE(fd.valid());
+    ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(memory_.size())), 0);
+    std::vector<uint8_t> bytes(0x2000);
+    for (uint64_t i = 0; i < bytes.size(); ++i) bytes[i] = pattern(kData + i);
+    ASSERT_EQ(::pwrite(fd.get(), bytes.data(), bytes.size(), kData), 0x2000);
+  }
+  LazyMemoryFill fill(memory_, image, {{kData, 0x2000}}, *log_);
+  fill.start();
+  startServer(1, true, true, {.newUserfaultfd = [] {
+                                UniqueFd fd = openUserfaultfd();
+                                uffdio_api api{.api = UFFD_API};
+                                CLONE_SYSCALL(::ioctl(fd.get(), UFFDIO_API, &api), "UFFDIO_API");
+                                return fd;
+                              }});
+  ASSERT_NO_THROW(attach(blkConfig(), &fill)) << logText();
+  EXPECT_TRUE(backend_->postcopy());
+  EXPECT_TRUE(vhost::hasBit(backend_->protocolFeatures(), vhost::protocol::kPagefault));
+  GuestRing ring = bringUp();
+  ring.submitChain(kData + 16, 8, kData + 0x1000 + 100, 8);
+  driver_.kick(0);
+  ASSERT_TRUE(waitUsed(ring, 1)) << logText();
+  EXPECT_GE(fill.stats().deviceFaults, 2u) << logText();
+  for (uint64_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(memory_.readObject<uint8_t>(kData + 0x1000 + 100 + i), pattern(kData + 16 + i) ^ 0x5a) << i;
+  }
+  // The rest of the reply page is the template's.
+  EXPECT_EQ(memory_.readObject<uint8_t>(kData + 0x1000 + 99), pattern(kData + 0x1000 + 99));
+  EXPECT_EQ(memory_.readObject<uint8_t>(kData + 0x1fff), pattern(kData + 0x1fff));
+  driver_.detach();
+  transport_.reset();
+  backend_.reset();
+  stopServer();
+  ::unlink(image.c_str());
+}
+
+// A back-end without PAGEFAULT (QEMU's storage daemon, an old clone-block): no postcopy, and
+// the fork falls back to filling its memory before the queues start (Machine).
+TEST_F(VhostUserBackendTest, WithoutPagefaultThereIsNoPostcopy) {
+  int probe = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC));
+  if (probe < 0) GTEST_SKIP() << "no userfaultfd here: " << std::strerror(errno);
+  ::close(probe);
+  std::string image = fmt::format("{}/postcopy-none-{}", ::testing::TempDir(), ::getpid());
+  {
+    UniqueFd fd(::open(image.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(memory_.size())), 0);
+  }
+  LazyMemoryFill fill(memory_, image, {}, *log_);
+  fill.start();
+  startServer(1);
+  attach(blkConfig(), &fill);
+  EXPECT_FALSE(backend_->postcopy());
+  EXPECT_FALSE(vhost::hasBit(backend_->protocolFeatures(), vhost::protocol::kPagefault));
+  driver_.detach();
+  transport_.reset();
+  backend_.reset();
+  stopServer();
+  ::unlink(image.c_str());
 }
 
 TEST_F(VhostUserBackendTest, RestoreRefusesADeviceThatDiffersFromTheTemplates) {
