@@ -580,6 +580,57 @@ TEST_F(HostileDriverTest, BufferOutsideGuestMemory) {
       "outside guest memory");
 }
 
+// Postcopy's order, driven on a session directly: LISTEN needs ADVISE first, ADVISE answers
+// with a userfaultfd, the memory table after LISTEN is answered with this process's own
+// addresses, and anything but the front-end's go-ahead after it drops the connection.
+TEST(BackendPostcopyTest, OrderIsCheckedAndOnlyTheGoAheadMayFollowTheTable) {
+  XorDevice device(1);
+  spdlog::logger log("postcopy-test");
+  BackendSession session(device, log);
+  EXPECT_FALSE(hasBit(session.offeredProtocolFeatures(), protocol::kPagefault));
+  // A stand-in for a userfaultfd: nothing here registers memory.
+  session.enablePostcopy([] { return UniqueFd(::eventfd(0, EFD_CLOEXEC)); });
+  ASSERT_TRUE(hasBit(session.offeredProtocolFeatures(), protocol::kPagefault));
+  auto make = [](FrontendRequest request, std::vector<uint8_t> payload, uint32_t flags = 0) {
+    return Message::make(static_cast<uint32_t>(request), flags, payload);
+  };
+  uint64_t features = bit(protocol::kPagefault) | bit(protocol::kReplyAck);
+  EXPECT_FALSE(session.handle(make(FrontendRequest::kSetProtocolFeatures, bytes(features))));
+
+  auto early = session.handle(make(FrontendRequest::kPostcopyListen, {}, kNeedReplyFlag));
+  ASSERT_TRUE(early);
+  EXPECT_EQ(early->payloadAs<uint64_t>(), 1u) << "LISTEN before ADVISE must be refused";
+
+  auto advise = session.handle(make(FrontendRequest::kPostcopyAdvise, {}));
+  ASSERT_TRUE(advise);
+  EXPECT_EQ(advise->payload.size(), 0u);
+  ASSERT_EQ(advise->fds.size(), 1u);
+  auto listen = session.handle(make(FrontendRequest::kPostcopyListen, {}, kNeedReplyFlag));
+  ASSERT_TRUE(listen);
+  EXPECT_EQ(listen->payloadAs<uint64_t>(), 0u);
+
+  Message table = make(FrontendRequest::kSetMemTable, memTable({{0, 0x10000, 0x7000000, 0}}));
+  table.fds.emplace_back(::memfd_create("postcopy", MFD_CLOEXEC));
+  ASSERT_EQ(::ftruncate(table.fds.back().get(), 0x10000), 0);
+  auto answer = session.handle(std::move(table));
+  ASSERT_TRUE(answer);
+  ASSERT_EQ(answer->payload.size(), sizeof(MemoryTableHeader) + sizeof(MemoryRegion));
+  MemoryRegion mapped{};
+  std::memcpy(&mapped, answer->payload.data() + sizeof(MemoryTableHeader), sizeof(mapped));
+  EXPECT_EQ(mapped.guestAddress, 0u);
+  EXPECT_EQ(mapped.size, 0x10000u);
+  EXPECT_NE(mapped.userAddress, 0x7000000u) << "the answer carries the back-end's own address";
+  EXPECT_EQ(mapped.userAddress % 4096, 0u);
+  EXPECT_FALSE(session.postcopyRegistered());
+
+  try {
+    session.handle(make(FrontendRequest::kGetQueueNum, {}));
+    ADD_FAILURE() << "a request in place of the go-ahead was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("postcopy acknowledgement"), std::string::npos) << e.what();
+  }
+}
+
 TEST(BackendConventionsTest, CapabilitiesJson) {
   EXPECT_EQ(capabilitiesJson("blk", {"read-only", "blk-file"}),
             "{\n  \"type\": \"blk\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}\n");
