@@ -32,6 +32,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "cli/agent_client.h"
 #include "tests/support/guest_session.h"
@@ -301,7 +302,11 @@ int main(int argc, char** argv) {
   int diskForks = 10;
   app.add_option("--disk-forks", diskForks,
                  "the same with a clone-block disk in the template (each fork: its own overlay and "
-                 "clone-block; memory filled up front); QEMU restores with a virtio-blk disk beside");
+                 "clone-block, whose faults its core resolves); QEMU restores with a virtio-blk disk beside");
+  int pssDiskForks = 0;
+  app.add_option("--pss-disk-forks", pssDiskForks,
+                 "forks of the disk template (`clone fork`, one exec each) left idle, then the PSS of "
+                 "all their processes (jailers, core, clone-block) measured");
   app.add_option("--serial-forks", serialForks, "forks timed to the serial console's answer");
   app.add_option("--boots", boots, "Clone cold boots timed to the agent's answer");
   app.add_option("--qemu-restores", qemuRestores, "QEMU -incoming restores timed to the serial answer");
@@ -445,6 +450,48 @@ int main(int argc, char** argv) {
     std::cout << "snapshot with a disk: " << snap.output();
     powerOff(vm);
     diskCliForkMs = timeCliForks(diskTemplateDir, diskForks, "disk-cli");
+  }
+
+  // Private memory of idle forks with a disk: every process of each fork (its jailers, its
+  // core, its clone-block), whose names all carry the fork's socket name.
+  std::vector<double> diskPssMib;
+  if (diskForks > 0 && pssDiskForks > 0) {
+    std::vector<std::string> sockets;
+    for (int i = 0; i < pssDiskForks; ++i) {
+      sockets.push_back(fmt::format("{}/pssdisk-{}.sock", dir, i));
+      GuestSession forkCommand(buildBin("clone"), {"fork", "--template", diskTemplateDir, "--api-socket", sockets.back()});
+      forkCommand.closeInput();
+      bool ok = forkCommand.waitExit(180s) == 0;
+      if (ok) {
+        GuestSession execCommand(buildBin("clone"), {"exec", "--vm", sockets.back(), "--", "true"});
+        execCommand.closeInput();
+        ok = execCommand.waitExit(120s) == 0;
+      }
+      if (!ok) {
+        std::cerr << fmt::format("idle disk fork {} did not start or answer:\n{}\n", i, forkCommand.output());
+        return 1;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(idleSeconds));
+    for (int i = 0; i < pssDiskForks; ++i) {
+      uint64_t kib = 0;
+      std::vector<std::string> parts;
+      for (int pid : pidsWithArgument(fmt::format("{}/pssdisk-{}.", dir, i))) {
+        uint64_t one = pssKib(pid);
+        kib += one;
+        std::ifstream comm(fmt::format("/proc/{}/comm", pid));
+        std::string name;
+        std::getline(comm, name);
+        parts.push_back(fmt::format("{} {} KiB", name, one));
+      }
+      diskPssMib.push_back(static_cast<double>(kib) / 1024.0);
+      std::cout << fmt::format("idle disk fork {}: {:.2f} MiB ({})\n", i, kib / 1024.0, fmt::join(parts, ", "));
+    }
+    for (const auto& socket : sockets) {
+      GuestSession destroyCommand(buildBin("clone"), {"destroy", "--vm", socket});
+      destroyCommand.closeInput();
+      if (destroyCommand.waitExit(60s) != 0) stuckAtExit++;
+    }
   }
 
   Latencies forkSerialMs;
@@ -606,14 +653,19 @@ int main(int argc, char** argv) {
   std::cout << fmt::format("RESULT vms_stuck_at_exit {}\n", stuckAtExit);
   if (diskForks > 0) {
     std::cout << fmt::format("RESULT clone_fork_command_with_disk_to_exec_ms {} (as above, the template has a "
-                             "clone-block disk: an overlay and a jailed clone-block per fork, memory filled "
-                             "up front)\n", describe(diskCliForkMs));
+                             "clone-block disk: an overlay and a jailed clone-block per fork, postcopy)\n", describe(diskCliForkMs));
     std::cout << fmt::format("RESULT qemu_restore_with_disk_to_serial_ms {}\n", describe(qemuDiskMs));
     std::cout << fmt::format("RESULT ratio qemu_restore_with_disk(serial)/clone_fork_command_with_disk(exec) "
                              "p50 {:.2f} p99 {:.2f}\n",
                              ratio(qemuDiskMs, diskCliForkMs, 0.5), ratio(qemuDiskMs, diskCliForkMs, 0.99));
     std::cout << fmt::format("RESULT ratio clone_fork_command_with_disk/clone_fork_command (cost of the disk) "
                              "p50 {:.2f}\n", ratio(diskCliForkMs, cliForkMs, 0.5));
+  }
+  if (!diskPssMib.empty()) {
+    std::cout << fmt::format("RESULT fork_with_disk_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, "
+                             "every process of the fork)\n",
+                             percentile(diskPssMib, 0.5), *std::min_element(diskPssMib.begin(), diskPssMib.end()),
+                             *std::max_element(diskPssMib.begin(), diskPssMib.end()), diskPssMib.size(), idleSeconds);
   }
   if (!pssMib.empty()) {
     std::cout << fmt::format("RESULT fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, goal <= 2 MB)\n",

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include <fmt/ranges.h>
+
 #include "common/error.h"
 #include "common/unique_fd.h"
 #include "vmm-core/devices/pci_root.h"
