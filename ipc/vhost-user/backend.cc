@@ -31,6 +31,17 @@ Message replyTo(FrontendRequest request, const T& body) {
   return Message::make(static_cast<uint32_t>(request), kReplyFlag, body);
 }
 
+// The regions of a SET_MEM_TABLE request (already validated: the count matches the size).
+std::vector<MemoryRegion> memoryTableRegions(const Message& message) {
+  auto header = message.payloadAs<MemoryTableHeader>();
+  std::vector<MemoryRegion> regions(header.regionCount);
+  if (!regions.empty()) {
+    std::memcpy(regions.data(), message.payload.data() + sizeof(MemoryTableHeader),
+                regions.size() * sizeof(MemoryRegion));
+  }
+  return regions;
+}
+
 uint64_t pageSize() { return static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)); }
 
 bool isPowerOfTwo(uint32_t value) { return value != 0 && (value & (value - 1)) == 0; }
@@ -185,12 +196,7 @@ std::optional<Message> BackendSession::dispatch(Message& message) {
     case R::kSetMemTable: {
       if (postcopyListening_) return postcopyMemoryTable(message);
       drainDevice();
-      auto header = message.payloadAs<MemoryTableHeader>();
-      std::vector<MemoryRegion> regions(header.regionCount);
-      if (!regions.empty()) {
-        std::memcpy(regions.data(), message.payload.data() + sizeof(MemoryTableHeader),
-                    regions.size() * sizeof(MemoryRegion));
-      }
+      auto regions = memoryTableRegions(message);
       memory_.setTable(regions, std::move(message.fds));
       log_.debug("vhost-user: memory table with {} regions", regions.size());
       return std::nullopt;
@@ -500,13 +506,7 @@ std::optional<Message> BackendSession::postcopyAdvise() {
 std::optional<Message> BackendSession::postcopyMemoryTable(Message& message) {
   require(!postcopyRegistered_ && memory_.regionCount() == 0,
           "a second memory table in postcopy mode is not supported");
-  auto header = message.payloadAs<MemoryTableHeader>();
-  std::vector<MemoryRegion> regions(header.regionCount);
-  if (!regions.empty()) {
-    std::memcpy(regions.data(), message.payload.data() + sizeof(MemoryTableHeader),
-                regions.size() * sizeof(MemoryRegion));
-  }
-  memory_.setTable(regions, std::move(message.fds));
+  memory_.setTable(memoryTableRegions(message), std::move(message.fds));
   // The answer: the same table with our own address of each region, so that the front-end
   // can tell which page a fault on our userfaultfd is. Nothing is touched until its go-ahead.
   auto mappings = memory_.hostMappings();

@@ -16,6 +16,29 @@ MemoryRegion toWire(const MemoryRegionSpec& spec) {
   return {spec.guestAddress, spec.size, spec.userAddress, spec.fdOffset};
 }
 
+// A SET_MEM_TABLE payload and its fds (one per region).
+struct WireMemoryTable {
+  MemoryTable table{};
+  int fds[kMaxMemTableRegions] = {};
+  size_t count = 0;
+
+  explicit WireMemoryTable(std::span<const MemoryRegionSpec> regions) : count(regions.size()) {
+    require(regions.size() <= kMaxMemTableRegions,
+            "vhost-user SET_MEM_TABLE takes at most {} regions, got {} (use ADD_MEM_REG)",
+            kMaxMemTableRegions, regions.size());
+    table.header.regionCount = static_cast<uint32_t>(regions.size());
+    for (size_t i = 0; i < regions.size(); ++i) {
+      table.regions[i] = toWire(regions[i]);
+      fds[i] = regions[i].fd;
+    }
+  }
+  size_t size() const { return sizeof(MemoryTableHeader) + count * sizeof(MemoryRegion); }
+  std::span<const uint8_t> payload() const {
+    return {reinterpret_cast<const uint8_t*>(&table), size()};
+  }
+  std::span<const int> fdSpan() const { return {fds, count}; }
+};
+
 }  // namespace
 
 // --- BackendRequestChannel.
@@ -170,20 +193,8 @@ void Frontend::resetDevice() {
 uint64_t Frontend::getQueueNum() { return queryU64(FrontendRequest::kGetQueueNum); }
 
 void Frontend::setMemTable(std::span<const MemoryRegionSpec> regions) {
-  require(regions.size() <= kMaxMemTableRegions,
-          "vhost-user SET_MEM_TABLE takes at most {} regions, got {} (use ADD_MEM_REG)",
-          kMaxMemTableRegions, regions.size());
-  MemoryTable table{};
-  table.header.regionCount = static_cast<uint32_t>(regions.size());
-  int fds[kMaxMemTableRegions];
-  for (size_t i = 0; i < regions.size(); ++i) {
-    table.regions[i] = toWire(regions[i]);
-    fds[i] = regions[i].fd;
-  }
-  size_t size = sizeof(MemoryTableHeader) + regions.size() * sizeof(MemoryRegion);
-  command(FrontendRequest::kSetMemTable,
-          std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&table), size),
-          std::span<const int>(fds, regions.size()));
+  WireMemoryTable wire(regions);
+  command(FrontendRequest::kSetMemTable, wire.payload(), wire.fdSpan());
 }
 
 uint64_t Frontend::getMaxMemSlots() { return queryU64(FrontendRequest::kGetMaxMemSlots); }
@@ -201,27 +212,16 @@ void Frontend::postcopyListen() { command(FrontendRequest::kPostcopyListen, {});
 void Frontend::setMemTablePostcopy(
     std::span<const MemoryRegionSpec> regions,
     const std::function<void(std::span<const uint64_t>)>& registered) {
-  require(regions.size() <= kMaxMemTableRegions,
-          "vhost-user SET_MEM_TABLE takes at most {} regions, got {}", kMaxMemTableRegions,
-          regions.size());
-  MemoryTable table{};
-  table.header.regionCount = static_cast<uint32_t>(regions.size());
-  int fds[kMaxMemTableRegions];
-  for (size_t i = 0; i < regions.size(); ++i) {
-    table.regions[i] = toWire(regions[i]);
-    fds[i] = regions[i].fd;
-  }
-  size_t size = sizeof(MemoryTableHeader) + regions.size() * sizeof(MemoryRegion);
+  WireMemoryTable wire(regions);
+  const MemoryTable& table = wire.table;
   // The spec's exception: no NEED_REPLY, the answer is the back-end's table.
-  sendRequest(FrontendRequest::kSetMemTable, 0,
-              std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&table), size),
-              std::span<const int>(fds, regions.size()));
+  sendRequest(FrontendRequest::kSetMemTable, 0, wire.payload(), wire.fdSpan());
   Message reply = receiveReply(FrontendRequest::kSetMemTable);
   std::vector<uint64_t> bases;
   try {
-    validateReply(reply, FrontendRequest::kSetMemTable, static_cast<uint32_t>(size));
+    validateReply(reply, FrontendRequest::kSetMemTable, static_cast<uint32_t>(wire.size()));
     MemoryTable answer{};
-    std::memcpy(&answer, reply.payload.data(), size);
+    std::memcpy(&answer, reply.payload.data(), wire.size());
     require(answer.header.regionCount == regions.size(),
             "the postcopy memory table answer has {} regions, {} were sent",
             answer.header.regionCount, regions.size());
