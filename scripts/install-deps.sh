@@ -9,7 +9,7 @@ BUILD_PKGS=(
   libseccomp-dev libcap-dev
   libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  liburing-dev libcli11-dev nlohmann-json3-dev libssl-dev
+  liburing-dev libcli11-dev nlohmann-json3-dev libssl-dev libmd-dev
   zlib1g-dev libzstd-dev
   acpica-tools
 )

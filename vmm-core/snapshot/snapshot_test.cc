@@ -75,6 +75,15 @@ MachineState sampleState(uint32_t vcpus) {
   return s;
 }
 
+// Template digests are SHA-256 (libmd): FIPS 180-2's test vectors, the empty input included.
+TEST(TemplateDigestTest, Sha256MatchesTheStandardVectors) {
+  EXPECT_EQ(sha256Hex("abc", 3), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256Hex("", 0), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  std::string twoBlocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  EXPECT_EQ(sha256Hex(twoBlocks.data(), twoBlocks.size()),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+}
+
 TEST(StateFormatTest, RoundTripKeepsEveryField) {
   auto state = sampleState(2);
   auto bytes = encodeMachineState(state);

@@ -11,7 +11,7 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#include <openssl/evp.h>
+#include <sha2.h>
 
 #include "common/error.h"
 #include "common/unique_fd.h"
@@ -98,12 +98,13 @@ std::string currentUtcTime() {
 }
 
 std::string sha256Hex(const void* data, size_t size) {
-  std::array<unsigned char, EVP_MAX_MD_SIZE> digest{};
-  unsigned int length = 0;
-  require(EVP_Digest(data, size, digest.data(), &length, EVP_sha256(), nullptr) == 1,
-          "SHA-256 failed");
+  SHA2_CTX context;
+  SHA256Init(&context);
+  SHA256Update(&context, static_cast<const uint8_t*>(data), size);
+  std::array<uint8_t, SHA256_DIGEST_LENGTH> digest{};
+  SHA256Final(digest.data(), &context);
   std::string hex;
-  for (unsigned int i = 0; i < length; ++i) hex += fmt::format("{:02x}", digest[i]);
+  for (uint8_t byte : digest) hex += fmt::format("{:02x}", byte);
   return hex;
 }
 
