@@ -441,6 +441,8 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
         stopFork(fork.pid, fork.socket);
         streams.err << fmt::format("clone fork: {} failed and was stopped (console log {}): {}\n",
                                    fork.id, fork.log, fork.error);
+        streams.err << fmt::format("clone fork: {}: the end of its console log:\n{}\n", fork.id,
+                                   tail(fork.log));
         for (const auto& diskLog : fork.diskLogs) {
           streams.err << fmt::format("clone fork: {}: its disk's log {}:\n{}\n", fork.id, diskLog,
                                      tail(diskLog));

@@ -69,10 +69,10 @@ ForkOutput parseForkOutput(const std::string& output) {
       if (match[2] == "agent answered, identity applied") result.identityLines++;
       continue;
     }
-    if (line.rfind("clone", 0) == 0) continue;  // an error or a note
-    std::istringstream words(line);
-    std::string id, socket;
-    if (words >> id >> socket) result.forks.emplace_back(id, socket);
+    // "ID SOCKET" lines only: errors, notes and the logs a failure quotes are not forks.
+    static const std::regex forkLine(R"(^(fork-[0-9a-f]{8}) (/\S+)$)");
+    std::smatch fork;
+    if (std::regex_match(line, fork, forkLine)) result.forks.emplace_back(fork[1], fork[2]);
   }
   return result;
 }
