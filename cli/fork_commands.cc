@@ -352,6 +352,9 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
   forkVerb->add_flag("--no-identity", options.noIdentity,
                  "do not apply hostname, RNG seed and clock through the guest agent (forks share the template's)");
   forkVerb->add_flag("--no-jail", options.noJail, "run the forks' cores and disks unjailed (debugging only)");
+  forkVerb->add_flag("--disk-postcopy", options.diskPostcopy,
+                     "experimental: the fork's core resolves its disks' first touches of guest "
+                     "memory (vhost-user postcopy) instead of filling all memory up front");
   forkVerb->add_option("--disk", options.disks,
                        "N,overlay=PATH: put the fork's overlay of the template's disk N at PATH "
                        "(PATH.1 .. PATH.K with --count K), kept after the fork ends; repeatable")
@@ -391,7 +394,8 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program);
       // Each disk: an overlay of its own and a clone-block serving it, before the core.
       ForkDisks disks = startForkDisks(launcher, siblingProgram("clone-block"), id, dir,
-                                       verified.manifest, socket, diskOptions, i + 1, options.count);
+                                       verified.manifest, socket, diskOptions, i + 1, options.count,
+                                       options.diskPostcopy);
       spec.args.insert(spec.args.end(), disks.vmmArgs.begin(), disks.vmmArgs.end());
       spec.keepFds = disks.keepFds();
       pid_t pid = -1;

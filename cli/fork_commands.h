@@ -24,6 +24,7 @@ struct ForkCommandOptions {
   bool noIdentity = false;    // fork: --no-identity (do not talk to the guest agent)
   bool noJail = false;        // fork: --no-jail
   std::vector<std::string> disks;  // fork: --disk N,overlay=PATH
+  bool diskPostcopy = false;       // fork: --disk-postcopy (experimental, docs/FORK.md)
 };
 
 // Where forks' API sockets and console logs live: $CLONE_RUNTIME_DIR, else

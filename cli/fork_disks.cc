@@ -63,7 +63,7 @@ ForkDisks startForkDisks(ProcessLauncher& launcher, const std::string& blockProg
                          const std::string& forkId, const std::string& templateDir,
                          const vmm::snapshot::Manifest& manifest, const std::string& apiSocket,
                          const std::vector<ForkDiskOption>& options, unsigned forkNumber,
-                         unsigned count) {
+                         unsigned count, bool postcopy) {
   require(manifest.disks.size() <= kMaxForkDisks, "{}: {} disks, at most {}", templateDir,
           manifest.disks.size(), kMaxForkDisks);
   for (const auto& option : options) {
@@ -105,8 +105,10 @@ ForkDisks startForkDisks(ProcessLauncher& launcher, const std::string& blockProg
                                          fmt::format("clone-disk{}", i)});
       // Postcopy: the fork's memory is filled lazily, and the core resolves the pages this
       // disk's process touches first through a userfaultfd it makes (docs/FORK.md).
-      spec.args.push_back("--userfaultfd");
-      spec.devices.push_back("/dev/userfaultfd");
+      if (postcopy) {
+        spec.args.push_back("--userfaultfd");
+        spec.devices.push_back("/dev/userfaultfd");
+      }
       require(image.find(',') == std::string::npos,
               "{}: a disk path with a comma cannot be given to clone-vmm", image);
       int pair[2];

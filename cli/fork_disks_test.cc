@@ -87,9 +87,10 @@ class ForkDisksTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
   }
 
-  ForkDisks start(const std::vector<ForkDiskOption>& options = {}, unsigned number = 1, unsigned count = 1) {
+  ForkDisks start(const std::vector<ForkDiskOption>& options = {}, unsigned number = 1, unsigned count = 1,
+                  bool postcopy = false) {
     return startForkDisks(launcher_, CLONE_BLOCK_PROGRAM, "fork-1234abcd", dir_ + "/template", manifest_,
-                          socket_, options, number, count);
+                          socket_, options, number, count, postcopy);
   }
 
   std::string dir_;
@@ -97,6 +98,15 @@ class ForkDisksTest : public ::testing::Test {
   snapshot::Manifest manifest_;
   RecordingLauncher launcher_;
 };
+
+TEST_F(ForkDisksTest, PostcopyGivesEachCloneBlockAUserfaultfdSource) {
+  ForkDisks disks = start({}, 1, 1, /*postcopy=*/true);
+  ASSERT_EQ(launcher_.specs.size(), 2u);
+  for (const auto& spec : launcher_.specs) {
+    EXPECT_TRUE(has(spec.args, "--userfaultfd")) << spec.id;
+    EXPECT_EQ(spec.devices, std::vector<std::string>{"/dev/userfaultfd"}) << spec.id;
+  }
+}
 
 TEST(ForkDiskOptionTest, Parses) {
   auto option = parseForkDiskOption("1,overlay=/srv/keep.qcow2");
@@ -124,6 +134,8 @@ TEST_F(ForkDisksTest, EachDiskGetsAnOverlayAndACloneBlockOnASocketPair) {
   EXPECT_EQ(after(writable.args, "--queues"), "2");
   EXPECT_EQ(after(writable.args, "--serial"), "clone-disk0");
   EXPECT_FALSE(has(writable.args, "--readonly"));
+  EXPECT_FALSE(has(writable.args, "--userfaultfd")) << "postcopy is opt-in";
+  EXPECT_TRUE(writable.devices.empty());
   EXPECT_EQ(writable.readPaths, std::vector<std::string>{base});
   EXPECT_EQ(writable.writePaths, std::vector<std::string>{overlay});
   ASSERT_EQ(writable.keepFds.size(), 1u);
