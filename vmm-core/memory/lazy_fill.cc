@@ -81,9 +81,9 @@ LazyMemoryFill::LazyMemoryFill(const GuestMemory& memory, const std::string& ima
 
 LazyMemoryFill::~LazyMemoryFill() {
   auto s = stats();
-  log_.info("memory fill: {} faults ({} from devices), {} pages copied, {} zero-filled, {} of "
-            "them prefetched",
-            s.faults, s.deviceFaults, s.copiedPages, s.zeroedPages, s.prefetchedPages);
+  log_.info("memory fill: {} faults ({} from devices, {} on pages already filled), {} pages "
+            "copied, {} zero-filled, {} of them prefetched",
+            s.faults, s.deviceFaults, s.refaults, s.copiedPages, s.zeroedPages, s.prefetchedPages);
   if (thread_.joinable()) {
     uint64_t one = 1;
     (void)!::write(stopEvent_.get(), &one, sizeof(one));
@@ -144,7 +144,7 @@ void LazyMemoryFill::wake(uint64_t offset, uint64_t length) {
   CLONE_SYSCALL(::ioctl(uffd_.get(), UFFDIO_WAKE, &range), "UFFDIO_WAKE", imagePath_);
 }
 
-void LazyMemoryFill::fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool prefetching) {
+void LazyMemoryFill::fillRun(uint64_t first, uint64_t end, uint8_t* buffer, FillKind kind) {
   uint64_t start = first * kPageBytes;
   uint64_t stop = end * kPageBytes;
   {
@@ -154,9 +154,13 @@ void LazyMemoryFill::fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool
       dataBytes += std::min(stop, it->first + it->second) - std::max(start, it->first);
     }
     std::lock_guard lock(mutex_);
-    stats_.copiedPages += dataBytes / kPageBytes;
-    stats_.zeroedPages += (stop - start - dataBytes) / kPageBytes;
-    if (prefetching) stats_.prefetchedPages += end - first;
+    if (kind == FillKind::kRefill) {
+      stats_.refaults += end - first;
+    } else {
+      stats_.copiedPages += dataBytes / kPageBytes;
+      stats_.zeroedPages += (stop - start - dataBytes) / kPageBytes;
+      if (kind == FillKind::kPrefetch) stats_.prefetchedPages += end - first;
+    }
   }
   // Copy only the image's data; zero-fill its holes instead of reading them.
   uint64_t at = start;
@@ -207,7 +211,7 @@ void LazyMemoryFill::prefetch(std::vector<uint64_t> pageOffsets) {
       ++end;
       ++i;
     }
-    fillRun(first, end, buffer.data(), true);
+    fillRun(first, end, buffer.data(), FillKind::kPrefetch);
   }
 }
 
@@ -227,7 +231,7 @@ uint64_t LazyMemoryFill::fillAllData() {
       }
       uint64_t runEnd = page + 1;
       while (runEnd < end && runEnd - page < kMaxRunPages && !filled_[runEnd]) ++runEnd;
-      fillRun(page, runEnd, buffer.data(), true);
+      fillRun(page, runEnd, buffer.data(), FillKind::kPrefetch);
       filled += runEnd - page;
       page = runEnd;
     }
@@ -275,14 +279,11 @@ bool LazyMemoryFill::resolve(uint64_t offset, bool recording) {
   {
     std::lock_guard fillLock(fillMutex_);
     fresh = !filled_[index];
-    // A page filled since this fault was queued (two threads faulted on it) is woken
-    // again: a fill that met EEXIST woke nobody, and a waiter left asleep is a vCPU or
-    // vhost worker stuck for good.
-    if (fresh) {
-      fillRun(index, index + 1, page, false);
-    } else {
-      wake(index * kPageBytes, kPageBytes);
-    }
+    // A page filled since this fault was queued (two threads faulted on it) is filled
+    // again: that meets EEXIST and wakes the page (a waiter left asleep is a vCPU or vhost
+    // worker stuck for good). Should the page be missing after all, this fills it, where a
+    // bare wake would have the thread fault on it forever.
+    fillRun(index, index + 1, page, fresh ? FillKind::kFault : FillKind::kRefill);
   }
   if (recording && fresh) {
     std::lock_guard lock(mutex_);

@@ -47,6 +47,7 @@ class LazyMemoryFill {
     uint64_t zeroedPages = 0;      // pages filled with UFFDIO_ZEROPAGE (faults and prefetch)
     uint64_t prefetchedPages = 0;  // of those, filled by prefetch()
     uint64_t deviceFaults = 0;     // fault messages from device processes' userfaultfds
+    uint64_t refaults = 0;         // faults on pages already filled (filled again: EEXIST)
   };
 
   // Where a device process mapped guest memory: [address, address + length) of its address
@@ -100,9 +101,12 @@ class LazyMemoryFill {
   // Reads and resolves what is queued on one device's userfaultfd; returns what went wrong
   // with the device's fd (the core's own failures throw).
   std::optional<std::string> handleDeviceFaults(DeviceSource& device, bool recording);
-  // Fills pages [first, end) (page indices), none of them filled yet. `buffer` holds at least
-  // the run's bytes. Handler thread or before start().
-  void fillRun(uint64_t first, uint64_t end, uint8_t* buffer, bool prefetching);
+  // How a run is filled, for the statistics: a fault's page, a prefetched run, or a page
+  // filled again (a fault on a page already filled).
+  enum class FillKind { kFault, kPrefetch, kRefill };
+  // Fills pages [first, end) (page indices). `buffer` holds at least the run's bytes. Under
+  // fillMutex_.
+  void fillRun(uint64_t first, uint64_t end, uint8_t* buffer, FillKind kind);
   // Fills [from, to) (bytes) with one ioctl; on EEXIST (a page there exists already: a
   // racing fault) page by page.
   void fillRange(uint64_t from, uint64_t to, const uint8_t* source);

@@ -259,6 +259,25 @@ TEST_F(LazyFillTest, RejectsDeviceMappingsOutsideGuestMemory) {
   EXPECT_THROW(fill.addDeviceFaults(openUserfaultfd(), {{0x10001, kPage, 0}}, "d"), Error);
 }
 
+// A fault on a page the fill had filled (a second thread's, queued before the fill) is
+// answered by filling it again: EEXIST, and the page is woken. Were the page gone (here:
+// punched out of the memfd behind the fill's back), that refill brings the template's bytes
+// back instead of leaving the thread to fault on it forever.
+TEST_F(LazyFillTest, AFaultOnAFilledPageFillsItAgainInsteadOfOnlyWaking) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.start();
+  constexpr uint64_t kData = 100 * 1024;
+  EXPECT_EQ(at(kData + 3), patternByte(kData + 3));
+  ASSERT_EQ(::fallocate(memory_->fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        static_cast<off_t>(kData), static_cast<off_t>(kPage)),
+            0);
+  EXPECT_EQ(at(kData + 3), patternByte(kData + 3));
+  auto stats = fill.stats();
+  EXPECT_EQ(stats.faults, 2u);
+  EXPECT_EQ(stats.refaults, 1u);
+  EXPECT_EQ(stats.copiedPages, 1u) << "a refill is not counted as a new page";
+}
+
 TEST_F(LazyFillTest, RejectsExtentsOutsideTheImageOrUnaligned) {
   EXPECT_THROW(LazyMemoryFill(*memory_, imagePath_, {{100, 4096}}, log_), Error);
   EXPECT_THROW(LazyMemoryFill(*memory_, imagePath_, {{kSize - kPage, 2 * kPage}}, log_), Error);
