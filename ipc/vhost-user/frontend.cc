@@ -243,12 +243,6 @@ void Frontend::setMemTablePostcopy(
   sendRequest(FrontendRequest::kSetMemTable, 0, bytesOf(ok), {});
 }
 
-void Frontend::postcopyEnd() {
-  uint64_t status = query(FrontendRequest::kPostcopyEnd, {}, sizeof(uint64_t)).payloadAs<uint64_t>();
-  require(status == 0, "vhost-user backend {} failed POSTCOPY_END (status {})", backendName_,
-          status);
-}
-
 void Frontend::addMemRegion(const MemoryRegionSpec& region) {
   SingleMemoryRegion body{0, toWire(region)};
   int fd = region.fd;

@@ -115,8 +115,6 @@ class Frontend {
   // register its mappings with its userfaultfd.
   void setMemTablePostcopy(std::span<const MemoryRegionSpec> regions,
                            const std::function<void(std::span<const uint64_t>)>& registered);
-  // POSTCOPY_END: the back-end stops using the userfaultfd (status 0 expected).
-  void postcopyEnd();
   void addMemRegion(const MemoryRegionSpec& region);
   void removeMemRegion(const MemoryRegionSpec& region);
 

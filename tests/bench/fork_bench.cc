@@ -25,6 +25,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <memory>
 #include <sstream>
 #include <thread>
@@ -65,6 +66,19 @@ bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 120s) {
   } while (!vm.expect("# ", 100ms) && Clock::now() < deadline);
   auto answer = vm.run("echo R-$((40+2))", timeout);
   return answer && *answer == "R-42";
+}
+
+// One `clone` command, its input closed, waited for. code: its exit code (nullopt: timeout).
+struct CloneRun {
+  std::optional<int> code;
+  std::string output;
+  bool ok() const { return code == 0; }
+};
+CloneRun runClone(const std::vector<std::string>& args, std::chrono::milliseconds timeout) {
+  GuestSession command(buildBin("clone"), args);
+  command.closeInput();
+  auto code = command.waitExit(timeout);
+  return {code, command.output()};
 }
 
 void powerOff(GuestSession& vm) {
@@ -345,13 +359,12 @@ int main(int argc, char** argv) {
       std::cerr << "template did not boot or its agent did not answer: " << error << "\n" << vm.output();
       return 1;
     }
-    GuestSession snap(buildBin("clone"), {"snapshot", "--vm", dir + "/template.sock", "--output", templateDir});
-    snap.closeInput();
-    if (snap.waitExit(120s) != 0) {
-      std::cerr << "snapshot failed\n" << snap.output();
+    auto snap = runClone({"snapshot", "--vm", dir + "/template.sock", "--output", templateDir}, 120s);
+    if (!snap.ok()) {
+      std::cerr << "snapshot failed\n" << snap.output;
       return 1;
     }
-    std::cout << "snapshot: " << snap.output();
+    std::cout << "snapshot: " << snap.output;
     powerOff(vm);
   }
 
@@ -391,38 +404,46 @@ int main(int argc, char** argv) {
   // The user's path: `clone fork` (jailed core, identity applied through the agent) and then
   // `clone exec -- true`, timed from the fork command's start to exec's exit; then
   // `clone destroy`. One fork at a time.
+  // `clone fork` of one fork at `socket`, then `clone exec -- true` in it. Returns the fork
+  // command's output, or nullopt after printing what failed.
+  auto forkAndExec = [&](const std::string& fromTemplate, const std::string& socket,
+                         const std::vector<std::string>& extra) -> std::optional<std::string> {
+    auto fork = runClone(with({"fork", "--template", fromTemplate, "--api-socket", socket}, extra), 180s);
+    if (!fork.ok()) {
+      std::cerr << "clone fork failed\n" << fork.output;
+      return std::nullopt;
+    }
+    auto exec = runClone({"exec", "--vm", socket, "--", "true"}, 120s);
+    if (!exec.ok()) {
+      std::cerr << "clone exec failed\n" << exec.output;
+      return std::nullopt;
+    }
+    return fork.output;
+  };
+  auto destroyFork = [&](const std::string& socket) {
+    auto destroyed = runClone({"destroy", "--vm", socket}, 60s);
+    if (!destroyed.ok()) {
+      std::cerr << "clone destroy failed\n" << destroyed.output;
+      stuckAtExit++;
+    }
+    return destroyed.code.value_or(-1);
+  };
   auto timeCliForks = [&](const std::string& fromTemplate, int count, const std::string& name,
                           std::vector<std::string> extra = {}) {
     Latencies latencies;
     for (int i = 0; i < count; ++i) {
       std::string socket = fmt::format("{}/{}-{}.sock", dir, name, i);
       auto start = Clock::now();
-      GuestSession forkCommand(buildBin("clone"), with({"fork", "--template", fromTemplate, "--api-socket", socket}, extra));
-      forkCommand.closeInput();
-      bool ok = forkCommand.waitExit(180s) == 0;
-      std::cerr << fmt::format("progress {} {}: fork exited ok={} after {:.0f} ms\n", name, i, ok, msSince(start));
-      if (ok) {
-        GuestSession execCommand(buildBin("clone"), {"exec", "--vm", socket, "--", "true"});
-        execCommand.closeInput();
-        ok = execCommand.waitExit(120s) == 0;
-        if (!ok) std::cerr << "clone exec failed\n" << execCommand.output();
-      } else {
-        std::cerr << "clone fork failed\n" << forkCommand.output();
-      }
+      auto forkOutput = forkAndExec(fromTemplate, socket, extra);
+      bool ok = forkOutput.has_value();
       double ms = msSince(start);
       if (ok) latencies.ms.push_back(ms);
       else latencies.failures++;
-      std::cerr << fmt::format("progress {} {}: exec done ok={} after {:.0f} ms\n", name, i, ok, msSince(start));
-      GuestSession destroyCommand(buildBin("clone"), {"destroy", "--vm", socket});
-      destroyCommand.closeInput();
-      auto destroyed = destroyCommand.waitExit(60s);
-      std::cerr << fmt::format("progress {} {}: destroy exited {} after {:.0f} ms\n", name, i, destroyed.value_or(-1), msSince(start));
-      if (destroyed != 0) {
-        std::cerr << "clone destroy failed\n" << destroyCommand.output();
-        stuckAtExit++;
-      }
+      std::cerr << fmt::format("progress {} {}: fork and exec done ok={} after {:.0f} ms\n", name, i, ok, ms);
+      int destroyed = destroyFork(socket);
+      std::cerr << fmt::format("progress {} {}: destroy exited {} after {:.0f} ms\n", name, i, destroyed, msSince(start));
       if (ok) std::cout << fmt::format("clone fork + exec ({}) {}: {:.1f} ms ({})\n", name, i, ms,
-                                       forkCommand.output().substr(0, 160));
+                                       forkOutput->substr(0, 160));
     }
     return latencies;
   };
@@ -448,13 +469,12 @@ int main(int argc, char** argv) {
       std::cerr << "the disk template did not boot: " << error << "\n" << vm.output();
       return 1;
     }
-    GuestSession snap(buildBin("clone"), {"snapshot", "--vm", socket, "--output", diskTemplateDir});
-    snap.closeInput();
-    if (snap.waitExit(120s) != 0) {
-      std::cerr << "snapshot with a disk failed\n" << snap.output();
+    auto snap = runClone({"snapshot", "--vm", socket, "--output", diskTemplateDir}, 120s);
+    if (!snap.ok()) {
+      std::cerr << "snapshot with a disk failed\n" << snap.output;
       return 1;
     }
-    std::cout << "snapshot with a disk: " << snap.output();
+    std::cout << "snapshot with a disk: " << snap.output;
     powerOff(vm);
     diskCliForkMs = timeCliForks(diskTemplateDir, diskForks, "disk-cli", diskForkArgs);
   }
@@ -466,17 +486,8 @@ int main(int argc, char** argv) {
     std::vector<std::string> sockets;
     for (int i = 0; i < pssDiskForks; ++i) {
       sockets.push_back(fmt::format("{}/pssdisk-{}.sock", dir, i));
-      GuestSession forkCommand(buildBin("clone"), with({"fork", "--template", diskTemplateDir, "--api-socket", sockets.back()},
-                                                        diskForkArgs));
-      forkCommand.closeInput();
-      bool ok = forkCommand.waitExit(180s) == 0;
-      if (ok) {
-        GuestSession execCommand(buildBin("clone"), {"exec", "--vm", sockets.back(), "--", "true"});
-        execCommand.closeInput();
-        ok = execCommand.waitExit(120s) == 0;
-      }
-      if (!ok) {
-        std::cerr << fmt::format("idle disk fork {} did not start or answer:\n{}\n", i, forkCommand.output());
+      if (!forkAndExec(diskTemplateDir, sockets.back(), diskForkArgs)) {
+        std::cerr << fmt::format("idle disk fork {} did not start or answer\n", i);
         return 1;
       }
     }
@@ -495,11 +506,7 @@ int main(int argc, char** argv) {
       diskPssMib.push_back(static_cast<double>(kib) / 1024.0);
       std::cout << fmt::format("idle disk fork {}: {:.2f} MiB ({})\n", i, kib / 1024.0, fmt::join(parts, ", "));
     }
-    for (const auto& socket : sockets) {
-      GuestSession destroyCommand(buildBin("clone"), {"destroy", "--vm", socket});
-      destroyCommand.closeInput();
-      if (destroyCommand.waitExit(60s) != 0) stuckAtExit++;
-    }
+    for (const auto& socket : sockets) destroyFork(socket);
   }
 
   Latencies forkSerialMs;

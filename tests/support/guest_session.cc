@@ -72,9 +72,7 @@ bool GuestSession::pump(std::chrono::milliseconds timeout) {
     outputFd_.reset();
     // The output ended: the process is gone or going. Say how in the output, so a failure
     // message shows a fork killed by a signal (SIGSYS: its seccomp policy) as such.
-    for (int i = 0; i < 50 && !exitCode_; ++i) {
-      if (!reap(WNOHANG)) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    reapWithin(std::chrono::seconds(1));
     return false;
   }
   output_.append(buffer, static_cast<size_t>(n));
@@ -115,13 +113,8 @@ void GuestSession::sendLine(const std::string& line) {
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       int error = errno;
-      for (int i = 0; i < 50 && !reap(WNOHANG); ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
-      while (pump(std::chrono::milliseconds(0)) && outputFd_.valid()) {
-        pollfd fd{outputFd_.get(), POLLIN, 0};
-        if (::poll(&fd, 1, 0) <= 0) break;
-      }
+      reapWithin(std::chrono::seconds(1));
+      drainAvailable();
       size_t tail = output_.size() > 3000 ? output_.size() - 3000 : 0;
       throw Error(fmt::format("writing to the guest console failed: {}; {}; its last output:\n{}",
                               std::strerror(error),
@@ -165,15 +158,26 @@ bool GuestSession::reap(int options) {
   return true;
 }
 
+void GuestSession::reapWithin(std::chrono::milliseconds timeout) {
+  for (auto deadline = std::chrono::steady_clock::now() + timeout;
+       !reap(WNOHANG) && std::chrono::steady_clock::now() < deadline;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+void GuestSession::drainAvailable() {
+  while (pump(std::chrono::milliseconds(0)) && outputFd_.valid()) {
+    pollfd fd{outputFd_.get(), POLLIN, 0};
+    if (::poll(&fd, 1, 0) <= 0) break;
+  }
+}
+
 std::optional<int> GuestSession::waitExit(std::chrono::milliseconds timeout) {
   if (exitCode_) return exitCode_;
   auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     if (reap(WNOHANG)) {
-      while (pump(std::chrono::milliseconds(0)) && outputFd_.valid()) {
-        pollfd fd{outputFd_.get(), POLLIN, 0};
-        if (::poll(&fd, 1, 0) <= 0) break;
-      }
+      drainAvailable();
       return exitCode_;
     }
     if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;

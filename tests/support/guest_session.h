@@ -53,6 +53,10 @@ class GuestSession {
   // Collects the process's exit status if it has one (waitpid `options`), noting it in the
   // output. True once it is collected.
   bool reap(int options);
+  // reap() until the process is collected or `timeout` has passed.
+  void reapWithin(std::chrono::milliseconds timeout);
+  // Reads whatever output is ready now, without waiting.
+  void drainAvailable();
 
   pid_t pid_ = -1;
   std::optional<int> exitCode_;

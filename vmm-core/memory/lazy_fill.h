@@ -70,9 +70,10 @@ class LazyMemoryFill {
   // contiguous pages with one ioctl each. Offsets need not be sorted; unaligned or out of
   // range ones are skipped.
   void prefetch(std::vector<uint64_t> pageOffsets);
-  // Fills every page of the image's data extents that is not filled yet, now (before
-  // start()), runs of up to 1 MiB with one UFFDIO_COPY each. For a fork whose memory a device
-  // process also maps: that mapping is not registered with this userfaultfd, so a page the
+  // Fills every page of the image's data extents that is not filled yet, now (before or
+  // after start(): a run at a time under the fill lock), runs of up to 1 MiB with one
+  // UFFDIO_COPY each. For a fork whose memory a device process also maps without postcopy:
+  // that mapping is not registered with this userfaultfd, so a page the
   // device touched before the core filled it would be a zero page for good (the later
   // UFFDIO_COPY meets EEXIST). Holes need nothing: a page first touched by the device reads
   // zero, as the template's did. Returns the pages filled.
