@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <regex>
 #include <thread>
 
 #include <fmt/format.h>
@@ -135,6 +136,11 @@ std::optional<std::string> GuestSession::run(const std::string& command,
   if (!expect(fmt::format("CMD-BEGIN-{}.", id), timeout)) return std::nullopt;
   auto text = readUntil(fmt::format("CMD-END-{}.", id), timeout);
   if (!text) return std::nullopt;
+  // The VMM logs to the same pipe, a whole line per write, and such a line can land inside
+  // the command's output (even in the middle of one of its lines): it is not the command's.
+  static const std::regex kVmmLogLine(
+      R"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} [a-z]+ +[a-z-]+\[\d+\]: [^\n]*\n)");
+  *text = std::regex_replace(*text, kVmmLogLine, "");
   // Drop the line breaks around the output (the guest's tty may add \r).
   size_t first = text->find_first_not_of("\r\n");
   size_t last = text->find_last_not_of("\r\n");

@@ -16,6 +16,25 @@ const int kKickSignal = SIGRTMIN;
 
 void ignoreKick(int) {}
 
+// Where the guest was when it died: enough to tell a lost page (CR2, RIP) from a broken
+// descriptor table (IDT/GDT) without a debugger. (On Intel; see the reset-state case.)
+std::string describeCpuState(const KvmVcpu& vcpu) {
+  try {
+    kvm_regs r = vcpu.getRegs();
+    kvm_sregs s = vcpu.getSregs();
+    if (r.rip == 0xfff0 && s.cs.selector == 0xf000 && s.cr0 == 0x10) {
+      return "registers not known: KVM on AMD resets a vCPU at its shutdown exit";
+    }
+    return fmt::format(
+        "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} "
+        "efer {:#x} idt {:#x}/{:#x} gdt {:#x}/{:#x}",
+        r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base,
+        s.idt.limit, s.gdt.base, s.gdt.limit);
+  } catch (const std::exception& e) {
+    return fmt::format("registers unreadable: {}", e.what());
+  }
+}
+
 }  // namespace
 
 void installVcpuKickHandler() {
@@ -117,7 +136,8 @@ bool VcpuRunner::handleExit() {
     case KVM_EXIT_INTR:
       return true;
     case KVM_EXIT_SHUTDOWN:
-      exitSignal_.request(ExitReason::kTripleFault, fmt::format("vcpu{}: triple fault", vcpu_.id()));
+      exitSignal_.request(ExitReason::kTripleFault, fmt::format("vcpu{}: triple fault ({})",
+                                                                vcpu_.id(), describeCpuState(vcpu_)));
       return false;
     case KVM_EXIT_SYSTEM_EVENT:
       if (run.system_event.type == KVM_SYSTEM_EVENT_RESET) {
@@ -128,13 +148,14 @@ bool VcpuRunner::handleExit() {
       return false;
     case KVM_EXIT_FAIL_ENTRY:
       exitSignal_.request(ExitReason::kInternalError,
-                          fmt::format("vcpu{}: KVM entry failed, hardware reason {:#x}", vcpu_.id(),
-                                      run.fail_entry.hardware_entry_failure_reason));
+                          fmt::format("vcpu{}: KVM entry failed, hardware reason {:#x} ({})",
+                                      vcpu_.id(), run.fail_entry.hardware_entry_failure_reason,
+                                      describeCpuState(vcpu_)));
       return false;
     case KVM_EXIT_INTERNAL_ERROR:
       exitSignal_.request(ExitReason::kInternalError,
-                          fmt::format("vcpu{}: KVM internal error, suberror {}", vcpu_.id(),
-                                      run.internal.suberror));
+                          fmt::format("vcpu{}: KVM internal error, suberror {} ({})", vcpu_.id(),
+                                      run.internal.suberror, describeCpuState(vcpu_)));
       return false;
     default:
       exitSignal_.request(ExitReason::kInternalError,
