@@ -9,7 +9,8 @@
 // - with a disk (--disk-forks): `clone fork` + `clone exec` of a template that has a
 //   clone-block disk, beside QEMU restores of the same guest with a virtio-blk disk;
 // - the private memory of idle forks: PSS of every process of each fork, summed, and where it
-//   goes (a /proc/PID/smaps breakdown by kind of mapping).
+//   goes (a /proc/PID/smaps breakdown by kind of mapping), and how much of its guest memory is
+//   still byte-identical to the template's.
 // Needs /dev/kvm and vhost-vsock: run it in the lab (docs/BENCHMARKS.md has the command).
 #include <dirent.h>
 #include <fcntl.h>
@@ -239,6 +240,55 @@ std::map<std::string, uint64_t> pssByKind(int pid, const std::string& templateDi
     }
   }
   return kinds;
+}
+
+// A fork's resident guest pages (its memfd mapping) and how many of them are byte-identical
+// to the template's memory file: what a copy-on-write mapping of the template would have kept
+// shared (an upper bound: a page the guest rewrote with the same bytes counts as identical).
+// Reads only pages the pagemap says are present, so the fork's userfaultfd is never woken.
+struct TemplatePages {
+  uint64_t resident = 0;
+  uint64_t identical = 0;
+};
+TemplatePages templatePagesOf(int pid, const std::string& templateMemory) {
+  constexpr uint64_t kPage = 4096;
+  uint64_t start = 0, end = 0, fileOffset = 0;
+  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
+  for (std::string line; std::getline(maps, line);) {
+    std::istringstream fields(line);
+    std::string range, perms, offset, dev, inode, name;
+    fields >> range >> perms >> offset >> dev >> inode;
+    std::getline(fields >> std::ws, name);
+    auto dash = range.find('-');
+    uint64_t from = std::stoull(range.substr(0, dash), nullptr, 16);
+    uint64_t to = std::stoull(range.substr(dash + 1), nullptr, 16);
+    if (name.starts_with("/memfd:") && perms == "rw-s" && to - from > end - start) {
+      start = from, end = to, fileOffset = std::stoull(offset, nullptr, 16);
+    }
+  }
+  TemplatePages pages;
+  int pagemap = ::open(fmt::format("/proc/{}/pagemap", pid).c_str(), O_RDONLY | O_CLOEXEC);
+  int mem = ::open(fmt::format("/proc/{}/mem", pid).c_str(), O_RDONLY | O_CLOEXEC);
+  int image = ::open(templateMemory.c_str(), O_RDONLY | O_CLOEXEC);
+  if (pagemap >= 0 && mem >= 0 && image >= 0 && end > start) {
+    std::vector<uint64_t> entries((end - start) / kPage);
+    ssize_t got = ::pread(pagemap, entries.data(), entries.size() * 8, static_cast<off_t>(start / kPage * 8));
+    std::vector<uint8_t> page(kPage), original(kPage);
+    for (size_t i = 0; got > 0 && i < static_cast<size_t>(got) / 8; ++i) {
+      if (!(entries[i] >> 63)) continue;  // not present
+      pages.resident++;
+      std::fill(original.begin(), original.end(), 0);  // beyond the file's end: zeros
+      if (::pread(mem, page.data(), kPage, static_cast<off_t>(start + i * kPage)) == kPage &&
+          ::pread(image, original.data(), kPage, static_cast<off_t>(fileOffset + i * kPage)) >= 0 &&
+          page == original) {
+        pages.identical++;
+      }
+    }
+  }
+  for (int fd : {pagemap, mem, image}) {
+    if (fd >= 0) ::close(fd);
+  }
+  return pages;
 }
 
 // The mappings of one process with the most PSS: "pss private size name" lines, in KiB.
@@ -600,6 +650,7 @@ int main(int argc, char** argv) {
   std::vector<double> pssMib;
   std::vector<std::map<std::string, uint64_t>> breakdowns;
   std::vector<int> threads;
+  std::vector<double> identicalKib, differingKib;
   if (pssForks > 0) {
     std::vector<std::unique_ptr<GuestSession>> idle;
     std::vector<uint32_t> cids;
@@ -630,6 +681,9 @@ int main(int argc, char** argv) {
         kib += pssKib(pid);
         for (auto& [kind, value] : pssByKind(pid, templateDir)) kinds[kind] += value;
         forkThreads += threadCount(pid);
+        auto pages = templatePagesOf(pid, templateDir + "/memory");
+        identicalKib.push_back(static_cast<double>(pages.identical * 4));
+        differingKib.push_back(static_cast<double>((pages.resident - pages.identical) * 4));
       }
       pssMib.push_back(static_cast<double>(kib) / 1024.0);
       breakdowns.push_back(std::move(kinds));
@@ -697,6 +751,10 @@ int main(int argc, char** argv) {
     }
     std::cout << fmt::format("RESULT fork_threads median {}\n",
                              percentile(std::vector<double>(threads.begin(), threads.end()), 0.5));
+    // What sharing the template's clean pages copy-on-write would leave private.
+    std::cout << fmt::format("RESULT fork_guest_kib identical to the template median {:.0f}, differing median "
+                             "{:.0f} (resident memfd pages; identical ones a copy-on-write mapping could share)\n",
+                             percentile(identicalKib, 0.5), percentile(differingKib, 0.5));
   }
   return 0;
 }
