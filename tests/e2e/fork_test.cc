@@ -20,7 +20,10 @@
 
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include "tests/support/guest_session.h"
+#include "tests/support/process_report.h"
 
 namespace clonevm::e2e {
 namespace {
@@ -88,8 +91,9 @@ std::string fileSha256(const std::string& path) {
 
 // `clone exec --vm SOCKET -- argv...` (stdout and stderr on one stream).
 Outcome execIn(const std::string& socket, std::vector<std::string> argv,
-               std::chrono::milliseconds timeout = 60s) {
-  std::vector<std::string> args = {"exec", "--vm", socket, "--timeout", "50", "--"};
+               std::chrono::milliseconds timeout = 60s, int guestTimeoutSeconds = 50) {
+  std::vector<std::string> args = {"exec", "--vm", socket, "--timeout",
+                                   std::to_string(guestTimeoutSeconds), "--"};
   args.insert(args.end(), argv.begin(), argv.end());
   return cloneCli(args, timeout);
 }
@@ -118,12 +122,22 @@ class CliForks {
     std::vector<std::string> args = {"fork", "--template", templateDir, "--count", std::to_string(count),
                                      "--api-socket", prefix};
     args.insert(args.end(), extra.begin(), extra.end());
+    // The forks' console logs go where a failure can quote them.
+    const char* runtime = std::getenv("CLONE_RUNTIME_DIR");
+    bool ownRuntime = runtime == nullptr || *runtime == '\0';
+    runtime_ = ownRuntime ? prefix + ".runtime" : runtime;
+    std::filesystem::create_directories(runtime_);
+    if (ownRuntime) ::setenv("CLONE_RUNTIME_DIR", runtime_.c_str(), 1);
     auto fork = cloneCli(args, 120s);
+    if (ownRuntime) ::unsetenv("CLONE_RUNTIME_DIR");
     code = fork.code;
     output = fork.output;
     printed = parseForkOutput(fork.output);
   }
   ~CliForks() {
+    if (::testing::Test::HasFailure()) {
+      for (const auto& [id, socket] : printed.forks) std::cerr << diagnosis(id, socket);
+    }
     for (const auto& [id, socket] : printed.forks) {
       auto destroyed = cloneCli({"destroy", "--vm", socket});
       if (destroyed.code != 0) ADD_FAILURE() << "destroy " << id << ": " << destroyed.output;
@@ -142,6 +156,19 @@ class CliForks {
   int code = -1;
   std::string output;
   ForkOutput printed;
+
+ private:
+  // For a failed test: does the fork's agent still answer, where do its processes' threads
+  // wait, and what did its console (guest serial and the core's log) say last.
+  std::string diagnosis(const std::string& id, const std::string& socket) const {
+    auto probe = execIn(socket, {"echo", "still-answers"}, 20s, 10);
+    return fmt::format("=== {} ({}): a new exec {} ({}): {}\n{}--- the end of its console log:\n{}===\n",
+                       id, socket, probe.code == 0 ? "answers" : "does not answer", probe.code,
+                       withoutNewline(probe.output), describeProcessesMatching(socket),
+                       fileTail(runtime_ + "/" + id + ".console"));
+  }
+
+  std::string runtime_;
 };
 
 // Shuts a fixture's template VM down and removes its directory.
@@ -214,6 +241,12 @@ class ForkTest : public ::testing::Test {
                                                         base_ + "/" + name + ".sock"});
   }
 
+  // A fork's console output and where its core's threads wait, for a fork that failed.
+  std::string report(const std::string& name, const GuestSession& fork) const {
+    return fork.output() + "\n--- its processes:\n" +
+           describeProcessesMatching(base_ + "/" + name + ".sock");
+  }
+
   static bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 30s) {
     // run() drops the core's log lines (the first fork logs that it recorded the working
     // set), which can land inside the command's output.
@@ -261,7 +294,7 @@ TEST_F(ForkTest, TemplateFilesAreReadOnlyAndSparse) {
 TEST_F(ForkTest, ForkIsAliveAndKeepsTime) {
   auto fork = startFork("alive");
   auto start = std::chrono::steady_clock::now();
-  ASSERT_TRUE(answers(*fork, 30s)) << fork->output();
+  ASSERT_TRUE(answers(*fork, 30s)) << report("alive", *fork);
   auto answered = std::chrono::steady_clock::now() - start;
   std::cerr << "fork answered its console after "
             << std::chrono::duration_cast<std::chrono::milliseconds>(answered).count() << " ms\n";
@@ -293,8 +326,8 @@ TEST_F(ForkTest, ForkIsAliveAndKeepsTime) {
 TEST_F(ForkTest, ForksDivergeAndTheTemplateStaysIntact) {
   auto a = startFork("a");
   auto b = startFork("b");
-  ASSERT_TRUE(answers(*a)) << a->output();
-  ASSERT_TRUE(answers(*b)) << b->output();
+  ASSERT_TRUE(answers(*a)) << report("a", *a);
+  ASSERT_TRUE(answers(*b)) << report("b", *b);
   ASSERT_TRUE(a->run("echo from-a > /tmp/only-in-a; sync")) << a->output();
   // Writes 8 MiB of pages the template never wrote: each is a fresh lazy fill.
   ASSERT_TRUE(b->run("dd if=/dev/urandom of=/tmp/b-noise bs=1M count=8 2>/dev/null; echo ok", 120s))
@@ -318,11 +351,11 @@ TEST_F(ForkTest, TwentyConcurrentForksAllAnswer) {
   std::vector<std::unique_ptr<GuestSession>> forks;
   for (int i = 0; i < 20; ++i) forks.push_back(startFork("many-" + std::to_string(i)));
   int alive = 0;
-  for (auto& fork : forks) {
-    if (answers(*fork, 90s)) {
+  for (size_t i = 0; i < forks.size(); ++i) {
+    if (answers(*forks[i], 90s)) {
       ++alive;
     } else {
-      ADD_FAILURE() << "a fork did not answer:\n" << fork->output();
+      ADD_FAILURE() << "a fork did not answer:\n" << report("many-" + std::to_string(i), *forks[i]);
     }
   }
   EXPECT_EQ(alive, 20);

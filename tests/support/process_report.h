@@ -1,0 +1,17 @@
+#pragma once
+// What a test prints when a VM stopped answering: the processes that serve it and where each
+// of their threads waits (state, wait channel and, as root, the kernel stack). A vCPU thread
+// asleep in handle_userfault and one halted in kvm_vcpu_block are different bugs.
+
+#include <string>
+
+namespace clonevm::e2e {
+
+// Every process whose command line contains `text` (e.g. a VM's API socket), with its
+// threads. "" when there is none.
+std::string describeProcessesMatching(const std::string& text);
+
+// The last `lines` lines of the file at `path` ("(PATH: cannot read)" when it cannot be read).
+std::string fileTail(const std::string& path, size_t lines = 60);
+
+}  // namespace clonevm::e2e

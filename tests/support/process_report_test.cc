@@ -1,0 +1,47 @@
+#include "tests/support/process_report.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "tests/support/guest_session.h"
+
+namespace clonevm::e2e {
+namespace {
+
+TEST(ProcessReportTest, FindsAProcessByItsCommandLineAndListsItsThreads) {
+  std::string marker = "process-report-marker-" + std::to_string(::getpid());
+  GuestSession sleeper("/bin/sh", {"-c", "sleep 30 # " + marker});
+  std::string report;
+  for (int i = 0; i < 100 && report.empty(); ++i) {
+    report = describeProcessesMatching(marker);
+    if (report.empty()) ::usleep(10000);
+  }
+  EXPECT_NE(report.find("process "), std::string::npos) << report;
+  EXPECT_NE(report.find(marker), std::string::npos) << report;
+  EXPECT_NE(report.find("  thread "), std::string::npos) << report;
+  EXPECT_NE(report.find("wchan="), std::string::npos) << report;
+}
+
+TEST(ProcessReportTest, NothingMatchesGivesNothing) {
+  EXPECT_EQ(describeProcessesMatching("no-process-has-this-" + std::to_string(::getpid()) + "-x"), "");
+}
+
+TEST(ProcessReportTest, FileTailKeepsTheLastLines) {
+  std::string path = ::testing::TempDir() + "/tail-" + std::to_string(::getpid());
+  {
+    std::ofstream out(path);
+    for (int i = 1; i <= 10; ++i) out << "line " << i << "\n";
+  }
+  EXPECT_EQ(fileTail(path, 3), "line 8\nline 9\nline 10\n");
+  EXPECT_EQ(fileTail(path, 50).substr(0, 7), "line 1\n");
+  std::filesystem::remove(path);
+  EXPECT_NE(fileTail(path).find("cannot read"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace clonevm::e2e
