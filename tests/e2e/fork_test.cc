@@ -158,13 +158,18 @@ class CliForks {
   ForkOutput printed;
 
  private:
-  // For a failed test: does the fork's agent still answer, where do its processes' threads
-  // wait, and what did its console (guest serial and the core's log) say last.
+  // For a failed test: does the fork's agent still answer (and then the guest's blocked
+  // tasks, sysrq-w), where do its processes' threads wait, which host threads wait for a
+  // memory fill, and what did its console (guest serial and the core's log) say last.
   std::string diagnosis(const std::string& id, const std::string& socket) const {
-    auto probe = execIn(socket, {"echo", "still-answers"}, 20s, 10);
-    return fmt::format("=== {} ({}): a new exec {} ({}): {}\n{}--- the end of its console log:\n{}===\n",
+    auto probe = execIn(socket, {"sh", "-c", "echo still-answers; echo w > /proc/sysrq-trigger; "
+                                             "sleep 1; dmesg | tail -n 150; ps"}, 30s, 20);
+    return fmt::format("=== {} ({}): a new exec {} ({}):\n{}\n--- its processes:\n{}"
+                       "--- host threads waiting for a userfaultfd fill:\n{}"
+                       "--- the end of its console log:\n{}===\n",
                        id, socket, probe.code == 0 ? "answers" : "does not answer", probe.code,
-                       withoutNewline(probe.output), describeProcessesMatching(socket),
+                       probe.output, describeProcessesMatching(socket),
+                       describeThreadsWaitingIn("handle_userfault"),
                        fileTail(runtime_ + "/" + id + ".console"));
   }
 
@@ -244,7 +249,9 @@ class ForkTest : public ::testing::Test {
   // A fork's console output and where its core's threads wait, for a fork that failed.
   std::string report(const std::string& name, const GuestSession& fork) const {
     return fork.output() + "\n--- its processes:\n" +
-           describeProcessesMatching(base_ + "/" + name + ".sock");
+           describeProcessesMatching(base_ + "/" + name + ".sock") +
+           "--- host threads waiting for a userfaultfd fill:\n" +
+           describeThreadsWaitingIn("handle_userfault");
   }
 
   static bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 30s) {

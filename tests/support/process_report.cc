@@ -1,6 +1,7 @@
 #include "tests/support/process_report.h"
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -32,24 +33,48 @@ std::string threadState(const std::filesystem::path& task) {
   return fmt::format("{} {}", stat.substr(open + 1, close - open - 1), stat[close + 2]);
 }
 
+bool isPid(const std::filesystem::path& path) {
+  const std::string name = path.filename();
+  return !name.empty() && std::all_of(name.begin(), name.end(), ::isdigit);
+}
+
+std::string describeThread(const std::filesystem::path& task) {
+  std::string report = fmt::format("  thread {} {} wchan={}\n", task.filename().string(),
+                                   threadState(task), oneLine(readWhole(task / "wchan")));
+  std::istringstream frames(readWhole(task / "stack"));
+  for (std::string frame; std::getline(frames, frame);) report += "    " + frame + "\n";
+  return report;
+}
+
 }  // namespace
 
 std::string describeProcessesMatching(const std::string& text) {
   std::string report;
   std::error_code error;
   for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
-    const std::string name = entry.path().filename();
-    if (name.empty() || !std::all_of(name.begin(), name.end(), ::isdigit)) continue;
+    if (!isPid(entry.path())) continue;
     std::string cmdline = oneLine(readWhole(entry.path() / "cmdline"));
     if (cmdline.find(text) == std::string::npos) continue;
-    report += fmt::format("process {}: {}\n", name, cmdline);
+    report += fmt::format("process {}: {}\n", entry.path().filename().string(), cmdline);
     std::error_code taskError;
     for (const auto& task : std::filesystem::directory_iterator(entry.path() / "task", taskError)) {
-      std::string stack = readWhole(task.path() / "stack");
-      report += fmt::format("  thread {} {} wchan={}\n", task.path().filename().string(),
-                            threadState(task.path()), oneLine(readWhole(task.path() / "wchan")));
-      std::istringstream frames(stack);
-      for (std::string frame; std::getline(frames, frame);) report += "    " + frame + "\n";
+      report += describeThread(task.path());
+    }
+  }
+  return report;
+}
+
+std::string describeThreadsWaitingIn(const std::string& wchan) {
+  std::string report;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
+    if (!isPid(entry.path())) continue;
+    std::error_code taskError;
+    for (const auto& task : std::filesystem::directory_iterator(entry.path() / "task", taskError)) {
+      if (oneLine(readWhole(task.path() / "wchan")) != wchan) continue;
+      report += fmt::format("process {} ({}):\n", entry.path().filename().string(),
+                            oneLine(readWhole(entry.path() / "cmdline")));
+      report += describeThread(task.path());
     }
   }
   return report;

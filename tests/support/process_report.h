@@ -11,6 +11,10 @@ namespace clonevm::e2e {
 // threads. "" when there is none.
 std::string describeProcessesMatching(const std::string& text);
 
+// Every thread on the host (kernel workers too) whose wait channel is `wchan`, e.g.
+// "handle_userfault": a KVM async page fault's worker waits there for a fork's memory fill.
+std::string describeThreadsWaitingIn(const std::string& wchan);
+
 // The last `lines` lines of the file at `path` ("(PATH: cannot read)" when it cannot be read).
 std::string fileTail(const std::string& path, size_t lines = 60);
 

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <regex>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -25,6 +26,24 @@ TEST(ProcessReportTest, FindsAProcessByItsCommandLineAndListsItsThreads) {
   EXPECT_NE(report.find(marker), std::string::npos) << report;
   EXPECT_NE(report.find("  thread "), std::string::npos) << report;
   EXPECT_NE(report.find("wchan="), std::string::npos) << report;
+}
+
+TEST(ProcessReportTest, FindsAThreadByWhereItWaits) {
+  // Waits reading its stdin pipe (the wait channel's name depends on the kernel: pipe_read,
+  // anon_pipe_read): found once by command line, then again by its wait channel.
+  std::string marker = "wait-marker-" + std::to_string(::getpid());
+  GuestSession reader("/bin/sh", {"-c", "read line # " + marker});
+  std::smatch match;
+  std::string byName;
+  for (int i = 0; i < 200; ++i) {
+    byName = describeProcessesMatching(marker);
+    if (std::regex_search(byName, match, std::regex(R"(wchan=(\w*pipe_read))"))) break;
+    ::usleep(10000);
+  }
+  ASSERT_FALSE(match.empty()) << byName;
+  std::string byWait = describeThreadsWaitingIn(match[1]);
+  EXPECT_NE(byWait.find(marker), std::string::npos) << byWait;
+  EXPECT_EQ(describeThreadsWaitingIn("no_such_wait_channel"), "");
 }
 
 TEST(ProcessReportTest, NothingMatchesGivesNothing) {
