@@ -19,18 +19,34 @@ const char* stateName(rpc::VmState state) {
 namespace {
 
 void printStatus(const rpc::VmStatus::Reader& status, bool json, std::ostream& out) {
+  auto fill = status.getMemoryFill();
   if (json) {
+    std::string memoryFill = "null";
+    if (fill.getRestored()) {
+      memoryFill = fmt::format(
+          R"({{"faults":{},"device_faults":{},"copied_pages":{},"zeroed_pages":{},"prefetched_pages":{}}})",
+          fill.getFaults(), fill.getDeviceFaults(), fill.getCopiedPages(), fill.getZeroedPages(),
+          fill.getPrefetchedPages());
+    }
     out << fmt::format(
-        R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}","vsock_cid":{}}})"
+        R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}","vsock_cid":{},"memory_fill":{}}})"
         "\n",
         stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
-        status.getUptimeMs(), status.getPid(), status.getKernel().cStr(), status.getVsockCid());
+        status.getUptimeMs(), status.getPid(), status.getKernel().cStr(), status.getVsockCid(),
+        memoryFill);
     return;
   }
   out << fmt::format("state: {}\nvcpus: {}\nmemory: {} MiB\nuptime: {:.1f} s\npid: {}\nkernel: {}\n",
                      stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
                      status.getUptimeMs() / 1000.0, status.getPid(), status.getKernel().cStr());
   if (status.getVsockCid() != 0) out << fmt::format("vsock cid: {}\n", status.getVsockCid());
+  if (fill.getRestored()) {
+    uint64_t filled = fill.getCopiedPages() + fill.getZeroedPages();
+    out << fmt::format("memory filled from the template: {} KiB ({} KiB prefetched), {} faults "
+                       "({} from devices)\n",
+                       filled * 4, fill.getPrefetchedPages() * 4, fill.getFaults(),
+                       fill.getDeviceFaults());
+  }
 }
 
 CLI::App* addVerb(CLI::App& app, const std::string& name, const std::string& help,

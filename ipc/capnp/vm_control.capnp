@@ -21,6 +21,18 @@ struct VmStatus {
   kernel @5 :Text;
   vsockCid @6 :UInt32;      # the guest's vsock CID (the agent's address); 0 without vsock
   vhostUserDevices @7 :UInt32;  # disks and shares served by vhost-user back-ends
+  memoryFill @8 :MemoryFill;    # a fork's lazy fill from its template (docs/FORK.md)
+}
+
+# How a restored VM's memory has been filled from its template so far. All zero (and
+# restored false) for a VM that booted.
+struct MemoryFill {
+  restored @0 :Bool;
+  faults @1 :UInt64;           # userfaultfd faults handled (the core's and device processes')
+  deviceFaults @2 :UInt64;     # of those, from device processes (vhost-user postcopy)
+  copiedPages @3 :UInt64;      # 4 KiB pages copied from the template's memory file
+  zeroedPages @4 :UInt64;      # pages zero-filled (holes of the template's memory file)
+  prefetchedPages @5 :UInt64;  # of the copied and zeroed, filled before the vCPUs ran
 }
 
 interface VmControl {

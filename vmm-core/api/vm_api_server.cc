@@ -30,6 +30,14 @@ class VmControlServer final : public rpc::VmControl::Server {
     status.setKernel(machine_.config().kernelPath);
     if (auto* vsock = machine_.vsock()) status.setVsockCid(static_cast<uint32_t>(vsock->guestCid()));
     status.setVhostUserDevices(static_cast<uint32_t>(machine_.vhostUserBackends().size()));
+    auto fill = status.initMemoryFill();
+    fill.setRestored(machine_.restored());
+    auto stats = machine_.memoryFillStats();
+    fill.setFaults(stats.faults);
+    fill.setDeviceFaults(stats.deviceFaults);
+    fill.setCopiedPages(stats.copiedPages);
+    fill.setZeroedPages(stats.zeroedPages);
+    fill.setPrefetchedPages(stats.prefetchedPages);
     return kj::READY_NOW;
   }
 

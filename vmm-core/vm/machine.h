@@ -19,6 +19,7 @@
 #include "vmm-core/devices/pci_device.h"
 #include "vmm-core/kvm/kvm.h"
 #include "vmm-core/memory/guest_memory.h"
+#include "vmm-core/memory/lazy_fill.h"
 #include "vmm-core/virtio/vhost_user_backend.h"
 #include "vmm-core/virtio/vhost_vsock_backend.h"
 #include "vmm-core/vm/exit_signal.h"
@@ -29,7 +30,6 @@ namespace snapshot {
 struct VerifiedTemplate;
 struct VirtioDeviceState;
 }
-class LazyMemoryFill;
 
 struct MachineConfig {
   std::string kernelPath;
@@ -110,6 +110,8 @@ class Machine {
   SnapshotResult snapshot(const SnapshotOptions& options);
   // True for a VM restored from a template.
   bool restored() const { return config_.restoreFrom != nullptr; }
+  // How much of a restored VM's memory has been filled so far (zero for a booted VM).
+  LazyMemoryFill::Stats memoryFillStats() const;
   // Stops vCPUs and console after an exit was requested; returns the reason.
   ExitReason finish();
   ExitSignal& exitSignal() { return exitSignal_; }

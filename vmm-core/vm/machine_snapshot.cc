@@ -224,6 +224,10 @@ void Machine::restoreFromTemplate() {
   ::malloc_trim(0);
 }
 
+LazyMemoryFill::Stats Machine::memoryFillStats() const {
+  return lazyFill_ ? lazyFill_->stats() : LazyMemoryFill::Stats{};
+}
+
 void Machine::recordWorkingSet() {
   if (!recordWorkingSetPending_) return;
   recordWorkingSetPending_ = false;
