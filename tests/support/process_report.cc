@@ -1,11 +1,16 @@
 #include "tests/support/process_report.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <regex>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -78,6 +83,78 @@ std::string describeThreadsWaitingIn(const std::string& wchan) {
     }
   }
   return report;
+}
+
+namespace {
+
+bool writeFile(const std::filesystem::path& path, const std::string& text) {
+  std::ofstream out(path);
+  out << text;
+  out.flush();
+  return out.good();
+}
+
+// Threads named vcpuN of the processes whose command line contains `text`.
+std::vector<std::string> vcpuThreads(const std::string& text) {
+  std::vector<std::string> tids;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
+    if (!isPid(entry.path()) ||
+        oneLine(readWhole(entry.path() / "cmdline")).find(text) == std::string::npos) {
+      continue;
+    }
+    std::error_code taskError;
+    for (const auto& task : std::filesystem::directory_iterator(entry.path() / "task", taskError)) {
+      if (readWhole(task.path() / "comm").starts_with("vcpu")) tids.push_back(task.path().filename());
+    }
+  }
+  return tids;
+}
+
+}  // namespace
+
+std::string traceKvmOfProcessesMatching(const std::string& text, std::chrono::milliseconds window,
+                                        size_t lines) {
+  const std::filesystem::path tracing = "/sys/kernel/tracing";
+  static const char* const kEvents[] = {"kvm_exit", "kvm_page_fault", "kvm_inj_exception",
+                                        "kvm_mmio", "kvm_emulate_insn", "kvm_userspace_exit"};
+  auto tids = vcpuThreads(text);
+  if (tids.empty()) return "(no vCPU thread to trace)\n";
+  if (::geteuid() != 0 || !std::filesystem::exists(tracing / "events/kvm/kvm_exit/enable")) {
+    return "(no KVM trace: needs root and tracefs at /sys/kernel/tracing)\n";
+  }
+  std::string pids;
+  for (const auto& tid : tids) pids += tid + " ";
+  bool ready = writeFile(tracing / "tracing_on", "0") && writeFile(tracing / "trace", "") &&
+               writeFile(tracing / "set_event_pid", pids);
+  for (const char* event : kEvents) {
+    ready = ready && writeFile(tracing / "events/kvm" / event / "enable", "1");
+  }
+  std::string trace;
+  if (ready) {
+    writeFile(tracing / "tracing_on", "1");
+    std::this_thread::sleep_for(window);
+    writeFile(tracing / "tracing_on", "0");
+    trace = readWhole(tracing / "trace");
+  }
+  for (const char* event : kEvents) writeFile(tracing / "events/kvm" / event / "enable", "0");
+  writeFile(tracing / "set_event_pid", "");
+  writeFile(tracing / "trace", "");
+  if (!ready) return "(no KVM trace: tracefs refused the setup)\n";
+  std::map<std::string, size_t> counts;
+  std::string first;
+  size_t kept = 0;
+  std::istringstream in(trace);
+  static const std::regex eventName(R"(\s(kvm_\w+):)");
+  for (std::string line; std::getline(in, line);) {
+    std::smatch match;
+    if (line.starts_with("#") || !std::regex_search(line, match, eventName)) continue;
+    counts[match[1]]++;
+    if (kept++ < lines) first += "    " + line + "\n";
+  }
+  std::string report = fmt::format("KVM events of vCPU thread(s) {}in {} ms:", pids, window.count());
+  for (const auto& [event, count] : counts) report += fmt::format(" {} {}", event, count);
+  return report + (counts.empty() ? " none\n" : "\n") + first;
 }
 
 std::string fileTail(const std::string& path, size_t lines) {

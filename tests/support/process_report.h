@@ -3,6 +3,7 @@
 // of their threads waits (state, wait channel and, as root, the kernel stack). A vCPU thread
 // asleep in handle_userfault and one halted in kvm_vcpu_block are different bugs.
 
+#include <chrono>
 #include <string>
 
 namespace clonevm::e2e {
@@ -14,6 +15,13 @@ std::string describeProcessesMatching(const std::string& text);
 // Every thread on the host (kernel workers too) whose wait channel is `wchan`, e.g.
 // "handle_userfault": a KVM async page fault's worker waits there for a fork's memory fill.
 std::string describeThreadsWaitingIn(const std::string& wchan);
+
+// What the vCPU threads ("vcpuN") of the processes whose command line contains `text` do
+// in KVM for `window`: L1's kvm tracepoints (exits, page faults, injected exceptions, MMIO),
+// counted by event and the first `lines` of them. Needs root and tracefs (the lab has both);
+// says why not otherwise. Leaves the tracepoints off.
+std::string traceKvmOfProcessesMatching(const std::string& text, std::chrono::milliseconds window,
+                                        size_t lines = 40);
 
 // The last `lines` lines of the file at `path` ("(PATH: cannot read)" when it cannot be read).
 std::string fileTail(const std::string& path, size_t lines = 60);

@@ -46,6 +46,13 @@ TEST(ProcessReportTest, FindsAThreadByWhereItWaits) {
   EXPECT_EQ(describeThreadsWaitingIn("no_such_wait_channel"), "");
 }
 
+TEST(ProcessReportTest, AKvmTraceSaysWhyThereIsNone) {
+  // No process has this text, so no vCPU thread: the trace says so instead of tracing.
+  EXPECT_EQ(traceKvmOfProcessesMatching("no-process-has-this-" + std::to_string(::getpid()) + "-x",
+                                        std::chrono::milliseconds(10)),
+            "(no vCPU thread to trace)\n");
+}
+
 TEST(ProcessReportTest, NothingMatchesGivesNothing) {
   EXPECT_EQ(describeProcessesMatching("no-process-has-this-" + std::to_string(::getpid()) + "-x"), "");
 }
