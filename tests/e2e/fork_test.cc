@@ -166,10 +166,11 @@ class CliForks {
                                              "sleep 1; dmesg | tail -n 150; ps"}, 30s, 20);
     return fmt::format("=== {} ({}): a new exec {} ({}):\n{}\n--- its processes:\n{}"
                        "--- host threads waiting for a userfaultfd fill:\n{}"
-                       "--- the end of its console log:\n{}===\n",
+                       "--- {}--- the end of its console log:\n{}===\n",
                        id, socket, probe.code == 0 ? "answers" : "does not answer", probe.code,
                        probe.output, describeProcessesMatching(socket),
                        describeThreadsWaitingIn("handle_userfault"),
+                       traceKvmOfProcessesMatching(socket, 1s),
                        fileTail(runtime_ + "/" + id + ".console"));
   }
 
@@ -251,7 +252,8 @@ class ForkTest : public ::testing::Test {
     return fork.output() + "\n--- its processes:\n" +
            describeProcessesMatching(base_ + "/" + name + ".sock") +
            "--- host threads waiting for a userfaultfd fill:\n" +
-           describeThreadsWaitingIn("handle_userfault");
+           describeThreadsWaitingIn("handle_userfault") + "--- " +
+           traceKvmOfProcessesMatching(base_ + "/" + name + ".sock", 1s);
   }
 
   static bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 30s) {
@@ -542,6 +544,42 @@ TEST_F(ForkTest, TmpfsWritesStayInTheirFork) {
   EXPECT_EQ(other.output, "ABSENT\n");
   auto inTemplate = execIn(templateSocket_, {"sh", "-c", probe});
   EXPECT_EQ(inTemplate.output, "ABSENT\n");
+}
+
+// The fill counters `clone status --json` reports for a fork: {faults, copied + zeroed pages}.
+std::pair<uint64_t, uint64_t> memoryFill(const std::string& socket) {
+  auto status = cloneCli({"status", "--vm", socket, "--json"});
+  std::smatch match;
+  if (status.code != 0 ||
+      !std::regex_search(status.output, match,
+                         std::regex(R"("memory_fill":\{"faults":(\d+),"device_faults":\d+,"copied_pages":(\d+),"zeroed_pages":(\d+))"))) {
+    ADD_FAILURE() << "no memory_fill in the status of " << socket << ": " << status.output;
+    return {0, 0};
+  }
+  return {std::stoull(match[1]), std::stoull(match[2]) + std::stoull(match[3])};
+}
+
+TEST_F(ForkTest, AForksPageFaultsAreNeverAsync) {
+  CliForks forks(templateDir_, base_ + "/apf", 1);
+  ASSERT_TRUE(forks.allReady(1));
+  // Reading every file of the guest's root reads page-cache pages the fork has not touched:
+  // each is a fill. KVM counts its async "page ready" notices on the guest's HYP line.
+  auto [faultsBefore, pagesBefore] = memoryFill(forks.socket(0));
+  auto read = execIn(forks.socket(0), {"sh", "-c", "grep HYP: /proc/interrupts; "
+                                                   "find / -xdev -type f -exec cat {} + >/dev/null 2>&1; "
+                                                   "grep HYP: /proc/interrupts"});
+  ASSERT_EQ(read.code, 0) << read.output;
+  auto [faultsAfter, pagesAfter] = memoryFill(forks.socket(0));
+  std::cerr << "reading the guest's files: " << faultsAfter - faultsBefore << " faults, "
+            << pagesAfter - pagesBefore << " pages filled\n" << read.output;
+  EXPECT_GT(pagesAfter - pagesBefore, 256u) << "the reads filled too little to tell";
+  std::vector<uint64_t> notices;
+  std::regex hyp(R"(HYP:\s+(\d+))");
+  for (std::sregex_iterator it(read.output.begin(), read.output.end(), hyp), end; it != end; ++it) {
+    notices.push_back(std::stoull((*it)[1]));
+  }
+  ASSERT_EQ(notices.size(), 2u) << "no HYP line in the guest's /proc/interrupts:\n" << read.output;
+  EXPECT_EQ(notices[1], notices[0]) << "the guest was sent async page-fault notices";
 }
 
 // A second template: a small VM booted with `extra` options, `prepare` typed into its console

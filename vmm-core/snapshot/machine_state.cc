@@ -9,6 +9,7 @@ namespace clonevm::vmm::snapshot {
 namespace {
 
 constexpr uint32_t kMsrTscDeadline = 0x6e0;
+constexpr uint32_t kMsrKvmAsyncPfEnable = 0x4b564d02;  // MSR_KVM_ASYNC_PF_EN
 
 // Top-level records.
 enum : uint32_t { kTagVm = 1, kTagVcpu = 2, kTagDevices = 3, kTagVirtio = 4 };
@@ -182,8 +183,16 @@ VcpuState captureVcpu(const KvmVcpu& vcpu, std::vector<kvm_cpuid_entry2> cpuid,
 
 void restoreVcpu(KvmVcpu& vcpu, const VcpuState& state, spdlog::logger& log) {
   vcpu.setSregs(state.sregs);
+  std::vector<kvm_msr_entry> msrs = state.msrs;
+  // No async page faults in a restored VM. Its memory is filled through userfaultfd, and an
+  // async fault turns each fill into a "page not present" exception, a kernel worker, a
+  // "page ready" interrupt and the wrmsr that acknowledges it. A vCPU that waits for the
+  // fill is faster (docs/FORK.md). The guest still thinks they are on and never gets one.
+  for (auto& msr : msrs) {
+    if (msr.index == kMsrKvmAsyncPfEnable) msr.data = 0;
+  }
   // KVM_SET_MSRS stops at the first refused MSR: skip it and carry on with the rest.
-  std::span<const kvm_msr_entry> rest(state.msrs);
+  std::span<const kvm_msr_entry> rest(msrs);
   std::vector<uint32_t> refused;
   while (!rest.empty()) {
     size_t set = vcpu.trySetMsrs(rest);
