@@ -33,6 +33,8 @@ TEST(ApiTest, PauseResumeShutdown) {
   EXPECT_EQ(status.code, 0) << status.output;
   EXPECT_NE(status.output.find(R"("state":"running")"), std::string::npos) << status.output;
   EXPECT_NE(status.output.find(R"("vcpus":1)"), std::string::npos) << status.output;
+  // A booted VM has no template to fill its memory from.
+  EXPECT_NE(status.output.find(R"("memory_fill":null)"), std::string::npos) << status.output;
 
   auto pause = cloneCli({"pause", "--vm", socket});
   ASSERT_EQ(pause.code, 0) << pause.output;

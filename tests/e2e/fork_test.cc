@@ -580,6 +580,10 @@ TEST_F(ForkTest, AForksPageFaultsAreNeverAsync) {
   }
   ASSERT_EQ(notices.size(), 2u) << "no HYP line in the guest's /proc/interrupts:\n" << read.output;
   EXPECT_EQ(notices[1], notices[0]) << "the guest was sent async page-fault notices";
+  // The fill, as a person reads it.
+  auto text = cloneCli({"status", "--vm", forks.socket(0)});
+  EXPECT_TRUE(std::regex_search(text.output, std::regex(R"(\nmemory filled from the template: \d+ KiB \(\d+ KiB prefetched\), \d+ faults \(0 from devices\)\n)")))
+      << text.output;
 }
 
 // A second template: a small VM booted with `extra` options, `prepare` typed into its console
