@@ -164,13 +164,9 @@ class CliForks {
   std::string diagnosis(const std::string& id, const std::string& socket) const {
     auto probe = execIn(socket, {"sh", "-c", "echo still-answers; echo w > /proc/sysrq-trigger; "
                                              "sleep 1; dmesg | tail -n 150; ps"}, 30s, 20);
-    return fmt::format("=== {} ({}): a new exec {} ({}):\n{}\n--- its processes:\n{}"
-                       "--- host threads waiting for a userfaultfd fill:\n{}"
-                       "--- {}--- the end of its console log:\n{}===\n",
+    return fmt::format("=== {} ({}): a new exec {} ({}):\n{}\n{}--- the end of its console log:\n{}===\n",
                        id, socket, probe.code == 0 ? "answers" : "does not answer", probe.code,
-                       probe.output, describeProcessesMatching(socket),
-                       describeThreadsWaitingIn("handle_userfault"),
-                       traceKvmOfProcessesMatching(socket, 1s),
+                       probe.output, describeStuckVm(socket),
                        fileTail(runtime_ + "/" + id + ".console"));
   }
 
@@ -249,11 +245,7 @@ class ForkTest : public ::testing::Test {
 
   // A fork's console output and where its core's threads wait, for a fork that failed.
   std::string report(const std::string& name, const GuestSession& fork) const {
-    return fork.output() + "\n--- its processes:\n" +
-           describeProcessesMatching(base_ + "/" + name + ".sock") +
-           "--- host threads waiting for a userfaultfd fill:\n" +
-           describeThreadsWaitingIn("handle_userfault") + "--- " +
-           traceKvmOfProcessesMatching(base_ + "/" + name + ".sock", 1s);
+    return fork.output() + "\n" + describeStuckVm(base_ + "/" + name + ".sock");
   }
 
   static bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 30s) {

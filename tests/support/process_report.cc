@@ -51,37 +51,43 @@ std::string describeThread(const std::filesystem::path& task) {
   return report;
 }
 
-}  // namespace
-
-std::string describeProcessesMatching(const std::string& text) {
-  std::string report;
+// Calls visit(pid, cmdline, threads) for every process whose command line contains `text`
+// ("" matches all); processes and threads that end meanwhile are skipped.
+template <typename Visit>
+void forEachProcess(const std::string& text, Visit visit) {
   std::error_code error;
   for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
     if (!isPid(entry.path())) continue;
     std::string cmdline = oneLine(readWhole(entry.path() / "cmdline"));
     if (cmdline.find(text) == std::string::npos) continue;
-    report += fmt::format("process {}: {}\n", entry.path().filename().string(), cmdline);
+    std::vector<std::filesystem::path> threads;
     std::error_code taskError;
     for (const auto& task : std::filesystem::directory_iterator(entry.path() / "task", taskError)) {
-      report += describeThread(task.path());
+      threads.push_back(task.path());
     }
+    visit(entry.path().filename().string(), cmdline, threads);
   }
+}
+
+}  // namespace
+
+std::string describeProcessesMatching(const std::string& text) {
+  std::string report;
+  forEachProcess(text, [&](const std::string& pid, const std::string& cmdline, const auto& threads) {
+    report += fmt::format("process {}: {}\n", pid, cmdline);
+    for (const auto& thread : threads) report += describeThread(thread);
+  });
   return report;
 }
 
 std::string describeThreadsWaitingIn(const std::string& wchan) {
   std::string report;
-  std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
-    if (!isPid(entry.path())) continue;
-    std::error_code taskError;
-    for (const auto& task : std::filesystem::directory_iterator(entry.path() / "task", taskError)) {
-      if (oneLine(readWhole(task.path() / "wchan")) != wchan) continue;
-      report += fmt::format("process {} ({}):\n", entry.path().filename().string(),
-                            oneLine(readWhole(entry.path() / "cmdline")));
-      report += describeThread(task.path());
+  forEachProcess("", [&](const std::string& pid, const std::string& cmdline, const auto& threads) {
+    for (const auto& thread : threads) {
+      if (oneLine(readWhole(thread / "wchan")) != wchan) continue;
+      report += fmt::format("process {} ({}):\n", pid, cmdline) + describeThread(thread);
     }
-  }
+  });
   return report;
 }
 
@@ -97,17 +103,11 @@ bool writeFile(const std::filesystem::path& path, const std::string& text) {
 // Threads named vcpuN of the processes whose command line contains `text`.
 std::vector<std::string> vcpuThreads(const std::string& text) {
   std::vector<std::string> tids;
-  std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
-    if (!isPid(entry.path()) ||
-        oneLine(readWhole(entry.path() / "cmdline")).find(text) == std::string::npos) {
-      continue;
+  forEachProcess(text, [&](const std::string&, const std::string&, const auto& threads) {
+    for (const auto& thread : threads) {
+      if (readWhole(thread / "comm").starts_with("vcpu")) tids.push_back(thread.filename());
     }
-    std::error_code taskError;
-    for (const auto& task : std::filesystem::directory_iterator(entry.path() / "task", taskError)) {
-      if (readWhole(task.path() / "comm").starts_with("vcpu")) tids.push_back(task.path().filename());
-    }
-  }
+  });
   return tids;
 }
 
@@ -155,6 +155,13 @@ std::string traceKvmOfProcessesMatching(const std::string& text, std::chrono::mi
   std::string report = fmt::format("KVM events of vCPU thread(s) {}in {} ms:", pids, window.count());
   for (const auto& [event, count] : counts) report += fmt::format(" {} {}", event, count);
   return report + (counts.empty() ? " none\n" : "\n") + first;
+}
+
+std::string describeStuckVm(const std::string& text) {
+  return "--- its processes:\n" + describeProcessesMatching(text) +
+         "--- host threads waiting for a userfaultfd fill:\n" +
+         describeThreadsWaitingIn("handle_userfault") + "--- " +
+         traceKvmOfProcessesMatching(text, std::chrono::seconds(1));
 }
 
 std::string fileTail(const std::string& path, size_t lines) {

@@ -23,6 +23,10 @@ std::string describeThreadsWaitingIn(const std::string& wchan);
 std::string traceKvmOfProcessesMatching(const std::string& text, std::chrono::milliseconds window,
                                         size_t lines = 40);
 
+// All of the above for a VM whose processes' command lines contain `text` (its API socket):
+// its processes, the threads waiting for a memory fill, and 1 s of its vCPUs' KVM events.
+std::string describeStuckVm(const std::string& text);
+
 // The last `lines` lines of the file at `path` ("(PATH: cannot read)" when it cannot be read).
 std::string fileTail(const std::string& path, size_t lines = 60);
 

@@ -53,6 +53,19 @@ TEST(ProcessReportTest, AKvmTraceSaysWhyThereIsNone) {
             "(no vCPU thread to trace)\n");
 }
 
+TEST(ProcessReportTest, AStuckVmReportHasEveryPart) {
+  std::string marker = "stuck-vm-marker-" + std::to_string(::getpid());
+  GuestSession sleeper("/bin/sh", {"-c", "sleep 30 # " + marker});
+  std::string report;
+  for (int i = 0; i < 100 && report.find("process ") == std::string::npos; ++i) {
+    report = describeStuckVm(marker);
+    ::usleep(10000);
+  }
+  EXPECT_NE(report.find("--- its processes:\nprocess "), std::string::npos) << report;
+  EXPECT_NE(report.find("--- host threads waiting for a userfaultfd fill:\n"), std::string::npos) << report;
+  EXPECT_NE(report.find("--- (no vCPU thread to trace)\n"), std::string::npos) << report;
+}
+
 TEST(ProcessReportTest, NothingMatchesGivesNothing) {
   EXPECT_EQ(describeProcessesMatching("no-process-has-this-" + std::to_string(::getpid()) + "-x"), "");
 }
