@@ -260,7 +260,8 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
 
 ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templateDir,
                             const vmm::snapshot::Manifest& manifest, const std::string& socket,
-                            const std::string& consoleLog, const std::string& program) {
+                            const std::string& consoleLog, const std::string& program,
+                            bool copyOnWriteMemory) {
   ProcessSpec spec;
   spec.kind = "vmm";
   spec.id = forkId;
@@ -268,7 +269,12 @@ ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templa
   spec.args = {"--restore", templateDir, "--api-socket", socket};
   spec.readPaths = {templateDir};
   spec.writePaths = {std::filesystem::path(socket).parent_path().string()};
-  spec.devices = {"/dev/kvm", "/dev/userfaultfd"};
+  spec.devices = {"/dev/kvm"};
+  if (copyOnWriteMemory) {
+    spec.args.insert(spec.args.end(), {"--fork-memory", "cow"});
+  } else {
+    spec.devices.push_back("/dev/userfaultfd");
+  }
   if (manifest.hasDevice(vmm::snapshot::kVsockDeviceName)) spec.devices.push_back("/dev/vhost-vsock");
   spec.memoryBytes = manifest.memoryBytes;
   spec.detachedOutput = consoleLog;
@@ -355,6 +361,13 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
   forkVerb->add_flag("--disk-postcopy", options.diskPostcopy,
                      "experimental: the fork's core resolves its disks' first touches of guest "
                      "memory (vhost-user postcopy) instead of filling all memory up front");
+  forkVerb->add_option("--fork-memory", options.forkMemory,
+                       "memfd: each fork's memory is a memfd of its own, filled lazily from the "
+                       "template; cow: a copy-on-write mapping of the template's memory file, "
+                       "whose pages forks share until they write them (templates without disks "
+                       "only; docs/FORK.md)")
+      ->check(CLI::IsMember({"memfd", "cow"}))
+      ->capture_default_str();
   forkVerb->add_option("--disk", options.disks,
                        "N,overlay=PATH: put the fork's overlay of the template's disk N at PATH "
                        "(PATH.1 .. PATH.K with --count K), kept after the fork ends; repeatable")
@@ -365,6 +378,11 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     if (::realpath(dir.c_str(), resolved) != nullptr) dir = resolved;
     // Refuse a damaged template here, with the reason, before any fork starts.
     auto verified = vmm::snapshot::verifyTemplate(dir);
+    bool copyOnWrite = options.forkMemory == "cow";
+    require(!copyOnWrite || verified.manifest.disks.empty(),
+            "--fork-memory cow: {} has {} disks, whose clone-block processes must map the fork's "
+            "memory; fork it with --fork-memory memfd",
+            dir, verified.manifest.disks.size());
     std::string runtime = runtimeDir();
     DirectLauncher direct;
     ProcessLauncher& launcher = options.noJail ? static_cast<ProcessLauncher&>(direct) : jailed;
@@ -391,7 +409,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                                                      : fmt::format("{}.{}", options.apiSocket, i + 1);
       std::string log = fmt::format("{}/{}.console", runtime, id);
       auto spawnedAt = std::chrono::steady_clock::now();
-      auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program);
+      auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program, copyOnWrite);
       // Each disk: an overlay of its own and a clone-block serving it, before the core.
       ForkDisks disks = startForkDisks(launcher, siblingProgram("clone-block"), id, dir,
                                        verified.manifest, socket, diskOptions, i + 1, options.count,

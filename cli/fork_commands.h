@@ -25,6 +25,7 @@ struct ForkCommandOptions {
   bool noJail = false;        // fork: --no-jail
   std::vector<std::string> disks;  // fork: --disk N,overlay=PATH
   bool diskPostcopy = false;       // fork: --disk-postcopy (experimental, docs/FORK.md)
+  std::string forkMemory = "memfd";  // fork: --fork-memory memfd|cow
 };
 
 // Where forks' API sockets and console logs live: $CLONE_RUNTIME_DIR, else
@@ -45,11 +46,13 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
                                           std::chrono::milliseconds clockTolerance = kGuestClockTolerance);
 
 // What a fork's core needs from its jail: the template (read-only), the directory of its API
-// socket, /dev/kvm, /dev/userfaultfd (its memory is filled lazily; the jail has no
-// CAP_SYS_PTRACE for the userfaultfd syscall) and /dev/vhost-vsock when the template has vsock.
+// socket, /dev/kvm, /dev/userfaultfd (a memfd fork's memory is filled lazily; the jail has no
+// CAP_SYS_PTRACE for the userfaultfd syscall; a copy-on-write fork has no fill) and
+// /dev/vhost-vsock when the template has vsock.
 ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templateDir,
                             const vmm::snapshot::Manifest& manifest, const std::string& socket,
-                            const std::string& consoleLog, const std::string& program);
+                            const std::string& consoleLog, const std::string& program,
+                            bool copyOnWriteMemory);
 
 // `jailed` starts forks' cores unless --no-jail; wired in main (app.cc).
 void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams,

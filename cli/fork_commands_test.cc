@@ -135,7 +135,8 @@ TEST(ForkCommandTest, AForksJailHoldsItsTemplateSocketDirAndDevices) {
   manifest.memoryBytes = 512ull << 20;
   manifest.devices = {"serial-16550 (COM1)", vmm::snapshot::kVsockDeviceName};
   auto spec = forkProcessSpec("fork-1", "/srv/tpl", manifest, "/run/clone/fork-1.sock",
-                              "/run/clone/fork-1.console", "/usr/bin/clone-vmm");
+                              "/run/clone/fork-1.console", "/usr/bin/clone-vmm",
+                              /*copyOnWriteMemory=*/false);
   EXPECT_EQ(spec.kind, "vmm");
   EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--api-socket",
                                                  "/run/clone/fork-1.sock"}));
@@ -147,8 +148,15 @@ TEST(ForkCommandTest, AForksJailHoldsItsTemplateSocketDirAndDevices) {
 
   manifest.devices = {"serial-16550 (COM1)"};  // a template without vsock: no vsock device node
   spec = forkProcessSpec("fork-2", "/srv/tpl", manifest, "/run/clone/fork-2.sock", "/dev/null",
-                         "/usr/bin/clone-vmm");
+                         "/usr/bin/clone-vmm", /*copyOnWriteMemory=*/false);
   EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd"}));
+
+  // A copy-on-write fork maps the template's memory file and fills nothing: no userfaultfd.
+  spec = forkProcessSpec("fork-3", "/srv/tpl", manifest, "/run/clone/fork-3.sock", "/dev/null",
+                         "/usr/bin/clone-vmm", /*copyOnWriteMemory=*/true);
+  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--api-socket",
+                                                 "/run/clone/fork-3.sock", "--fork-memory", "cow"}));
+  EXPECT_EQ(spec.devices, std::vector<std::string>{"/dev/kvm"});
 }
 
 }  // namespace

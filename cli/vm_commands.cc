@@ -24,9 +24,9 @@ void printStatus(const rpc::VmStatus::Reader& status, bool json, std::ostream& o
     std::string memoryFill = "null";
     if (fill.getRestored()) {
       memoryFill = fmt::format(
-          R"({{"faults":{},"device_faults":{},"copied_pages":{},"zeroed_pages":{},"prefetched_pages":{}}})",
+          R"({{"faults":{},"device_faults":{},"copied_pages":{},"zeroed_pages":{},"prefetched_pages":{},"memory":"{}"}})",
           fill.getFaults(), fill.getDeviceFaults(), fill.getCopiedPages(), fill.getZeroedPages(),
-          fill.getPrefetchedPages());
+          fill.getPrefetchedPages(), fill.getCopyOnWrite() ? "cow" : "memfd");
     }
     out << fmt::format(
         R"({{"state":"{}","vcpus":{},"memory_mib":{},"uptime_ms":{},"pid":{},"kernel":"{}","vsock_cid":{},"memory_fill":{}}})"
@@ -40,7 +40,10 @@ void printStatus(const rpc::VmStatus::Reader& status, bool json, std::ostream& o
                      stateName(status.getState()), status.getVcpus(), status.getMemoryMib(),
                      status.getUptimeMs() / 1000.0, status.getPid(), status.getKernel().cStr());
   if (status.getVsockCid() != 0) out << fmt::format("vsock cid: {}\n", status.getVsockCid());
-  if (fill.getRestored()) {
+  if (fill.getRestored() && fill.getCopyOnWrite()) {
+    out << fmt::format("memory: a copy-on-write mapping of the template ({} KiB prefetched)\n",
+                       fill.getPrefetchedPages() * 4);
+  } else if (fill.getRestored()) {
     uint64_t filled = fill.getCopiedPages() + fill.getZeroedPages();
     out << fmt::format("memory filled from the template: {} KiB ({} KiB prefetched), {} faults "
                        "({} from devices)\n",

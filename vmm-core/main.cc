@@ -73,6 +73,14 @@ int runVmm(int argc, char** argv) {
                  "build the VM from this template directory (clone snapshot) instead of "
                  "booting a kernel: a fork")
       ->excludes(kernel);
+  std::string forkMemory = "memfd";
+  app.add_option("--fork-memory", forkMemory,
+                 "memfd|cow: with --restore, guest RAM is a memfd of the fork's own filled "
+                 "lazily from the template (memfd), or a copy-on-write mapping of the template's "
+                 "memory file whose unwritten pages every fork shares (cow; no disks) "
+                 "(docs/FORK.md)")
+      ->check(CLI::IsMember({"memfd", "cow"}))
+      ->capture_default_str();
   app.add_option("--initrd", config.initrdPath, "initial ramdisk");
   app.add_option("--cmdline", config.cmdline, "kernel command line")->capture_default_str();
   app.add_option("--mem-mb", memoryMib, "guest memory in MiB")->capture_default_str();
@@ -146,6 +154,11 @@ int runVmm(int argc, char** argv) {
       config.kernelPath = source->manifest.kernel;
       config.initrdPath = source->manifest.initrd;
       config.restoreFrom = &*source;
+      config.copyOnWriteMemory = forkMemory == "cow";
+      require(!config.copyOnWriteMemory || disks.empty(),
+              "--fork-memory cow: the template has {} disks, whose back-ends must map guest "
+              "memory; only a template without disks can be forked copy-on-write",
+              disks.size());
       // The fork has the template's devices; its vsock device gets a CID of its own.
       config.vsock.enabled = source->manifest.hasDevice(snapshot::kVsockDeviceName);
       config.vsock.guestCid = vsockCid;
@@ -153,6 +166,7 @@ int runVmm(int argc, char** argv) {
               "--no-vsock: the template has a vsock device, so its forks need one");
     } else {
       require(!config.kernelPath.empty(), "--kernel or --restore is required");
+      require(forkMemory == "memfd", "--fork-memory {} needs --restore", forkMemory);
     }
     KvmSystem kvm;
     validate(config, kvm);

@@ -33,6 +33,10 @@ struct MemoryFill {
   copiedPages @3 :UInt64;      # 4 KiB pages copied from the template's memory file
   zeroedPages @4 :UInt64;      # pages zero-filled (holes of the template's memory file)
   prefetchedPages @5 :UInt64;  # of the copied and zeroed, filled before the vCPUs ran
+  # Guest memory is a copy-on-write mapping of the template's memory file (clone fork
+  # --fork-memory cow): nothing is filled, so faults, copied and zeroed stay 0, and
+  # prefetchedPages counts the working-set pages mapped before the vCPUs ran.
+  copyOnWrite @6 :Bool;
 }
 
 interface VmControl {

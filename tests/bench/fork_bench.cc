@@ -375,6 +375,12 @@ int main(int argc, char** argv) {
   app.add_option("--pss-disk-forks", pssDiskForks,
                  "forks of the disk template (`clone fork`, one exec each) left idle, then the PSS of "
                  "all their processes (jailers, core, clone-block) measured");
+  std::string forkMemory = "memfd";
+  app.add_option("--fork-memory", forkMemory,
+                 "memfd|cow: the guest memory of the forks without a disk (clone-vmm --restore and "
+                 "clone fork --fork-memory)")
+      ->check(CLI::IsMember({"memfd", "cow"}))
+      ->capture_default_str();
   app.add_option("--serial-forks", serialForks, "forks timed to the serial console's answer");
   app.add_option("--boots", boots, "Clone cold boots timed to the agent's answer");
   app.add_option("--qemu-restores", qemuRestores, "QEMU -incoming restores timed to the serial answer");
@@ -394,6 +400,8 @@ int main(int argc, char** argv) {
     a.insert(a.end(), b.begin(), b.end());
     return a;
   };
+  // Every fork of the template without a disk.
+  std::vector<std::string> restoreArgs = {"--restore", templateDir, "--fork-memory", forkMemory};
   std::vector<std::string> diskForkArgs;
   if (diskPostcopy) diskForkArgs.push_back("--disk-postcopy");
   std::vector<std::string> coldBootArgs = {"--kernel", guestKernel(), "--initrd", guestInitrd(),
@@ -425,7 +433,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < forks; ++i) {
     uint32_t cid = nextCid++;
     auto start = Clock::now();
-    auto session = std::make_unique<GuestSession>(vmm, with({"--restore", templateDir}, cidArgs(cid)));
+    auto session = std::make_unique<GuestSession>(vmm, with(restoreArgs, cidArgs(cid)));
     GuestSession& fork = *session;
     std::string error;
     if (!agentAnswers(cid, 120s, error, &fork)) {
@@ -437,7 +445,7 @@ int main(int argc, char** argv) {
     double ms = msSince(start);
     if (i == 0) firstForkMs = ms;
     else forkMs.ms.push_back(ms);
-    std::cout << fmt::format("fork {}: {:.1f} ms to exec{}\n", i, ms, i == 0 ? " (records the working set)" : "");
+    std::cout << fmt::format("fork {}: {:.1f} ms to exec{}\n", i, ms, i == 0 && forkMemory == "memfd" ? " (records the working set)" : "");
     if (i < 2) {
       // What the fork's memory fill did (its log).
       drain(&fork, 1500ms);
@@ -497,7 +505,7 @@ int main(int argc, char** argv) {
     }
     return latencies;
   };
-  Latencies cliForkMs = timeCliForks(templateDir, cliForks, "cli");
+  Latencies cliForkMs = timeCliForks(templateDir, cliForks, "cli", {"--fork-memory", forkMemory});
 
   // A second template with a clone-block disk (`clone run --disk BASE,overlay`; its guest
   // probed the disk at boot, nothing mounted), snapshotted through `clone snapshot`, which
@@ -562,7 +570,7 @@ int main(int argc, char** argv) {
   Latencies forkSerialMs;
   for (int i = 0; i < serialForks; ++i) {
     auto start = Clock::now();
-    auto session = std::make_unique<GuestSession>(vmm, with({"--restore", templateDir}, cidArgs(nextCid++)));
+    auto session = std::make_unique<GuestSession>(vmm, with(restoreArgs, cidArgs(nextCid++)));
     bool answered = answers(*session);
     if (answered) forkSerialMs.ms.push_back(msSince(start));
     else std::cerr << "fork did not answer on its console\n" << session->output();
@@ -658,7 +666,7 @@ int main(int argc, char** argv) {
       cids.push_back(nextCid++);
       idle.push_back(std::make_unique<GuestSession>(
           vmm,
-          with({"--restore", templateDir, "--api-socket", fmt::format("{}/pss-{}.sock", dir, i)},
+          with(with(restoreArgs, {"--api-socket", fmt::format("{}/pss-{}.sock", dir, i)}),
                cidArgs(cids.back()))));
     }
     for (int i = 0; i < pssForks; ++i) {
@@ -701,6 +709,7 @@ int main(int argc, char** argv) {
     for (auto& vm : idle) destroy(vm);
   }
 
+  std::cout << fmt::format("RESULT fork_memory {} (the forks without a disk)\n", forkMemory);
   std::cout << fmt::format("RESULT clone_fork_to_exec_ms {} (first fork, which records the working set: {:.1f})\n",
                            describe(forkMs), firstForkMs);
   std::cout << fmt::format("RESULT clone_fork_command_to_exec_ms {} (clone fork, jailed, identity applied, then clone exec)\n",

@@ -578,6 +578,58 @@ TEST_F(ForkTest, AForksPageFaultsAreNeverAsync) {
       << text.output;
 }
 
+// --fork-memory cow: guest RAM is a MAP_PRIVATE mapping of the template's memory file, so
+// forks share every page none of them wrote (docs/FORK.md, "Copy-on-write forks").
+TEST_F(ForkTest, CopyOnWriteForksShareTheTemplatesPagesUntilTheyWrite) {
+  constexpr int kForks = 3;
+  CliForks forks(templateDir_, base_ + "/cow", kForks, {"--fork-memory", "cow"});
+  ASSERT_TRUE(forks.allReady(kForks));  // alive, identity applied and checked in each guest
+  std::set<std::string> hostnames = {templateHostname_};
+  for (int i = 0; i < kForks; ++i) {
+    auto text = cloneCli({"status", "--vm", forks.socket(i)});
+    EXPECT_NE(text.output.find("\nmemory: a copy-on-write mapping of the template ("), std::string::npos)
+        << text.output;
+    auto hostname = execIn(forks.socket(i), {"hostname"});
+    hostnames.insert(withoutNewline(hostname.output));
+    // The template's idle process lives on in the fork.
+    auto sleeper = execIn(forks.socket(i), {"sh", "-c", "kill -0 $(cat /tmp/sleeper.pid) && echo LIVES"});
+    EXPECT_EQ(sleeper.output, "LIVES\n");
+  }
+  EXPECT_EQ(hostnames.size(), kForks + 1u) << "a hostname repeats";
+
+  // Fork 0 writes a file and 8 MiB of fresh pages; neither shows in fork 1 or the template.
+  auto write = execIn(forks.socket(0), {"sh", "-c", "echo cow > /tmp/only-here; "
+                                                    "dd if=/dev/urandom of=/tmp/noise bs=1M count=8 2>/dev/null; "
+                                                    "cat /tmp/only-here"});
+  ASSERT_EQ(write.code, 0) << write.output;
+  EXPECT_EQ(write.output, "cow\n");
+  const char* probe = "test -e /tmp/only-here && echo PRESENT || echo ABSENT";
+  EXPECT_EQ(execIn(forks.socket(1), {"sh", "-c", probe}).output, "ABSENT\n");
+  EXPECT_EQ(execIn(templateSocket_, {"sh", "-c", probe}).output, "ABSENT\n");
+
+  // Each fork's core maps the template's memory file. The pages several forks read are
+  // shared between them; only the pages a fork wrote are its own.
+  std::string memoryFile = templateDir_ + "/memory";
+  std::vector<FileMappingUsage> usage;
+  for (int i = 0; i < kForks; ++i) {
+    usage.push_back(fileMappingUsage(forks.socket(i), memoryFile));
+    std::cerr << forks.id(i) << ": template memory in " << usage[i].mappings << " mappings, rss "
+              << usage[i].rss << " KiB, shared " << usage[i].shared << " KiB, own (written) "
+              << usage[i].anonymous << " KiB\n";
+    EXPECT_GE(usage[i].mappings, 1);  // one mapping per data extent of the file
+    EXPECT_GE(usage[i].shared, 1024u) << "a fork shares less than 1 MiB with the others";
+  }
+  // What each fork owns: the pages it wrote, wherever in guest memory, and the core's heap.
+  std::vector<uint64_t> own;
+  for (int i = 0; i < kForks; ++i) {
+    own.push_back(anonymousKib(forks.socket(i)));
+    std::cerr << forks.id(i) << ": " << own[i] << " KiB anonymous memory in all\n";
+  }
+  EXPECT_GE(own[0], 8u * 1024) << "fork 0 wrote 8 MiB, but owns less";
+  EXPECT_GT(own[0], own[1] + 4u * 1024) << "fork 1 did not write fork 0's 8 MiB, but owns as much";
+  EXPECT_EQ(fileSha256(memoryFile), memoryHash_) << "the template's memory file changed";
+}
+
 // A second template: a small VM booted with `extra` options, `prepare` typed into its console
 // (its output must contain `prepared`), then snapshotted to BASE/NAME and ended. Returns "" or
 // what went wrong.
@@ -910,6 +962,16 @@ TEST_F(ForkDiskTest, DamagedTemplateDisksAreRefused) {
   EXPECT_EQ(vmm.waitExit(10s), 1) << vmm.output();
   EXPECT_NE(vmm.output().find("the template has 1 disks, 0 --vhost-user-blk given"), std::string::npos)
       << vmm.output();
+}
+
+// clone-block maps the fork's memory: a copy-on-write mapping of the template cannot be
+// shared with it, so such a template is refused before anything starts.
+TEST_F(ForkDiskTest, CopyOnWriteIsRefusedForATemplateWithADisk) {
+  auto fork = cloneCli({"fork", "--template", templateDir_, "--fork-memory", "cow"});
+  EXPECT_EQ(fork.code, 1) << fork.output;
+  EXPECT_NE(fork.output.find("--fork-memory cow: " + templateDir_ + " has 1 disks"), std::string::npos)
+      << fork.output;
+  EXPECT_TRUE(parseForkOutput(fork.output).forks.empty()) << fork.output;
 }
 
 }  // namespace

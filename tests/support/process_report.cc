@@ -1,5 +1,6 @@
 #include "tests/support/process_report.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -89,6 +90,49 @@ std::string describeThreadsWaitingIn(const std::string& wchan) {
     }
   });
   return report;
+}
+
+FileMappingUsage fileMappingUsage(const std::string& text, const std::string& path) {
+  FileMappingUsage usage;
+  // Matched by inode: a jailed process's smaps may name the file by another path.
+  struct stat file {};
+  if (::stat(path.c_str(), &file) != 0) return usage;
+  std::string inodeText = std::to_string(file.st_ino);
+  forEachProcess(text, [&](const std::string& pid, const std::string&, const auto&) {
+    std::istringstream smaps(readWhole(std::filesystem::path("/proc") / pid / "smaps"));
+    bool inFile = false;
+    for (std::string line; std::getline(smaps, line);) {
+      std::istringstream fields(line);
+      std::string first, second;
+      fields >> first >> second;
+      if (!first.empty() && first.back() != ':') {  // a mapping's header: "from-to perms ... name"
+        std::string offset, device, inode, name;
+        fields >> offset >> device >> inode;
+        std::getline(fields >> std::ws, name);
+        inFile = inode == inodeText && !name.empty() &&
+                 std::filesystem::path(name).filename() == std::filesystem::path(path).filename();
+        usage.mappings += inFile ? 1 : 0;
+        continue;
+      }
+      if (!inFile) continue;
+      uint64_t kib = std::strtoull(second.c_str(), nullptr, 10);
+      if (first == "Rss:") usage.rss += kib;
+      if (first == "Shared_Clean:" || first == "Shared_Dirty:") usage.shared += kib;
+      if (first == "Anonymous:") usage.anonymous += kib;
+    }
+  });
+  return usage;
+}
+
+uint64_t anonymousKib(const std::string& text) {
+  uint64_t kib = 0;
+  forEachProcess(text, [&](const std::string& pid, const std::string&, const auto&) {
+    std::istringstream rollup(readWhole(std::filesystem::path("/proc") / pid / "smaps_rollup"));
+    for (std::string key, value; rollup >> key;) {
+      if (key == "Anonymous:" && rollup >> value) kib += std::strtoull(value.c_str(), nullptr, 10);
+    }
+  });
+  return kib;
 }
 
 namespace {

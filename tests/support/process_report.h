@@ -27,6 +27,23 @@ std::string traceKvmOfProcessesMatching(const std::string& text, std::chrono::mi
 // its processes, the threads waiting for a memory fill, and 1 s of its vCPUs' KVM events.
 std::string describeStuckVm(const std::string& text);
 
+// How the processes whose command line contains `text` map the file at `path` (the file
+// itself, by inode: a jailed process may see it under another path), summed over processes and mappings, in KiB. For a copy-on-write
+// mapping: shared counts file pages another process maps too (clean or dirty: a file on
+// tmpfs is dirty page cache); anonymous, the pages this process wrote (its own copies).
+struct FileMappingUsage {
+  int mappings = 0;
+  uint64_t rss = 0;
+  uint64_t shared = 0;
+  uint64_t anonymous = 0;
+};
+FileMappingUsage fileMappingUsage(const std::string& text, const std::string& path);
+
+// The anonymous memory (smaps_rollup "Anonymous:", in KiB) of the processes whose command
+// line contains `text`, summed: for a copy-on-write fork, the guest pages it wrote (its own
+// copies of the template's pages and the holes it filled) plus the core's heap.
+uint64_t anonymousKib(const std::string& text);
+
 // The last `lines` lines of the file at `path` ("(PATH: cannot read)" when it cannot be read).
 std::string fileTail(const std::string& path, size_t lines = 60);
 

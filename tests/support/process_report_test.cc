@@ -1,5 +1,10 @@
 #include "tests/support/process_report.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+#include <csignal>
 #include <unistd.h>
 
 #include <filesystem>
@@ -68,6 +73,65 @@ TEST(ProcessReportTest, AStuckVmReportHasEveryPart) {
 
 TEST(ProcessReportTest, NothingMatchesGivesNothing) {
   EXPECT_EQ(describeProcessesMatching("no-process-has-this-" + std::to_string(::getpid()) + "-x"), "");
+}
+
+TEST(ProcessReportTest, MeasuresACopyOnWriteMappingOfAFile) {
+  constexpr size_t kPages = 64, kPage = 4096;
+  auto path = std::filesystem::temp_directory_path() /
+              ("process-report-map-" + std::to_string(::getpid()));
+  {
+    std::ofstream out(path, std::ios::binary);
+    std::string bytes(kPages * kPage, 'x');
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  // Another process maps the file and reads every page: pages both read count as shared.
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    int fd = ::open(path.c_str(), O_RDONLY);
+    auto* other = static_cast<volatile char*>(::mmap(nullptr, kPages * kPage, PROT_READ, MAP_SHARED, fd, 0));
+    char sum = 0;
+    for (size_t page = 0; page < kPages; ++page) sum += other[page * kPage];
+    (void)!::write(ready[1], &sum, 1);
+    ::pause();
+    ::_exit(0);
+  }
+  char byte;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+  int fd = ::open(path.c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  auto* first = static_cast<volatile char*>(
+      ::mmap(nullptr, kPages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0));
+  ::close(fd);
+  ASSERT_NE(first, MAP_FAILED);
+  char sum = 0;
+  for (size_t page = 0; page < kPages; ++page) sum += first[page * kPage];
+  for (size_t page = 0; page < 8; ++page) first[page * kPage] = sum;  // 8 private copies
+
+  auto self = std::to_string(::getpid());
+  std::ifstream cmdline("/proc/self/cmdline");
+  std::string name;
+  std::getline(cmdline, name, '\0');
+  auto usage = fileMappingUsage(name, path.string());
+  uint64_t anonymous = anonymousKib(name);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  ::close(ready[0]);
+  ::close(ready[1]);
+  ::munmap(const_cast<char*>(first), kPages * kPage);
+  std::filesystem::remove(path);
+  // This process and its child (same command line), one mapping each.
+  EXPECT_EQ(usage.mappings, 2);
+  EXPECT_EQ(usage.anonymous, 8 * kPage / 1024);
+  EXPECT_EQ(usage.rss, 2 * kPages * kPage / 1024);
+  // The 56 pages this process did not write are mapped by both: shared, in each mapping.
+  EXPECT_EQ(usage.shared, 2 * (kPages - 8) * kPage / 1024);
+  EXPECT_EQ(fileMappingUsage("no-such-process-text-" + self, path.string()).mappings, 0);
+  // The 8 written pages are anonymous memory, among the rest of this process's.
+  EXPECT_GE(anonymous, 8 * kPage / 1024);
+  EXPECT_EQ(anonymousKib("no-such-process-text-" + self), 0u);
 }
 
 TEST(ProcessReportTest, FileTailKeepsTheLastLines) {

@@ -38,6 +38,7 @@ class VmControlServer final : public rpc::VmControl::Server {
     fill.setCopiedPages(stats.copiedPages);
     fill.setZeroedPages(stats.zeroedPages);
     fill.setPrefetchedPages(stats.prefetchedPages);
+    fill.setCopyOnWrite(machine_.copyOnWriteMemory());
     return kj::READY_NOW;
   }
 

@@ -1,38 +1,116 @@
 #include "vmm-core/memory/guest_memory.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <utility>
 
 #include "common/error.h"
 #include "vmm-core/arch/layout.h"
 
-namespace clonevm::vmm {
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older C library headers lack it
+#endif
 
-GuestMemory GuestMemory::create(uint64_t size, const std::string& name, bool hugePages) {
+namespace clonevm::vmm {
+namespace {
+
+void requireValidSize(uint64_t size) {
   require(size >= 2 * layout::kMiB && size % (2 * layout::kMiB) == 0,
           "guest memory size must be a non-zero multiple of 2 MiB, got {} bytes", size);
+}
+
+}  // namespace
+
+GuestMemory GuestMemory::create(uint64_t size, const std::string& name, bool hugePages) {
+  requireValidSize(size);
   GuestMemory memory;
   memory.fd_ = UniqueFd(CLONE_SYSCALL(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING),
                                       "memfd_create guest memory", name));
   CLONE_SYSCALL(::ftruncate(memory.fd_.get(), static_cast<off_t>(size)),
                 "size guest memory memfd", name);
-  void* mapping = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
-                         memory.fd_.get(), 0);
-  if (mapping == MAP_FAILED) throwSystemError(errno, "mmap guest memory", name);
-  memory.mapping_ = static_cast<uint8_t*>(mapping);
   memory.size_ = size;
+  memory.map(MAP_SHARED, name);
   // THP for shmem is per-mount policy; the hint is harmless where it is off.
-  if (hugePages) ::madvise(mapping, size, MADV_HUGEPAGE);
-
-  uint64_t low = std::min(size, layout::kLowRamEnd);
-  memory.regions_.push_back({0, low, 0, memory.mapping_});
-  if (size > low) {
-    memory.regions_.push_back({layout::kHighRamStart, size - low, low, memory.mapping_ + low});
-  }
+  if (hugePages) ::madvise(memory.mapping_, size, MADV_HUGEPAGE);
   return memory;
+}
+
+GuestMemory GuestMemory::mapCopyOnWrite(const std::string& path, uint64_t size,
+                                        const std::vector<std::pair<uint64_t, uint64_t>>& dataExtents) {
+  requireValidSize(size);
+  GuestMemory memory;
+  memory.fd_ = UniqueFd(CLONE_SYSCALL(::open(path.c_str(), O_RDONLY | O_CLOEXEC),
+                                      "open memory file for a copy-on-write mapping", path));
+  struct stat info {};
+  CLONE_SYSCALL(::fstat(memory.fd_.get(), &info), "stat memory file", path);
+  // A shorter file would fault SIGBUS past its end, in KVM or in the core.
+  require(S_ISREG(info.st_mode) && static_cast<uint64_t>(info.st_size) == size,
+          "{}: a regular file of {} bytes is needed for guest memory, found {} bytes", path,
+          size, static_cast<uint64_t>(info.st_size));
+  memory.size_ = size;
+  memory.copyOnWrite_ = true;
+  memory.map(MAP_PRIVATE | MAP_ANONYMOUS, path);
+  constexpr uint64_t kPage = 4096;
+  for (auto [offset, length] : dataExtents) {
+    require(offset < size && length <= size - offset, "{}: data extent {:#x}+{:#x} is outside {} bytes",
+            path, offset, length, size);
+    uint64_t from = offset / kPage * kPage;
+    uint64_t to = std::min(size, (offset + length + kPage - 1) / kPage * kPage);
+    void* placed = ::mmap(memory.mapping_ + from, to - from, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, memory.fd_.get(),
+                          static_cast<off_t>(from));
+    if (placed == MAP_FAILED) {
+      throwSystemError(errno, "mmap a data extent of the memory file",
+                       fmt::format("{} at {:#x}+{:#x}", path, from, to - from));
+    }
+  }
+  // A written page is a 4 KiB copy, never a 2 MiB one.
+  ::madvise(memory.mapping_, size, MADV_NOHUGEPAGE);
+  return memory;
+}
+
+void GuestMemory::map(int flags, const std::string& what) {
+  void* mapping = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, flags | MAP_NORESERVE,
+                         (flags & MAP_ANONYMOUS) != 0 ? -1 : fd_.get(), 0);
+  if (mapping == MAP_FAILED) throwSystemError(errno, "mmap guest memory", what);
+  mapping_ = static_cast<uint8_t*>(mapping);
+  uint64_t low = std::min(size_, layout::kLowRamEnd);
+  regions_.push_back({0, low, 0, mapping_});
+  if (size_ > low) {
+    regions_.push_back({layout::kHighRamStart, size_ - low, low, mapping_ + low});
+  }
+}
+
+uint64_t GuestMemory::populate(std::vector<uint64_t> pageOffsets) const {
+  constexpr uint64_t kPage = 4096;
+  std::erase_if(pageOffsets, [&](uint64_t o) { return o % kPage != 0 || o >= size_; });
+  std::sort(pageOffsets.begin(), pageOffsets.end());
+  pageOffsets.erase(std::unique(pageOffsets.begin(), pageOffsets.end()), pageOffsets.end());
+  uint64_t mapped = 0;
+  for (size_t first = 0; first < pageOffsets.size();) {
+    size_t end = first + 1;
+    while (end < pageOffsets.size() && pageOffsets[end] == pageOffsets[end - 1] + kPage) ++end;
+    uint64_t length = (end - first) * kPage;
+    if (::madvise(mapping_ + pageOffsets[first], length, MADV_POPULATE_READ) != 0) {
+      if (errno == EINVAL) return mapped;  // an older kernel: the pages fault in as touched
+      throwSystemError(errno, "map guest memory in (MADV_POPULATE_READ)",
+                       fmt::format("{:#x}+{:#x}", pageOffsets[first], length));
+    }
+    mapped += end - first;
+    first = end;
+  }
+  return mapped;
+}
+
+int GuestMemory::fd() const {
+  require(!copyOnWrite_,
+          "guest memory is a copy-on-write mapping of its template: no device process can map it");
+  return fd_.get();
 }
 
 bool GuestMemory::hostGivesShmemHugePages() {
@@ -46,6 +124,7 @@ bool GuestMemory::hostGivesShmemHugePages() {
 
 GuestMemory::GuestMemory(GuestMemory&& other) noexcept
     : fd_(std::move(other.fd_)),
+      copyOnWrite_(other.copyOnWrite_),
       size_(std::exchange(other.size_, 0)),
       mapping_(std::exchange(other.mapping_, nullptr)),
       regions_(std::move(other.regions_)) {}
@@ -54,6 +133,7 @@ GuestMemory& GuestMemory::operator=(GuestMemory&& other) noexcept {
   if (this != &other) {
     if (mapping_ != nullptr) ::munmap(mapping_, size_);
     fd_ = std::move(other.fd_);
+    copyOnWrite_ = other.copyOnWrite_;
     size_ = std::exchange(other.size_, 0);
     mapping_ = std::exchange(other.mapping_, nullptr);
     regions_ = std::move(other.regions_);

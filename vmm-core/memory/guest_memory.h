@@ -1,6 +1,8 @@
 #pragma once
-// Guest RAM: one memfd mapped MAP_SHARED (device processes map the same fd), laid out as
-// up to two regions around the 32-bit PCI hole.
+// Guest RAM, laid out as up to two regions around the 32-bit PCI hole. Either one memfd
+// mapped MAP_SHARED (device processes map the same fd), or, for a fork without device
+// processes, a MAP_PRIVATE copy-on-write mapping of its template's memory file (docs/FORK.md,
+// "Copy-on-write forks").
 //
 // This is the only way to touch guest memory from the core. Every guest-supplied address and
 // length is validated here, once: slice() refuses any range not wholly inside one region.
@@ -10,6 +12,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/unique_fd.h"
@@ -30,6 +33,15 @@ class GuestMemory {
   // which places 4 KiB pages).
   static GuestMemory create(uint64_t size, const std::string& name = "clone-guest-ram",
                             bool hugePages = true);
+  // Maps the memory file `path` (exactly `size` bytes; a template's `memory`) MAP_PRIVATE:
+  // the guest reads the file's page cache, shared with every other mapping of it, and a
+  // page the guest writes becomes this process's own copy. The file is never written.
+  // Only its `dataExtents` (offset, length) are mapped from the file; the holes are private
+  // anonymous memory, which reads as the shared zero page: a hole faulted through a mapping
+  // of a tmpfs file would allocate a page in the file, and change its extent map.
+  // Device processes cannot map such memory: fd() throws.
+  static GuestMemory mapCopyOnWrite(const std::string& path, uint64_t size,
+                                    const std::vector<std::pair<uint64_t, uint64_t>>& dataExtents);
 
   GuestMemory(GuestMemory&&) noexcept;
   GuestMemory& operator=(GuestMemory&&) noexcept;
@@ -43,7 +55,15 @@ class GuestMemory {
   static bool hostGivesShmemHugePages();
 
   uint64_t size() const { return size_; }
-  int fd() const { return fd_.get(); }
+  // The memfd, for device processes to map. Throws for copy-on-write memory: a device
+  // mapping the template file would not see the guest's writes.
+  int fd() const;
+  bool copyOnWrite() const { return copyOnWrite_; }
+  // Maps the pages at these memory offsets (4 KiB pages; any order; out-of-range ones
+  // skipped) into this process now, for reading, a run of contiguous pages at a time: a
+  // copy-on-write fork's prefetch. Returns the pages mapped (0 where the kernel lacks
+  // MADV_POPULATE_READ, Linux 5.14).
+  uint64_t populate(std::vector<uint64_t> pageOffsets) const;
   const std::vector<MemoryRegion>& regions() const { return regions_; }
   // One past the highest guest physical address backed by RAM.
   uint64_t endAddress() const;
@@ -74,8 +94,12 @@ class GuestMemory {
 
  private:
   GuestMemory() = default;
+  // Maps size_ bytes of fd_ (or anonymous memory, with MAP_ANONYMOUS in `flags`) and lays
+  // out the regions.
+  void map(int flags, const std::string& what);
 
   UniqueFd fd_;
+  bool copyOnWrite_ = false;
   uint64_t size_ = 0;
   uint8_t* mapping_ = nullptr;
   std::vector<MemoryRegion> regions_;

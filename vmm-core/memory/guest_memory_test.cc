@@ -2,8 +2,14 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
+#include <fstream>
+#include <vector>
+
 #include "common/error.h"
 #include "vmm-core/arch/layout.h"
+#include "vmm-core/boot/boot_test_util.h"
 
 namespace clonevm::vmm {
 namespace {
@@ -51,6 +57,77 @@ TEST(GuestMemoryTest, RejectsRangesOutsideRam) {
 TEST(GuestMemoryTest, RejectsBadSizes) {
   EXPECT_THROW(GuestMemory::create(0), Error);
   EXPECT_THROW(GuestMemory::create(3 * kMiB), Error);
+}
+
+// A template's memory file of `size` bytes with data in its first half only (each 4 KiB page
+// starts with its own index) and a hole after; returns its path.
+std::filesystem::path writeMemoryFile(const testing::TempDir& dir, uint64_t size) {
+  std::vector<uint8_t> bytes(size / 2);
+  for (uint64_t page = 0; page < bytes.size() / 4096; ++page) {
+    std::memcpy(bytes.data() + page * 4096, &page, sizeof(page));
+  }
+  auto path = dir / "memory";
+  testing::writeFile(path, bytes);
+  std::filesystem::resize_file(path, size);
+  return path;
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> firstHalf(uint64_t size) { return {{0, size / 2}}; }
+
+uint64_t allocatedBytes(const std::filesystem::path& path) {
+  struct stat info {};
+  EXPECT_EQ(::stat(path.c_str(), &info), 0);
+  return static_cast<uint64_t>(info.st_blocks) * 512;
+}
+
+TEST(GuestMemoryTest, CopyOnWriteMemoryReadsTheFileAndNeverWritesIt) {
+  testing::TempDir dir;
+  auto path = writeMemoryFile(dir, 4 * kMiB);
+  uint64_t allocated = allocatedBytes(path);
+  auto memory = GuestMemory::mapCopyOnWrite(path, 4 * kMiB, firstHalf(4 * kMiB));
+  EXPECT_TRUE(memory.copyOnWrite());
+  EXPECT_EQ(memory.readObject<uint64_t>(5 * 4096), 5u);
+  memory.writeObject<uint64_t>(5 * 4096, 0xdeadbeef);
+  EXPECT_EQ(memory.readObject<uint64_t>(5 * 4096), 0xdeadbeefu);
+  // The hole reads as zero, written or not.
+  EXPECT_EQ(memory.readObject<uint64_t>(3 * kMiB), 0u);
+  memory.writeObject<uint64_t>(3 * kMiB + 4096, 7);
+  EXPECT_EQ(memory.readObject<uint64_t>(3 * kMiB + 4096), 7u);
+  EXPECT_EQ(memory.populate({0, 4096, 3 * kMiB, 3 * kMiB + 8192, 4 * kMiB}), 4u);
+
+  // The file, and a second mapping of it (another fork), still hold the template's bytes,
+  // and its hole is still a hole.
+  std::ifstream file(path, std::ios::binary);
+  file.seekg(5 * 4096);
+  uint64_t onDisk = 0;
+  file.read(reinterpret_cast<char*>(&onDisk), sizeof(onDisk));
+  EXPECT_EQ(onDisk, 5u);
+  auto sibling = GuestMemory::mapCopyOnWrite(path, 4 * kMiB, firstHalf(4 * kMiB));
+  EXPECT_EQ(sibling.readObject<uint64_t>(5 * 4096), 5u);
+  EXPECT_EQ(sibling.readObject<uint64_t>(3 * kMiB + 4096), 0u);
+  EXPECT_EQ(allocatedBytes(path), allocated);
+}
+
+TEST(GuestMemoryTest, CopyOnWriteMemoryHasNoFdForDevices) {
+  testing::TempDir dir;
+  auto memory = GuestMemory::mapCopyOnWrite(writeMemoryFile(dir, 2 * kMiB), 2 * kMiB, firstHalf(2 * kMiB));
+  EXPECT_THROW(memory.fd(), Error);
+  auto moved = std::move(memory);
+  EXPECT_TRUE(moved.copyOnWrite());
+  EXPECT_THROW(moved.fd(), Error);
+}
+
+TEST(GuestMemoryTest, CopyOnWriteRefusesAFileOfTheWrongSizeAndExtentsOutsideIt) {
+  testing::TempDir dir;
+  auto path = writeMemoryFile(dir, 2 * kMiB);
+  try {
+    GuestMemory::mapCopyOnWrite(path, 4 * kMiB, firstHalf(4 * kMiB));
+    FAIL() << "a truncated memory file was mapped";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("found 2097152 bytes"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(GuestMemory::mapCopyOnWrite(dir / "missing", 2 * kMiB, {}), Error);
+  EXPECT_THROW(GuestMemory::mapCopyOnWrite(path, 2 * kMiB, {{kMiB, 2 * kMiB}}), Error);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace clonevm::vmm::snapshot {
@@ -101,9 +102,10 @@ std::vector<Extent> dataExtents(int fd, uint64_t size, const std::string& path);
 
 // Copies guest RAM from `memoryFd` (size bytes) into a new file at `path`, writing only
 // pages that are not all zero, so the zero pages stay holes. Returns the new file's
-// extent map. The file is left 0444. With `mapping` (a fork's lazily filled RAM, whose memfd
-// still has holes where the template has data), every page is read through the mapping, so
-// that unfilled pages fault in from the template first.
+// extent map. The file is left 0444. With `mapping` (a fork's RAM: a lazily filled memfd,
+// which still has holes where the template has data, or a copy-on-write mapping of the
+// template), every page is read through the mapping, so that unfilled pages fault in from
+// the template first; memoryFd is then unused.
 std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const std::string& path,
                                            const uint8_t* mapping = nullptr);
 
@@ -129,6 +131,12 @@ struct VerifiedTemplate {
   Manifest manifest;
   std::vector<uint8_t> state;  // the state file's bytes
   std::vector<Extent> memoryExtents;
+  // memoryExtents as (offset, length) pairs, the form the memory code takes.
+  std::vector<std::pair<uint64_t, uint64_t>> memoryExtentPairs() const {
+    std::vector<std::pair<uint64_t, uint64_t>> pairs;
+    for (const auto& e : memoryExtents) pairs.emplace_back(e.offset, e.length);
+    return pairs;
+  }
 };
 VerifiedTemplate verifyTemplate(const std::string& dir);
 

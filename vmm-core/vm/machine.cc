@@ -12,6 +12,7 @@
 #include "vmm-core/kvm/kvm_device_events.h"
 #include "vmm-core/kvm/msrs.h"
 #include "vmm-core/memory/lazy_fill.h"
+#include "vmm-core/snapshot/template_files.h"
 #include "vmm-core/virtio/virtio_pci_device.h"
 #include "vmm-core/vm/console.h"
 #include "vmm-core/vm/legacy_devices.h"
@@ -52,6 +53,22 @@ kvm_fpu initialFpu() {
   return fpu;
 }
 
+GuestMemory makeGuestMemory(const MachineConfig& config) {
+  if (config.copyOnWriteMemory) {
+    require(config.restoreFrom != nullptr, "copy-on-write memory needs a template to map");
+    require(config.vhostUserDevices.empty(),
+            "copy-on-write memory: {} vhost-user devices could not map guest memory (only forks "
+            "without disks or shares can share their template's pages)",
+            config.vhostUserDevices.size());
+    return GuestMemory::mapCopyOnWrite(config.restoreFrom->dir + "/" + snapshot::kMemoryFile,
+                                       config.memoryBytes,
+                                       config.restoreFrom->memoryExtentPairs());
+  }
+  // A fork's memfd is filled in 4 KiB pages through userfaultfd: no huge pages.
+  return GuestMemory::create(config.memoryBytes, "clone-guest-ram",
+                             /*hugePages=*/config.restoreFrom == nullptr);
+}
+
 uint64_t pciMmio64Start(const GuestMemory& memory) {
   constexpr uint64_t kAlign = 1 * layout::kGiB;
   uint64_t end = std::max(memory.endAddress(), layout::kHighRamStart);
@@ -66,8 +83,7 @@ Machine::Machine(const MachineConfig& config, KvmSystem& kvm, spdlog::logger& lo
       kvm_(kvm),
       log_(log),
       processStart_(processStart),
-      memory_(GuestMemory::create(config.memoryBytes, "clone-guest-ram",
-                                  /*hugePages=*/config.restoreFrom == nullptr)),
+      memory_(makeGuestMemory(config)),
       vm_(kvm) {
   timings_.memoryReady = millisSinceStart();
   if (!GuestMemory::hostGivesShmemHugePages()) {

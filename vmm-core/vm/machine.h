@@ -48,6 +48,11 @@ struct MachineConfig {
   // Set: build the VM from this checked template (clone-vmm --restore) instead of booting
   // a kernel; memoryBytes, vcpuCount and cmdline must be the manifest's. Not owned.
   const snapshot::VerifiedTemplate* restoreFrom = nullptr;
+  // With restoreFrom: guest RAM is a MAP_PRIVATE copy-on-write mapping of the template's
+  // memory file instead of a memfd filled through userfaultfd (docs/FORK.md, "Copy-on-write
+  // forks"). Pages the fork only reads stay shared with every other fork. No vhost-user
+  // device can map such memory.
+  bool copyOnWriteMemory = false;
 };
 
 struct SnapshotOptions {
@@ -110,8 +115,10 @@ class Machine {
   SnapshotResult snapshot(const SnapshotOptions& options);
   // True for a VM restored from a template.
   bool restored() const { return config_.restoreFrom != nullptr; }
-  // How much of a restored VM's memory has been filled so far (zero for a booted VM).
+  // How much of a restored VM's memory has been filled so far (zero for a booted VM). For
+  // copy-on-write memory only prefetchedPages is set: the pages mapped before the vCPUs ran.
   LazyMemoryFill::Stats memoryFillStats() const;
+  bool copyOnWriteMemory() const { return memory_.copyOnWrite(); }
   // Stops vCPUs and console after an exit was requested; returns the reason.
   ExitReason finish();
   ExitSignal& exitSignal() { return exitSignal_; }
@@ -147,6 +154,9 @@ class Machine {
   uint64_t allocateBar(uint64_t size, const std::string& what);
   void loadKernel();
   void restoreFromTemplate();
+  // Restore's memory step: the lazy fill of the fork's memfd, or for copy-on-write memory
+  // the template's working set mapped in.
+  void prepareRestoredMemory(const snapshot::VerifiedTemplate& source);
   void recordWorkingSet();
 
   MachineConfig config_;
@@ -156,6 +166,7 @@ class Machine {
   BootTimings timings_;
 
   GuestMemory memory_;
+  uint64_t copyOnWritePrefetchedPages_ = 0;
   KvmVm vm_;
   // Before the buses and devices, which hold the virtio transports that use it: members are
   // destroyed in reverse order.

@@ -172,18 +172,8 @@ void Machine::restoreFromTemplate() {
   require(state.vcpus.size() == config_.vcpuCount, "{}: state has {} vCPUs, the manifest {}",
           source.dir, state.vcpus.size(), config_.vcpuCount);
 
-  std::vector<std::pair<uint64_t, uint64_t>> extents;
-  for (const auto& e : source.memoryExtents) extents.emplace_back(e.offset, e.length);
-  lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
-                                               std::move(extents), log_);
-  auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
-  lazyFill_->prefetch(workingSet);
-  // Record this fork's first faults when the template has no working set yet.
-  bool record =
-      workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
-  // From here on KVM may touch guest memory (kvmclock, LAPIC pages): the fill thread runs.
-  lazyFill_->start(record ? kWorkingSetWindow : std::chrono::milliseconds(0));
-
+  // From here on KVM may touch guest memory (kvmclock, LAPIC pages).
+  prepareRestoredMemory(source);
   for (uint32_t id = 0; id < config_.vcpuCount; ++id) {
     auto vcpu = std::make_unique<KvmVcpu>(vm_, id);
     vcpu->setCpuid(state.vcpus[id].cpuid);
@@ -214,17 +204,35 @@ void Machine::restoreFromTemplate() {
   devices_->restoreState(state.devices);
   restoreVirtioDevices(state.virtio, source.dir);
   timings_.vcpusReady = millisSinceStart();
-  auto stats = lazyFill_->stats();
+  auto stats = memoryFillStats();
   log_.info("restored from {}: {} vCPUs, {} MiB, {} pages prefetched ({} KiB)", source.dir,
             config_.vcpuCount, memory_.size() >> 20, stats.prefetchedPages,
             stats.prefetchedPages * LazyMemoryFill::kPageBytes / 1024);
-  recordWorkingSetPending_ = record;
   // The template's state and extent map were decoded into buffers now freed: give their
   // pages back, or each fork keeps them.
   ::malloc_trim(0);
 }
 
+void Machine::prepareRestoredMemory(const VerifiedTemplate& source) {
+  auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
+  if (memory_.copyOnWrite()) {
+    // Nothing to fill: the kernel maps the template's page cache on each first touch. The
+    // working set is mapped now so that the vCPUs' first steps take fewer faults; only a
+    // memfd fork records one.
+    copyOnWritePrefetchedPages_ = memory_.populate(workingSet);
+    return;
+  }
+  lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
+                                               source.memoryExtentPairs(), log_);
+  lazyFill_->prefetch(workingSet);
+  // Record this fork's first faults when the template has no working set yet.
+  recordWorkingSetPending_ =
+      workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
+  lazyFill_->start(recordWorkingSetPending_ ? kWorkingSetWindow : std::chrono::milliseconds(0));
+}
+
 LazyMemoryFill::Stats Machine::memoryFillStats() const {
+  if (memory_.copyOnWrite()) return {.prefetchedPages = copyOnWritePrefetchedPages_};
   return lazyFill_ ? lazyFill_->stats() : LazyMemoryFill::Stats{};
 }
 
@@ -284,7 +292,7 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
 
     std::string memoryPath = options.outputDir + "/" + kMemoryFile;
     auto extents = writeSparseMemoryImage(
-        memory_.fd(), memory_.size(), memoryPath,
+        restored() ? -1 : memory_.fd(), memory_.size(), memoryPath,
         restored() ? memory_.mappingForRegistration().data() : nullptr);
     if (vsock_) vsock_->start();
     std::vector<VhostUserDeviceState> savedDisks = std::move(disks);
