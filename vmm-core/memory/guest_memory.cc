@@ -107,6 +107,26 @@ uint64_t GuestMemory::populate(std::vector<uint64_t> pageOffsets) const {
   return mapped;
 }
 
+std::vector<uint64_t> GuestMemory::residentPages() const {
+  constexpr uint64_t kPage = 4096, kPresent = 1ull << 63;
+  UniqueFd pagemap(CLONE_SYSCALL(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC),
+                                 "open the page map", "/proc/self/pagemap"));
+  std::vector<uint64_t> resident;
+  std::vector<uint64_t> entries(4096);
+  uint64_t first = reinterpret_cast<uintptr_t>(mapping_) / kPage;
+  for (uint64_t page = 0; page < size_ / kPage; page += entries.size()) {
+    size_t count = std::min<uint64_t>(entries.size(), size_ / kPage - page);
+    ssize_t got = ::pread(pagemap.get(), entries.data(), count * 8, static_cast<off_t>((first + page) * 8));
+    if (got != static_cast<ssize_t>(count * 8)) {
+      throwSystemError(got < 0 ? errno : EIO, "read the page map of guest memory", "/proc/self/pagemap");
+    }
+    for (size_t i = 0; i < count; ++i) {
+      if ((entries[i] & kPresent) != 0) resident.push_back((page + i) * kPage);
+    }
+  }
+  return resident;
+}
+
 int GuestMemory::fd() const {
   require(!copyOnWrite_,
           "guest memory is a copy-on-write mapping of its template: no device process can map it");

@@ -64,6 +64,10 @@ class GuestMemory {
   // copy-on-write fork's prefetch. Returns the pages mapped (0 where the kernel lacks
   // MADV_POPULATE_READ, Linux 5.14).
   uint64_t populate(std::vector<uint64_t> pageOffsets) const;
+  // The offsets of the 4 KiB pages this process has mapped now (/proc/self/pagemap's present
+  // bit), sorted: what a copy-on-write fork has touched (with the neighbours the kernel maps
+  // around each file fault).
+  std::vector<uint64_t> residentPages() const;
   const std::vector<MemoryRegion>& regions() const { return regions_; }
   // One past the highest guest physical address backed by RAM.
   uint64_t endAddress() const;

@@ -246,7 +246,7 @@ void Machine::start() {
     }
     runners_[i]->start(std::move(hook));
   }
-  if (lazyFill_ != nullptr) recordWorkingSet();
+  recordWorkingSet();
 }
 
 void Machine::pause() {

@@ -215,19 +215,18 @@ void Machine::restoreFromTemplate() {
 
 void Machine::prepareRestoredMemory(const VerifiedTemplate& source) {
   auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
+  // Record this fork's first touches when the template has no working set yet.
+  recordWorkingSetPending_ =
+      workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
   if (memory_.copyOnWrite()) {
     // Nothing to fill: the kernel maps the template's page cache on each first touch. The
-    // working set is mapped now so that the vCPUs' first steps take fewer faults; only a
-    // memfd fork records one.
+    // working set is mapped now so that the vCPUs' first steps take fewer faults.
     copyOnWritePrefetchedPages_ = memory_.populate(workingSet);
     return;
   }
   lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
                                                source.memoryExtentPairs(), log_);
   lazyFill_->prefetch(workingSet);
-  // Record this fork's first faults when the template has no working set yet.
-  recordWorkingSetPending_ =
-      workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
   lazyFill_->start(recordWorkingSetPending_ ? kWorkingSetWindow : std::chrono::milliseconds(0));
 }
 
@@ -241,7 +240,17 @@ void Machine::recordWorkingSet() {
   recordWorkingSetPending_ = false;
   std::string dir = config_.restoreFrom->dir;
   workingSetRecorder_ = std::thread([this, dir] {
-    writeWorkingSet(dir, lazyFill_->recordedPages(), log_);
+    try {
+      if (lazyFill_ != nullptr) {
+        writeWorkingSet(dir, lazyFill_->recordedPages(), log_);
+        return;
+      }
+      // Copy-on-write memory: what the vCPUs' first moments mapped.
+      std::this_thread::sleep_for(kWorkingSetWindow);
+      writeWorkingSet(dir, memory_.residentPages(), log_);
+    } catch (const std::exception& e) {
+      log_.warn("recording the template's working set: {}", e.what());
+    }
   });
 }
 
