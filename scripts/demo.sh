@@ -14,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${CLONE_BUILD_DIR:-build}
 FORKS=${CLONE_DEMO_FORKS:-10}
+# memfd (each fork's own memfd, filled lazily) or cow (forks share the template's pages).
+FORK_MEMORY=${CLONE_DEMO_FORK_MEMORY:-memfd}
 
 if [ ! -e /dev/kvm ]; then
   echo "demo: this host has no /dev/kvm; running the demo inside the lab (nested KVM under TCG)"
@@ -76,9 +78,10 @@ echo "demo: template: cid $(cid_of "$template_sock"), hostname and urandom: $(gu
 echo "demo: clone snapshot --vm $template_sock --output $work/template"
 "$clone" snapshot --vm "$template_sock" --output "$work/template" | sed 's/^/demo: /'
 
-echo "demo: clone fork --template $work/template --count $FORKS"
+echo "demo: clone fork --template $work/template --count $FORKS --fork-memory $FORK_MEMORY"
 fork_start=$(now_ms)
-if ! "$clone" fork --template "$work/template" --count "$FORKS" >"$work/forks" 2>"$work/fork-latency"; then
+if ! "$clone" fork --template "$work/template" --count "$FORKS" --fork-memory "$FORK_MEMORY" \
+    >"$work/forks" 2>"$work/fork-latency"; then
   cat "$work/fork-latency" >&2
   exit 1
 fi

@@ -111,9 +111,10 @@ constexpr SyscallRule kVmm[] = {
     {"unlink", "remove the API socket on exit"},
     {"unlinkat", "as unlink"},
     {"mkdir", "snapshot: create the template directory"},
-    {"openat", "snapshot: create the template files; a fork's working-set file"},
+    {"openat", "snapshot: create the template files; a fork's working-set file and, for a "
+               "copy-on-write fork, /proc/self/pagemap to record it"},
     {"getdents64", "snapshot: check that the template directory is empty"},
-    {"pread64", "snapshot: read guest memory from the memfd"},
+    {"pread64", "snapshot: read guest memory from the memfd; a copy-on-write fork's page map"},
     {"pwrite64", "snapshot: write the template files; a fork's working-set file"},
     {"ftruncate", "snapshot: size the sparse memory image"},
     {"fchmod", "snapshot: make the memory image read-only"},

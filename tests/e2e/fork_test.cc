@@ -630,6 +630,26 @@ TEST_F(ForkTest, CopyOnWriteForksShareTheTemplatesPagesUntilTheyWrite) {
   EXPECT_EQ(fileSha256(memoryFile), memoryHash_) << "the template's memory file changed";
 }
 
+// A copy-on-write fork is a template in its turn: `clone snapshot` reads its memory through
+// the mapping (the template's pages and its own), and a fork of that template sees both.
+TEST_F(ForkTest, ACopyOnWriteForkCanBeSnapshottedAndForked) {
+  CliForks parent(templateDir_, base_ + "/cow-parent", 1, {"--fork-memory", "cow"});
+  ASSERT_TRUE(parent.allReady(1));
+  auto mark = execIn(parent.socket(0), {"sh", "-c", "echo from-parent > /tmp/parent-mark"});
+  ASSERT_EQ(mark.code, 0) << mark.output;
+  std::string dir = base_ + "/from-cow-fork";
+  auto snapshot = cloneCli({"snapshot", "--vm", parent.socket(0), "--output", dir}, 120s);
+  ASSERT_EQ(snapshot.code, 0) << snapshot.output;
+  CliForks child(dir, base_ + "/cow-child", 1, {"--fork-memory", "cow"});
+  ASSERT_TRUE(child.allReady(1));
+  EXPECT_EQ(execIn(child.socket(0), {"cat", "/tmp/parent-mark"}).output, "from-parent\n");
+  // The template's idle process, through two generations.
+  EXPECT_EQ(execIn(child.socket(0), {"sh", "-c", "kill -0 $(cat /tmp/sleeper.pid) && echo LIVES"}).output,
+            "LIVES\n");
+  EXPECT_EQ(execIn(parent.socket(0), {"echo", "parent-runs-on"}).output, "parent-runs-on\n");
+  EXPECT_EQ(fileSha256(templateDir_ + "/memory"), memoryHash_) << "the template's memory file changed";
+}
+
 // A second template: a small VM booted with `extra` options, `prepare` typed into its console
 // (its output must contain `prepared`), then snapshotted to BASE/NAME and ended. Returns "" or
 // what went wrong.
