@@ -378,10 +378,13 @@ TEST_F(VhostUserBackendTest, BackendDeathIsLoggedAndTheDeviceNeedsReset) {
   }
   told = !backend_->connected();
   ASSERT_TRUE(told.load());
-  EXPECT_NE(logText().find("vhost-user-blk backend " + path_ +
-                           " disconnected; device 00:01.0 is no longer served"),
-            std::string::npos)
-      << logText();
+  // The watcher marks the back-end disconnected first and logs it right after.
+  std::string disconnected =
+      "vhost-user-blk backend " + path_ + " disconnected; device 00:01.0 is no longer served";
+  for (int i = 0; i < 500 && logText().find(disconnected) == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_NE(logText().find(disconnected), std::string::npos) << logText();
   // The cache still answers config reads; a reset is local; a new activation is refused and
   // the transport marks the device as needing a reset.
   EXPECT_EQ(configU64(0), 2048u);
