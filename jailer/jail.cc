@@ -21,6 +21,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <iterator>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -484,6 +486,15 @@ int runJailed(const JailConfig& config) {
   for (const auto& path : config.writePaths) addBind(path, true, false);
   for (const char* path : kDefaultDevices) addBind(path, true, true);
   for (const auto& path : config.devices) addBind(path, true, true);
+  // A bind placed later covers any placed earlier below it: a writable directory (a fork's
+  // socket dir) placed after a read-only one inside it (its template) made the template
+  // writable in the jail. Parents first, so the narrower bind always wins.
+  auto depth = [](const std::string& path) {
+    auto normal = std::filesystem::path(path).lexically_normal();
+    return std::distance(normal.begin(), normal.end()) - (normal.filename().empty() ? 1 : 0);
+  };
+  std::stable_sort(plan.binds.begin(), plan.binds.end(),
+                   [&](const BindRequest& a, const BindRequest& b) { return depth(a.path) < depth(b.path); });
 
   // 4. The cgroup, with its limits written before the process enters it.
   JailCgroup cgroup(config);

@@ -343,6 +343,39 @@ TEST(JailTest, KeepsOnlyTheFdsItIsAsked) {
   for (int fd : {kept[0], kept[1], leaked[0], leaked[1]}) ::close(fd);
 }
 
+// The mount that decides access at `path` in process `pid`: the last one mounted at the
+// path or at a directory above it. Returns its mount options ("" if none).
+std::string effectiveMountOptions(const std::string& pid, const std::string& path) {
+  std::ifstream mountinfo("/proc/" + pid + "/mountinfo");
+  std::string options;
+  for (std::string line; std::getline(mountinfo, line);) {
+    std::istringstream fields(line);
+    std::string id, parent, device, root, mountPoint, mountOptions;
+    fields >> id >> parent >> device >> root >> mountPoint >> mountOptions;
+    bool covers = mountPoint == "/" || path == mountPoint || path.starts_with(mountPoint + "/");
+    if (covers) options = mountOptions;
+  }
+  return options;
+}
+
+TEST(JailTest, AReadOnlyPathStaysReadOnlyInsideAWritableOne) {
+  // As a fork's jail has it: its template (read-only) inside its socket dir (writable),
+  // given in that order.
+  std::string dir = fs::temp_directory_path() / ("jail-nested-" + std::to_string(::getpid()));
+  fs::create_directories(dir + "/template");
+  JailedProbe probe(jailArgs("probe-nested", "block", "kill",
+                             {"--ro", dir + "/template", "--rw", dir}));
+  ASSERT_TRUE(probe.expectLine("ready")) << probe.output();
+  std::string pid = std::to_string(probe.probePid());
+  std::string templateOptions = effectiveMountOptions(pid, dir + "/template");
+  std::string dirOptions = effectiveMountOptions(pid, dir);
+  probe.send("exit");
+  EXPECT_EQ(probe.waitExit(), 0) << probe.output();
+  fs::remove_all(dir);
+  EXPECT_TRUE(templateOptions.starts_with("ro")) << templateOptions;
+  EXPECT_TRUE(dirOptions.starts_with("rw")) << dirOptions;
+}
+
 TEST(JailTest, UserNamespaceOnRequest) {
   JailedProbe probe(jailArgs("probe-userns", "block", "kill", {"--userns", "on"}));
   ASSERT_TRUE(probe.expectLine("ready")) << probe.output();
