@@ -154,11 +154,7 @@ int runVmm(int argc, char** argv) {
       config.kernelPath = source->manifest.kernel;
       config.initrdPath = source->manifest.initrd;
       config.restoreFrom = &*source;
-      config.copyOnWriteMemory = forkMemory == "cow";
-      require(!config.copyOnWriteMemory || disks.empty(),
-              "--fork-memory cow: the template has {} disks, whose back-ends must map guest "
-              "memory; only a template without disks can be forked copy-on-write",
-              disks.size());
+      config.copyOnWriteMemory = forkMemory == "cow";  // Machine refuses it with disks
       // The fork has the template's devices; its vsock device gets a CID of its own.
       config.vsock.enabled = source->manifest.hasDevice(snapshot::kVsockDeviceName);
       config.vsock.guestCid = vsockCid;

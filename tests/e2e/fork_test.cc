@@ -992,6 +992,13 @@ TEST_F(ForkDiskTest, CopyOnWriteIsRefusedForATemplateWithADisk) {
   EXPECT_NE(fork.output.find("--fork-memory cow: " + templateDir_ + " has 1 disks"), std::string::npos)
       << fork.output;
   EXPECT_TRUE(parseForkOutput(fork.output).forks.empty()) << fork.output;
+  // The core refuses it too, before it touches the disk's socket.
+  GuestSession vmm(buildBin("clone-vmm"), {"--restore", templateDir_, "--fork-memory", "cow",
+                                           "--vhost-user-blk", base_ + "/no-such.sock"});
+  vmm.closeInput();
+  EXPECT_EQ(vmm.waitExit(10s), 1) << vmm.output();
+  EXPECT_NE(vmm.output().find("--fork-memory cow: 1 vhost-user devices"), std::string::npos)
+      << vmm.output();
 }
 
 }  // namespace

@@ -19,6 +19,8 @@
 namespace clonevm::vmm {
 namespace {
 
+constexpr uint64_t kPage = 4096;
+
 void requireValidSize(uint64_t size) {
   require(size >= 2 * layout::kMiB && size % (2 * layout::kMiB) == 0,
           "guest memory size must be a non-zero multiple of 2 MiB, got {} bytes", size);
@@ -55,7 +57,6 @@ GuestMemory GuestMemory::mapCopyOnWrite(const std::string& path, uint64_t size,
   memory.size_ = size;
   memory.copyOnWrite_ = true;
   memory.map(MAP_PRIVATE | MAP_ANONYMOUS, path);
-  constexpr uint64_t kPage = 4096;
   for (auto [offset, length] : dataExtents) {
     require(offset < size && length <= size - offset, "{}: data extent {:#x}+{:#x} is outside {} bytes",
             path, offset, length, size);
@@ -87,7 +88,6 @@ void GuestMemory::map(int flags, const std::string& what) {
 }
 
 uint64_t GuestMemory::populate(std::vector<uint64_t> pageOffsets) const {
-  constexpr uint64_t kPage = 4096;
   std::erase_if(pageOffsets, [&](uint64_t o) { return o % kPage != 0 || o >= size_; });
   std::sort(pageOffsets.begin(), pageOffsets.end());
   pageOffsets.erase(std::unique(pageOffsets.begin(), pageOffsets.end()), pageOffsets.end());
@@ -108,7 +108,7 @@ uint64_t GuestMemory::populate(std::vector<uint64_t> pageOffsets) const {
 }
 
 std::vector<uint64_t> GuestMemory::residentPages() const {
-  constexpr uint64_t kPage = 4096, kPresent = 1ull << 63;
+  constexpr uint64_t kPresent = 1ull << 63;
   UniqueFd pagemap(CLONE_SYSCALL(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC),
                                  "open the page map", "/proc/self/pagemap"));
   std::vector<uint64_t> resident;

@@ -77,7 +77,7 @@ class GuestMemory {
   std::span<uint8_t> slice(uint64_t address, uint64_t length) const;
   bool contains(uint64_t address, uint64_t length) const;
   // The whole mapping (memfd offset 0 at its first byte), for registering it with
-  // userfaultfd and nothing else: guest data goes through slice().
+  // userfaultfd and for a snapshot's read of all of it; guest data goes through slice().
   std::span<uint8_t> mappingForRegistration() const { return {mapping_, size_}; }
 
   void write(uint64_t address, std::span<const uint8_t> bytes) const;

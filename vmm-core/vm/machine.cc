@@ -57,8 +57,8 @@ GuestMemory makeGuestMemory(const MachineConfig& config) {
   if (config.copyOnWriteMemory) {
     require(config.restoreFrom != nullptr, "copy-on-write memory needs a template to map");
     require(config.vhostUserDevices.empty(),
-            "copy-on-write memory: {} vhost-user devices could not map guest memory (only forks "
-            "without disks or shares can share their template's pages)",
+            "--fork-memory cow: {} vhost-user devices (the template's disks) could not map guest "
+            "memory; only a template without disks can be forked copy-on-write",
             config.vhostUserDevices.size());
     return GuestMemory::mapCopyOnWrite(config.restoreFrom->dir + "/" + snapshot::kMemoryFile,
                                        config.memoryBytes,
