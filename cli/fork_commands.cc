@@ -16,6 +16,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -65,27 +66,68 @@ bool processAlive(pid_t pid) {
 }
 
 // Waits until the fork answers on its API socket; returns its vsock CID (0: no vsock device).
+// The socket listens from the start (bound by us, inherited by the core): a connection waits
+// in its backlog until the core serves, so the status call is polled while the process is
+// checked for an early end and the deadline.
 uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& consoleLog) {
   auto deadline = std::chrono::steady_clock::now() + kForkReadyTimeout;
+  auto ended = [&] {
+    return Error(fmt::format("ended during restore (pid {}):\n{}", pid, tail(consoleLog)));
+  };
   while (std::chrono::steady_clock::now() < deadline) {
-    if (!processAlive(pid)) {
-      throw Error(fmt::format("ended during restore (pid {}):\n{}", pid, tail(consoleLog)));
-    }
-    if (::access(socket.c_str(), F_OK) == 0) {
-      try {
-        uint32_t cid = 0;
-        withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
-          cid = vm.statusRequest().send().wait(waitScope).getStatus().getVsockCid();
-        });
-        return cid;
-      } catch (const Error&) {
-        // Not listening yet.
+    if (!processAlive(pid)) throw ended();
+    std::optional<uint32_t> cid;
+    bool processEnded = false;
+    try {
+      auto io = kj::setupAsyncIo();
+      auto connection = rpc::connectUnix(io, socket);
+      capnp::TwoPartyClient client(*connection, rpc::kMaxFdsPerMessage);
+      auto status = client.bootstrap().castAs<rpc::VmControl>().statusRequest().send();
+      while (!status.poll(io.waitScope)) {
+        if (!processAlive(pid)) {
+          processEnded = true;
+          break;
+        }
+        if (std::chrono::steady_clock::now() >= deadline) break;
+        std::this_thread::sleep_for(1ms);
       }
+      if (!processEnded && std::chrono::steady_clock::now() < deadline) {
+        cid = status.wait(io.waitScope).getStatus().getVsockCid();
+      }
+    } catch (const kj::Exception&) {
+      // The connection was dropped: the core is gone, or its jailer has not noticed yet.
+    } catch (const Error&) {
+      // Refused: the socket's only listener, the core, has ended.
     }
+    if (cid) return *cid;
+    if (processEnded) throw ended();
     std::this_thread::sleep_for(2ms);
   }
   throw Error(fmt::format("did not answer on {} within {} s (pid {})", socket,
                           kForkReadyTimeout.count(), pid));
+}
+
+// A directory sent with an RPC call as its fd (Cap'n Proto fd passing). The fd is borrowed.
+class DirectoryFd final : public rpc::Directory::Server {
+ public:
+  explicit DirectoryFd(int fd) : fd_(fd) {}
+  kj::Maybe<int> getFd() override { return fd_; }
+
+ private:
+  int fd_;
+};
+
+// The snapshot's output, created here (or an existing empty directory) and opened: the core
+// writes into the fd it is sent, needing no path of its own (a jailed core has none).
+UniqueFd openOutputDirectory(const std::string& dir) {
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    throwSystemError(errno, "create template directory", dir);
+  }
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  std::error_code error;
+  require(fd && std::filesystem::is_empty(dir, error), "{}: exists and is not an empty directory",
+          dir);
+  return fd;
 }
 
 std::vector<uint8_t> randomSeed(size_t size) {
@@ -261,14 +303,16 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
 ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templateDir,
                             const vmm::snapshot::Manifest& manifest, const std::string& socket,
                             const std::string& consoleLog, const std::string& program,
-                            bool copyOnWriteMemory) {
+                            bool copyOnWriteMemory, int apiFd) {
   ProcessSpec spec;
   spec.kind = "vmm";
   spec.id = forkId;
   spec.program = program;
-  spec.args = {"--restore", templateDir, "--api-socket", socket};
+  // The API socket is bound here and inherited: nothing in the jail is writable, so a
+  // compromised core cannot reach other forks' sockets, logs or overlays beside its own.
+  spec.args = {"--restore", templateDir, "--api-fd", std::to_string(apiFd), "--api-socket", socket};
+  spec.keepFds = {apiFd};
   spec.readPaths = {templateDir};
-  spec.writePaths = {std::filesystem::path(socket).parent_path().string()};
   spec.devices = {"/dev/kvm"};
   if (copyOnWriteMemory) {
     spec.args.insert(spec.args.end(), {"--fork-memory", "cow"});
@@ -317,10 +361,12 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       vhostUserDevices = status.getVhostUserDevices();
     });
     bool copyDisks = vhostUserDevices > 0;
+    UniqueFd outputDir = openOutputDirectory(output);
     auto start = std::chrono::steady_clock::now();
     withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
       auto request = vm.snapshotRequest();
       request.setOutputDir(output);
+      request.setDirectory(kj::heap<DirectoryFd>(outputDir.get()));
       request.setLeavePaused(options.leavePaused || copyDisks);
       auto result = request.send().wait(waitScope).getResult();
       streams.out << fmt::format("template {}: {} MiB of memory data, state {} bytes, paused {:.1f} ms\n",
@@ -409,22 +455,35 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                                                      : fmt::format("{}.{}", options.apiSocket, i + 1);
       std::string log = fmt::format("{}/{}.console", runtime, id);
       auto spawnedAt = std::chrono::steady_clock::now();
-      auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program, copyOnWrite);
       // Each disk: an overlay of its own and a clone-block serving it, before the core.
       ForkDisks disks = startForkDisks(launcher, siblingProgram("clone-block"), id, dir,
                                        verified.manifest, socket, diskOptions, i + 1, options.count,
                                        options.diskPostcopy);
+      auto abandonDisks = [&disks] {
+        disks.closeCoreEnds();
+        for (const auto& overlay : disks.createdOverlays) ::unlink(overlay.c_str());
+      };
+      UniqueFd api;
+      try {
+        api = rpc::bindUnixListener(socket);
+      } catch (...) {
+        abandonDisks();
+        throw;
+      }
+      auto spec = forkProcessSpec(id, dir, verified.manifest, socket, log, program, copyOnWrite,
+                                  api.get());
       spec.args.insert(spec.args.end(), disks.vmmArgs.begin(), disks.vmmArgs.end());
-      spec.keepFds = disks.keepFds();
+      for (int fd : disks.keepFds()) spec.keepFds.push_back(fd);
       pid_t pid = -1;
       try {
         pid = launcher.launch(spec);
       } catch (...) {
-        disks.closeCoreEnds();
-        for (const auto& overlay : disks.createdOverlays) ::unlink(overlay.c_str());
+        abandonDisks();
+        ::unlink(socket.c_str());
         throw;
       }
       disks.closeCoreEnds();
+      api = UniqueFd();  // the core's now: the socket closes when the core ends
       forks.push_back({id, socket, log, pid, spawnedAt});
       forks.back().diskLogs = disks.logs;
     }
@@ -526,12 +585,16 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       request.setGraceful(false);
       request.send().wait(waitScope);
     });
-    // Gone when its API socket is: the core removes it as it exits. (Its pid would not do: a
-    // jailed core is pid 1 of its own namespace.)
+    // Gone when nobody listens on its API socket any more: the core held the only listening
+    // fd. (Its pid would not do: a jailed core is pid 1 of its own namespace.) A socket bound
+    // by `clone fork` or `clone run` is removed here; a core that made its own removed it.
     auto deadline = std::chrono::steady_clock::now() + 10s;
-    while (::access(options.socket.c_str(), F_OK) == 0 && std::chrono::steady_clock::now() < deadline) {
+    while (rpc::someoneListens(options.socket) && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(5ms);
     }
+    require(!rpc::someoneListens(options.socket), "{}: the VM did not end within 10 s",
+            options.socket);
+    ::unlink(options.socket.c_str());
     // The log of a fork started by `clone fork` is not needed once it is gone.
     std::string socket = options.socket;
     if (socket.ends_with(".sock")) ::unlink((socket.substr(0, socket.size() - 5) + ".console").c_str());

@@ -45,14 +45,14 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
                                           std::chrono::system_clock::time_point hostNow,
                                           std::chrono::milliseconds clockTolerance = kGuestClockTolerance);
 
-// What a fork's core needs from its jail: the template (read-only), the directory of its API
-// socket, /dev/kvm, /dev/userfaultfd (a memfd fork's memory is filled lazily; the jail has no
+// What a fork's core needs from its jail: the template (read-only), its API socket as the
+// inherited listening `apiFd` (nothing writable), /dev/kvm, /dev/userfaultfd (a memfd fork's memory is filled lazily; the jail has no
 // CAP_SYS_PTRACE for the userfaultfd syscall; a copy-on-write fork has no fill) and
 // /dev/vhost-vsock when the template has vsock.
 ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templateDir,
                             const vmm::snapshot::Manifest& manifest, const std::string& socket,
                             const std::string& consoleLog, const std::string& program,
-                            bool copyOnWriteMemory);
+                            bool copyOnWriteMemory, int apiFd);
 
 // `jailed` starts forks' cores unless --no-jail; wired in main (app.cc).
 void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams,

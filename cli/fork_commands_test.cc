@@ -130,32 +130,34 @@ TEST(ForkCommandTest, NoIdentityFlag) {
   EXPECT_TRUE(parseError);
 }
 
-TEST(ForkCommandTest, AForksJailHoldsItsTemplateSocketDirAndDevices) {
+TEST(ForkCommandTest, AForksJailHoldsItsTemplateAndDevicesAndNothingWritable) {
   vmm::snapshot::Manifest manifest;
   manifest.memoryBytes = 512ull << 20;
   manifest.devices = {"serial-16550 (COM1)", vmm::snapshot::kVsockDeviceName};
   auto spec = forkProcessSpec("fork-1", "/srv/tpl", manifest, "/run/clone/fork-1.sock",
                               "/run/clone/fork-1.console", "/usr/bin/clone-vmm",
-                              /*copyOnWriteMemory=*/false);
+                              /*copyOnWriteMemory=*/false, /*apiFd=*/5);
   EXPECT_EQ(spec.kind, "vmm");
-  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--api-socket",
-                                                 "/run/clone/fork-1.sock"}));
+  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--api-fd", "5",
+                                                 "--api-socket", "/run/clone/fork-1.sock"}));
+  EXPECT_EQ(spec.keepFds, std::vector<int>{5});
   EXPECT_EQ(spec.readPaths, std::vector<std::string>{"/srv/tpl"});
-  EXPECT_EQ(spec.writePaths, std::vector<std::string>{"/run/clone"});
+  EXPECT_TRUE(spec.writePaths.empty()) << "the runtime directory, shared by all forks, is not in the jail";
   EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd", "/dev/vhost-vsock"}));
   EXPECT_EQ(spec.memoryBytes, 512ull << 20);
   EXPECT_EQ(spec.detachedOutput, "/run/clone/fork-1.console");
 
   manifest.devices = {"serial-16550 (COM1)"};  // a template without vsock: no vsock device node
   spec = forkProcessSpec("fork-2", "/srv/tpl", manifest, "/run/clone/fork-2.sock", "/dev/null",
-                         "/usr/bin/clone-vmm", /*copyOnWriteMemory=*/false);
+                         "/usr/bin/clone-vmm", /*copyOnWriteMemory=*/false, /*apiFd=*/5);
   EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd"}));
 
   // A copy-on-write fork maps the template's memory file and fills nothing: no userfaultfd.
   spec = forkProcessSpec("fork-3", "/srv/tpl", manifest, "/run/clone/fork-3.sock", "/dev/null",
-                         "/usr/bin/clone-vmm", /*copyOnWriteMemory=*/true);
-  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--api-socket",
-                                                 "/run/clone/fork-3.sock", "--fork-memory", "cow"}));
+                         "/usr/bin/clone-vmm", /*copyOnWriteMemory=*/true, /*apiFd=*/5);
+  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--api-fd", "5",
+                                                 "--api-socket", "/run/clone/fork-3.sock",
+                                                 "--fork-memory", "cow"}));
   EXPECT_EQ(spec.devices, std::vector<std::string>{"/dev/kvm"});
 }
 

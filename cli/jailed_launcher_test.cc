@@ -31,12 +31,20 @@ TEST(VmmProcessSpecTest, NamesTheCoresFilesAbsoluteAndKvm) {
   auto cwd = std::filesystem::current_path().string();
   EXPECT_EQ(spec.kind, "vmm");
   EXPECT_EQ(spec.readPaths, (std::vector<std::string>{cwd + "/vmlinuz", "/boot/initrd.img"}));
-  EXPECT_EQ(spec.writePaths, (std::vector<std::string>{cwd + "/run", cwd + "/disk.sock"}));
+  EXPECT_EQ(spec.writePaths, (std::vector<std::string>{cwd + "/run", cwd + "/disk.sock"}))
+      << "without an inherited API socket the core creates it, so it needs the directory";
   EXPECT_EQ(spec.devices, std::vector<std::string>{"/dev/kvm"});
   EXPECT_EQ(spec.memoryBytes, 256ull << 20);
   EXPECT_TRUE(hasPair(spec.args, "--kernel", cwd + "/vmlinuz"));
   EXPECT_TRUE(hasPair(spec.args, "--vhost-user-blk", cwd + "/disk.sock,queues=2"));
   EXPECT_TRUE(hasPair(spec.args, "--api-socket", cwd + "/run/vm.sock"));
+
+  // `clone run` binds the API socket and passes it: nothing of its directory is in the jail.
+  spec = vmmProcessSpec(options, {}, "/usr/bin/clone-vmm", 7);
+  EXPECT_EQ(spec.writePaths, std::vector<std::string>{cwd + "/disk.sock"});
+  EXPECT_TRUE(hasPair(spec.args, "--api-fd", "7"));
+  EXPECT_TRUE(hasPair(spec.args, "--api-socket", cwd + "/run/vm.sock"));
+  EXPECT_EQ(spec.keepFds, std::vector<int>{7});
 }
 
 TEST(JailedLauncherTest, TurnsASpecIntoAJailerCommandLine) {

@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <optional>
 
 #include "cli/direct_launcher.h"
@@ -10,6 +11,8 @@
 #include "cli/program_path.h"
 #include "cli/vmm_process.h"
 #include "common/error.h"
+#include "common/unique_fd.h"
+#include "ipc/capnp/rpc_socket.h"
 
 
 namespace clonevm::cli {
@@ -93,8 +96,25 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
             fmt::format("{},image={},format={}", socket, served.path, served.format));
       }
     }
-    auto spec = vmmProcessSpec(vmmOptions, global.toArgs(), siblingProgram("clone-vmm"));
-    exitCode = waitForExit(launcher->launch(spec), options.noJail ? spec.program : "clone-jailer");
+    // The API socket is bound here and inherited by the core (docs/JAILER.md); removed when
+    // the VM has ended.
+    UniqueFd api;
+    std::string apiSocket;
+    if (!options.apiSocket.empty()) {
+      apiSocket = std::filesystem::absolute(options.apiSocket).lexically_normal().string();
+      api = rpc::bindUnixListener(apiSocket);
+    }
+    auto spec = vmmProcessSpec(vmmOptions, global.toArgs(), siblingProgram("clone-vmm"), api.get());
+    pid_t pid = -1;
+    try {
+      pid = launcher->launch(spec);
+    } catch (...) {
+      if (api) ::unlink(apiSocket.c_str());
+      throw;
+    }
+    api = UniqueFd();
+    exitCode = waitForExit(pid, options.noJail ? spec.program : "clone-jailer");
+    if (!apiSocket.empty()) ::unlink(apiSocket.c_str());
   });
 }
 

@@ -16,7 +16,7 @@ template <typename Call>
 void withVm(const std::string& socket, Call&& call) {
   auto io = kj::setupAsyncIo();
   auto connection = rpc::connectUnix(io, socket);
-  capnp::TwoPartyClient client(*connection);
+  capnp::TwoPartyClient client(*connection, rpc::kMaxFdsPerMessage);
   auto vm = client.bootstrap().castAs<rpc::VmControl>();
   rpc::rethrowKj("VM API " + socket, [&] { call(vm, io.waitScope); });
 }

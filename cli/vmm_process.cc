@@ -22,7 +22,7 @@ std::string absoluteSocketOption(const std::string& value, std::vector<std::stri
 }  // namespace
 
 ProcessSpec vmmProcessSpec(const RunOptions& options, const std::vector<std::string>& globalArgs,
-                           const std::string& program) {
+                           const std::string& program, int apiFd) {
   RunOptions jailed = options;
   jailed.kernel = absolute(options.kernel);
   jailed.initrd = absolute(options.initrd);
@@ -38,8 +38,11 @@ ProcessSpec vmmProcessSpec(const RunOptions& options, const std::vector<std::str
   spec.args = vmmArguments(jailed, globalArgs);
   spec.readPaths.push_back(jailed.kernel);
   if (!jailed.initrd.empty()) spec.readPaths.push_back(jailed.initrd);
-  // The core creates its API socket, so it needs the directory.
-  if (!jailed.apiSocket.empty()) {
+  if (apiFd >= 0) {
+    spec.args.insert(spec.args.end(), {"--api-fd", std::to_string(apiFd)});
+    spec.keepFds.push_back(apiFd);
+  } else if (!jailed.apiSocket.empty()) {
+    // The core creates its API socket, so it needs the directory.
     spec.writePaths.push_back(std::filesystem::path(jailed.apiSocket).parent_path().string());
   }
   for (const auto& socket : sockets) spec.writePaths.push_back(socket);

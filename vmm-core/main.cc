@@ -101,7 +101,14 @@ int runVmm(int argc, char** argv) {
                  "the guest's vsock CID, 3..4294967294 (default: a free one chosen automatically)");
   app.add_flag("--no-vsock", noVsock, "no virtio-vsock device (and so no guest agent)");
   std::string apiSocket;
-  app.add_option("--api-socket", apiSocket, "serve the VM control API (Cap'n Proto) on this unix socket");
+  app.add_option("--api-socket", apiSocket,
+                 "serve the VM control API (Cap'n Proto) on this unix socket (created here, removed "
+                 "on exit); with --api-fd, only that socket's name");
+  int apiFd = -1;
+  app.add_option("--api-fd", apiFd,
+                 "serve the API on this inherited listening unix socket instead (clone run and "
+                 "clone fork bind it, so that a jailed core needs no writable directory)")
+      ->check(CLI::Range(3, 1 << 20));
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
@@ -168,7 +175,9 @@ int runVmm(int argc, char** argv) {
     validate(config, kvm);
     Machine machine(config, kvm, *log, start);
     machine.setLockdown([seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); });
-    ExitReason reason = apiSocket.empty() ? machine.run() : runWithApi(machine, apiSocket, *log);
+    bool serveApi = !apiSocket.empty() || apiFd >= 0;
+    std::string apiName = apiSocket.empty() ? fmt::format("fd {}", apiFd) : apiSocket;
+    ExitReason reason = serveApi ? runWithApi(machine, {apiName, apiFd}, *log) : machine.run();
     if (verbose) printTimings(machine.timings());
     if (!machine.exitDetail().empty()) log->info("{}: {}", describe(reason), machine.exitDetail());
     return exitCodeFor(reason);

@@ -1,7 +1,8 @@
 @0xe2058d8eb8a37244;
-# The VM management API, served by clone-vmm on its --api-socket (a unix socket, Cap'n Proto
-# two-party RPC). The CLI and the daemon are its clients. It carries no memory or device
-# privileges: device processes get their own, narrower interface (device_control.capnp).
+# The VM management API, served by clone-vmm on its --api-socket or --api-fd (a unix socket,
+# Cap'n Proto two-party RPC, with fd passing). The CLI and the daemon are its clients. It
+# carries no memory or device privileges: device processes get their own, narrower interface
+# (device_control.capnp).
 
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("clonevm::rpc");
@@ -47,14 +48,19 @@ interface VmControl {
   # graceful: presses the ACPI power button and leaves the rest to the guest.
   # Otherwise the VM stops now, as if powered off.
   shutdown @3 (graceful :Bool) -> ();
-  # Writes a template of this VM into outputDir (created; must not exist or be empty):
-  # memory, state, manifest.json (docs/FORK.md). The vCPUs are paused meanwhile and resumed
-  # after, unless leavePaused. The queues of vhost-user-blk disks stop too and start again
+  # Writes a template of this VM into `directory`, an empty directory the caller created and
+  # opened (its fd travels with the call: the core, jailed, has no path of its own to write
+  # to); outputDir is its name for messages. Files: memory, state, manifest.json
+  # (docs/FORK.md). The vCPUs are paused meanwhile and resumed after, unless leavePaused. The queues of vhost-user-blk disks stop too and start again
   # with the vCPUs; the manifest lists the disks, whose images the caller copies into the
   # template while the VM stays paused (`clone snapshot`). Fails for a VM with a virtio-fs
   # share or a disk given without image=.
-  snapshot @4 (outputDir :Text, leavePaused :Bool) -> (result :SnapshotResult);
+  snapshot @4 (outputDir :Text, leavePaused :Bool, directory :Directory)
+      -> (result :SnapshotResult);
 }
+
+# An open directory, passed as its file descriptor (Cap'n Proto fd passing); no methods.
+interface Directory {}
 
 struct SnapshotResult {
   memoryDataBytes @0 :UInt64;  # non-zero guest memory written

@@ -108,12 +108,11 @@ constexpr SyscallRule kVmm[] = {
     {"socket", "AF_UNIX only: reconnect to a vhost-user back-end", 0, kAll32, AF_UNIX},
     {"connect", "as socket"},
     {"fallocate", "punch holes in the guest memfd for pages the guest frees"},
-    {"unlink", "remove the API socket on exit"},
+    {"unlink", "remove the API socket on exit (one it created: --api-socket without --api-fd)"},
     {"unlinkat", "as unlink"},
-    {"mkdir", "snapshot: create the template directory"},
-    {"openat", "snapshot: create the template files; a fork's working-set file and, for a "
-               "copy-on-write fork, /proc/self/pagemap to record it"},
-    {"getdents64", "snapshot: check that the template directory is empty"},
+    {"openat", "snapshot: create the template files in the directory fd `clone snapshot` "
+               "sends; a fork's working-set file and, for a copy-on-write fork, "
+               "/proc/self/pagemap to record it"},
     {"pread64", "snapshot: read guest memory from the memfd; a copy-on-write fork's page map"},
     {"pwrite64", "snapshot: write the template files; a fork's working-set file"},
     {"ftruncate", "snapshot: size the sparse memory image"},

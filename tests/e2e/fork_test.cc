@@ -402,7 +402,18 @@ TEST_F(ForkTest, CliListShowsForksInTheRuntimeDir) {
   EXPECT_EQ(list.code, 0) << list.output;
   EXPECT_NE(list.output.find(id), std::string::npos) << list.output;
   EXPECT_NE(list.output.find("running"), std::string::npos) << list.output;
+  // The runtime directory, shared by every fork, is not in the fork's jail: its API socket
+  // was bound by `clone fork` and inherited.
+  auto roots = jailRootsOfProcessesMatching(socket);
+  EXPECT_FALSE(roots.empty()) << "no jailed process of " << socket;
+  for (const auto& root : roots) {
+    EXPECT_TRUE(std::filesystem::exists(root + templateDir_ + "/manifest.json")) << root;
+    EXPECT_FALSE(std::filesystem::exists(root + runtime)) << root << " holds the runtime dir";
+  }
   EXPECT_EQ(cloneCli({"destroy", "--vm", socket}).code, 0);
+  EXPECT_FALSE(std::filesystem::exists(socket)) << "destroy leaves the socket behind";
+  list = cloneCli({"list"});
+  EXPECT_EQ(list.output.find(id), std::string::npos) << list.output;
   ::unsetenv("CLONE_RUNTIME_DIR");
 }
 

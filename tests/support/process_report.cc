@@ -135,6 +135,20 @@ uint64_t anonymousKib(const std::string& text) {
   return kib;
 }
 
+std::vector<std::string> jailRootsOfProcessesMatching(const std::string& text) {
+  std::vector<std::string> roots;
+  struct stat host {};
+  if (::stat("/", &host) != 0) return roots;
+  forEachProcess(text, [&](const std::string& pid, const std::string&, const auto&) {
+    std::string root = "/proc/" + pid + "/root";
+    struct stat st {};
+    if (::stat(root.c_str(), &st) == 0 && (st.st_dev != host.st_dev || st.st_ino != host.st_ino)) {
+      roots.push_back(root);
+    }
+  });
+  return roots;
+}
+
 namespace {
 
 bool writeFile(const std::filesystem::path& path, const std::string& text) {

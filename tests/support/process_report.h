@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 namespace clonevm::e2e {
 
@@ -43,6 +44,10 @@ FileMappingUsage fileMappingUsage(const std::string& text, const std::string& pa
 // line contains `text`, summed: for a copy-on-write fork, the guest pages it wrote (its own
 // copies of the template's pages and the holes it filled) plus the core's heap.
 uint64_t anonymousKib(const std::string& text);
+
+// The root directories (/proc/PID/root) of the processes whose command line contains `text`
+// and whose root is not the host's: their jails.
+std::vector<std::string> jailRootsOfProcessesMatching(const std::string& text);
 
 // The last `lines` lines of the file at `path` ("(PATH: cannot read)" when it cannot be read).
 std::string fileTail(const std::string& path, size_t lines = 60);

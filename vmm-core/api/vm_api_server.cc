@@ -5,6 +5,8 @@
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-unix.h>
 
+#include "common/error.h"
+#include "common/unique_fd.h"
 #include "ipc/capnp/rpc_socket.h"
 #include "vm_control.capnp.h"
 
@@ -71,20 +73,29 @@ class VmControlServer final : public rpc::VmControl::Server {
     SnapshotOptions options;
     options.outputDir = params.getOutputDir();
     options.leavePaused = params.getLeavePaused();
-    log_.info("API: snapshot to {}", options.outputDir);
-    // Errors (bad directory, a virtio-fs share) go back to the caller as the call's exception.
-    SnapshotResult done;
-    try {
-      done = machine_.snapshot(options);
-    } catch (const std::exception& e) {
-      log_.error("snapshot to {} failed: {}", options.outputDir, e.what());
-      kj::throwFatalException(KJ_EXCEPTION(FAILED, e.what()));
-    }
-    auto result = context.getResults().initResult();
-    result.setMemoryDataBytes(done.memoryDataBytes);
-    result.setStateBytes(done.stateBytes);
-    result.setPausedMs(done.pausedMillis);
-    return kj::READY_NOW;
+    auto directory = params.getDirectory();
+    // The directory's fd arrives with the call; it stays open while `directory` lives.
+    return directory.getFd().then(
+        [this, context, options, directory](kj::Maybe<int> fd) mutable {
+          KJ_IF_MAYBE(dirFd, fd) { options.outputDirFd = *dirFd; }
+          log_.info("API: snapshot to {}", options.outputDir);
+          // Errors (no directory, a virtio-fs share) go back to the caller as the call's
+          // exception.
+          SnapshotResult done;
+          try {
+            require(options.outputDirFd >= 0,
+                    "snapshot to {}: the call carried no open directory (the client must pass "
+                    "one; `clone snapshot` does)", options.outputDir);
+            done = machine_.snapshot(options);
+          } catch (const std::exception& e) {
+            log_.error("snapshot to {} failed: {}", options.outputDir, e.what());
+            kj::throwFatalException(KJ_EXCEPTION(FAILED, e.what()));
+          }
+          auto result = context.getResults().initResult();
+          result.setMemoryDataBytes(done.memoryDataBytes);
+          result.setStateBytes(done.stateBytes);
+          result.setPausedMs(done.pausedMillis);
+        });
   }
 
  private:
@@ -98,15 +109,19 @@ constexpr auto kReplyGrace = 200 * kj::MILLISECONDS;
 
 }  // namespace
 
-ExitReason runWithApi(Machine& machine, const std::string& socketPath, spdlog::logger& log) {
+ExitReason runWithApi(Machine& machine, const ApiEndpoint& endpoint, spdlog::logger& log) {
   auto io = kj::setupAsyncIo();
-  auto listener = rpc::listenUnix(io, socketPath);
+  bool inherited = endpoint.inheritedFd >= 0;
+  auto listener = inherited
+      ? rpc::listenOnFd(io, UniqueFd(endpoint.inheritedFd), "--api-fd " + endpoint.path)
+      : rpc::listenUnix(io, endpoint.path);
   bool stoppedByApi = false;
   capnp::TwoPartyServer server(kj::heap<VmControlServer>(machine, log, stoppedByApi));
-  auto serving = server.listen(*listener).eagerlyEvaluate([&log](kj::Exception&& e) {
-    log.error("API socket: {}", rpc::describeKjException(e));
-  });
-  log.info("API listening on {}", socketPath);
+  auto serving = server.listenCapStreamReceiver(*listener, rpc::kMaxFdsPerMessage)
+                     .eagerlyEvaluate([&log](kj::Exception&& e) {
+                       log.error("API socket: {}", rpc::describeKjException(e));
+                     });
+  log.info("API listening on {}{}", endpoint.path, inherited ? " (inherited socket)" : "");
   machine.start();
   kj::UnixEventPort::FdObserver exitObserver(io.unixEventPort, machine.exitSignal().eventFd(),
                                              kj::UnixEventPort::FdObserver::OBSERVE_READ);
@@ -116,7 +131,7 @@ ExitReason runWithApi(Machine& machine, const std::string& socketPath, spdlog::l
     io.provider->getTimer().afterDelay(kReplyGrace).wait(io.waitScope);
   }
   ExitReason reason = machine.finish();
-  ::unlink(socketPath.c_str());
+  if (!inherited) ::unlink(endpoint.path.c_str());
   return reason;
 }
 

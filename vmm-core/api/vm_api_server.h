@@ -10,8 +10,15 @@
 
 namespace clonevm::vmm {
 
-// Runs the API on `socketPath` and the VM until the VM ends; returns why it ended.
-// The socket is removed on return.
-ExitReason runWithApi(Machine& machine, const std::string& socketPath, spdlog::logger& log);
+// Where the API is served: an inherited listening socket (--api-fd; its creator, the CLI,
+// removes the file, so a jailed core needs no writable directory), or else a socket the core
+// creates at `path` and removes on return. With an fd, `path` only names it.
+struct ApiEndpoint {
+  std::string path;
+  int inheritedFd = -1;
+};
+
+// Runs the API and the VM until the VM ends; returns why it ended.
+ExitReason runWithApi(Machine& machine, const ApiEndpoint& endpoint, spdlog::logger& log);
 
 }  // namespace clonevm::vmm

@@ -231,10 +231,14 @@ class TemplateTest : public ::testing::Test {
     std::vector<uint8_t> zero(4096, 0);  // touched but zero: must become a hole
     ASSERT_EQ(::pwrite(memfd.get(), zero.data(), zero.size(), 2 << 20), 4096);
 
+    // Written as a jailed core does: into an open directory.
+    UniqueFd dirFd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    ASSERT_TRUE(dirFd);
     auto stateBytes = encodeMachineState(sampleState(1));
-    writeReadOnlyFile(dir_, kStateFile, stateBytes.data(), stateBytes.size());
+    writeReadOnlyFileAt(dirFd.get(), dir_, kStateFile, stateBytes.data(), stateBytes.size());
     std::string memoryPath = dir_ + "/" + kMemoryFile;
-    extents_ = writeSparseMemoryImage(memfd.get(), kSize, memoryPath);
+    UniqueFd memoryOut = createTemplateFile(dirFd.get(), dir_, kMemoryFile, 0644);
+    extents_ = writeSparseMemoryImage(memfd.get(), kSize, memoryOut.get(), memoryPath);
     Manifest m;
     m.createdUtc = currentUtcTime();
     m.memoryBytes = kSize;

@@ -130,11 +130,18 @@ std::vector<Extent> dataExtents(int fd, uint64_t size, const std::string& path) 
   return extents;
 }
 
-std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const std::string& path,
-                                           const uint8_t* mapping) {
-  UniqueFd out(CLONE_SYSCALL(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644),
-                             "create memory image", path));
-  CLONE_SYSCALL(::ftruncate(out.get(), static_cast<off_t>(size)), "size memory image", path);
+UniqueFd createTemplateFile(int dirFd, const std::string& dirPath, const std::string& name,
+                            mode_t mode) {
+  std::string path = join(dirPath, name);
+  const std::string& relative = dirFd == AT_FDCWD ? path : name;
+  return UniqueFd(CLONE_SYSCALL(
+      ::openat(dirFd, relative.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode),
+      "create", path));
+}
+
+std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, int out,
+                                           const std::string& path, const uint8_t* mapping) {
+  CLONE_SYSCALL(::ftruncate(out, static_cast<off_t>(size)), "size memory image", path);
   constexpr size_t kBuffer = 2 << 20;
   std::vector<uint8_t> buffer(kBuffer);
   // Only the memfd's data extents can hold non-zero pages: pages never touched are holes.
@@ -156,14 +163,14 @@ std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const st
           runStart = page;
           inRun = true;
         } else if (!data && inRun) {
-          pwriteAll(out.get(), buffer.data() + runStart, page - runStart, at + runStart, path);
+          pwriteAll(out, buffer.data() + runStart, page - runStart, at + runStart, path);
           inRun = false;
         }
       }
     }
   }
-  CLONE_SYSCALL(::fchmod(out.get(), 0444), "make memory image read-only", path);
-  return dataExtents(out.get(), size, path);
+  CLONE_SYSCALL(::fchmod(out, 0444), "make memory image read-only", path);
+  return dataExtents(out, size, path);
 }
 
 void describeMemoryImage(int fd, uint64_t size, const std::vector<Extent>& extents,
@@ -392,10 +399,13 @@ void rewriteManifest(const std::string& dir, const Manifest& manifest) {
 
 void writeReadOnlyFile(const std::string& dir, const std::string& name, const void* bytes,
                        size_t size) {
-  std::string path = join(dir, name);
-  UniqueFd fd(CLONE_SYSCALL(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444),
-                            "create", path));
-  pwriteAll(fd.get(), static_cast<const uint8_t*>(bytes), size, 0, path);
+  writeReadOnlyFileAt(AT_FDCWD, dir, name, bytes, size);
+}
+
+void writeReadOnlyFileAt(int dirFd, const std::string& dirPath, const std::string& name,
+                         const void* bytes, size_t size) {
+  UniqueFd fd = createTemplateFile(dirFd, dirPath, name, 0444);
+  pwriteAll(fd.get(), static_cast<const uint8_t*>(bytes), size, 0, join(dirPath, name));
 }
 
 

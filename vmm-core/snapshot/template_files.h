@@ -4,12 +4,16 @@
 // never written again. This library has no KVM code: the CLI links it to check a template
 // before it starts forks.
 
+#include <sys/types.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "common/unique_fd.h"
 
 namespace clonevm::vmm::snapshot {
 
@@ -100,13 +104,20 @@ std::string sha256Hex(const std::vector<Extent>& extents);
 // The data extents of an open file (SEEK_DATA/SEEK_HOLE).
 std::vector<Extent> dataExtents(int fd, uint64_t size, const std::string& path);
 
-// Copies guest RAM from `memoryFd` (size bytes) into a new file at `path`, writing only
-// pages that are not all zero, so the zero pages stay holes. Returns the new file's
-// extent map. The file is left 0444. With `mapping` (a fork's RAM: a lazily filled memfd,
-// which still has holes where the template has data, or a copy-on-write mapping of the
+// Creates dirFd/name (O_EXCL, open read-write) with `mode`: dirFd is an open directory (a
+// snapshot's output, passed to a jailed core as an fd), or AT_FDCWD to create dirPath/name.
+// dirPath names the file in errors either way.
+UniqueFd createTemplateFile(int dirFd, const std::string& dirPath, const std::string& name,
+                            mode_t mode);
+
+// Copies guest RAM from `memoryFd` (size bytes) into `out`, a new empty file (`path` names it
+// in errors), writing only pages that are not all zero, so the zero pages stay holes. Returns
+// the file's extent map. The file is left 0444. With `mapping` (a fork's RAM: a lazily filled
+// memfd, which still has holes where the template has data, or a copy-on-write mapping of the
 // template), every page is read through the mapping, so that unfilled pages fault in from
 // the template first; memoryFd is then unused.
-std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, const std::string& path,
+std::vector<Extent> writeSparseMemoryImage(int memoryFd, uint64_t size, int out,
+                                           const std::string& path,
                                            const uint8_t* mapping = nullptr);
 
 // The memory checks of a manifest: samples and extent digest of an open image.
@@ -143,5 +154,8 @@ VerifiedTemplate verifyTemplate(const std::string& dir);
 // Writes `bytes` to dir/name as a new 0444 file (fails if it exists).
 void writeReadOnlyFile(const std::string& dir, const std::string& name, const void* bytes,
                        size_t size);
+// The same in an open directory (createTemplateFile).
+void writeReadOnlyFileAt(int dirFd, const std::string& dirPath, const std::string& name,
+                         const void* bytes, size_t size);
 
 }  // namespace clonevm::vmm::snapshot

@@ -56,7 +56,10 @@ struct MachineConfig {
 };
 
 struct SnapshotOptions {
-  std::string outputDir;  // created; must not exist yet, or be empty
+  // An empty directory, open (borrowed): the template's files are created in it, so a jailed
+  // core needs no writable path. outputDir is its name in messages and logs.
+  int outputDirFd = -1;
+  std::string outputDir;
   bool leavePaused = false;
 };
 

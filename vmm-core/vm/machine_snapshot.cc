@@ -32,16 +32,6 @@ constexpr auto kWorkingSetWindow = std::chrono::milliseconds(1000);
 const std::vector<std::string> kCoreDevices = {"serial-16550 (COM1)", "i8042", "cmos-rtc",
                                                "acpi-pm", "pci-host-bridge"};
 
-void prepareOutputDir(const std::string& dir) {
-  std::error_code error;
-  if (std::filesystem::exists(dir, error)) {
-    require(std::filesystem::is_directory(dir, error) && std::filesystem::is_empty(dir, error),
-            "{}: exists and is not an empty directory", dir);
-    return;
-  }
-  CLONE_SYSCALL(::mkdir(dir.c_str(), 0755), "create template directory", dir);
-}
-
 // The file: magic, granularity, count, then `count` offsets of that granularity. Sets
 // recorded in 64 KiB chunks by older builds are read as the pages of those chunks.
 std::vector<uint64_t> readWorkingSet(const std::string& path, uint64_t memorySize,
@@ -268,8 +258,8 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
             "(no image=): a template needs a copy of every disk (docs/FORK.md)", device.socketPath);
   }
   require(!runners_.empty(), "the VM has not started");
+  require(options.outputDirFd >= 0, "snapshot to {}: no open output directory", options.outputDir);
   std::lock_guard snapshotLock(snapshotMutex_);
-  prepareOutputDir(options.outputDir);
   bool wasPaused = paused_;
   auto pauseStart = Clock::now();
   if (!wasPaused) pause();
@@ -297,11 +287,13 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
     if (vsock_) vsock_->stop();
     state.virtio = saveVirtioDevices(disks);
     auto stateBytes = encodeMachineState(state);
-    writeReadOnlyFile(options.outputDir, kStateFile, stateBytes.data(), stateBytes.size());
+    writeReadOnlyFileAt(options.outputDirFd, options.outputDir, kStateFile, stateBytes.data(),
+                        stateBytes.size());
 
     std::string memoryPath = options.outputDir + "/" + kMemoryFile;
+    UniqueFd image = createTemplateFile(options.outputDirFd, options.outputDir, kMemoryFile, 0644);
     auto extents = writeSparseMemoryImage(
-        restored() ? -1 : memory_.fd(), memory_.size(), memoryPath,
+        restored() ? -1 : memory_.fd(), memory_.size(), image.get(), memoryPath,
         restored() ? memory_.mappingForRegistration().data() : nullptr);
     if (vsock_) vsock_->start();
     std::vector<VhostUserDeviceState> savedDisks = std::move(disks);
@@ -341,10 +333,10 @@ SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
     }
     manifest.stateSize = stateBytes.size();
     manifest.stateSha256 = sha256Hex(stateBytes.data(), stateBytes.size());
-    UniqueFd image(CLONE_SYSCALL(::open(memoryPath.c_str(), O_RDONLY | O_CLOEXEC), "open", memoryPath));
     describeMemoryImage(image.get(), memory_.size(), extents, manifest, memoryPath);
     std::string json = toJson(manifest);
-    writeReadOnlyFile(options.outputDir, kManifestFile, json.data(), json.size());
+    writeReadOnlyFileAt(options.outputDirFd, options.outputDir, kManifestFile, json.data(),
+                        json.size());
     result.memoryDataBytes = manifest.memoryDataBytes;
     result.stateBytes = stateBytes.size();
   } catch (...) {
