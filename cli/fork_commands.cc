@@ -23,6 +23,7 @@
 #include <fmt/format.h>
 
 #include "cli/direct_launcher.h"
+#include "cli/disk_record.h"
 #include "cli/fork_disks.h"
 #include "cli/program_path.h"
 #include "cli/template_disks.h"
@@ -382,7 +383,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     };
     TemplateDiskCopies copies;
     try {
-      copies = copyTemplateDisks(output);
+      copies = copyTemplateDisks(output, readDiskRecord(options.socket), diskRecordPath(options.socket));
     } catch (const std::exception& error) {
       resumeVm();
       throw Error(fmt::format("copying the VM's disks into {}: {} (the template is incomplete and "
@@ -466,6 +467,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       UniqueFd api;
       try {
         api = rpc::bindUnixListener(socket);
+        if (!disks.images.empty()) writeDiskRecord(socket, disks.images);
       } catch (...) {
         abandonDisks();
         throw;
@@ -480,6 +482,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       } catch (...) {
         abandonDisks();
         ::unlink(socket.c_str());
+        removeDiskRecord(socket);
         throw;
       }
       disks.closeCoreEnds();

@@ -125,6 +125,7 @@ ForkDisks startForkDisks(ProcessLauncher& launcher, const std::string& blockProg
                            {"--vhost-user-blk",
                             fmt::format("fd={},image={},format={}", coreEnd.get(), image, format)});
       disks.coreEnds.push_back(std::move(coreEnd));
+      disks.images.push_back({image, format});
     }
   } catch (...) {
     // The started clone-blocks end when their core ends of the socket pairs close (now).
@@ -136,6 +137,7 @@ ForkDisks startForkDisks(ProcessLauncher& launcher, const std::string& blockProg
 }
 
 void removeForkDiskFiles(const std::string& apiSocket) {
+  removeDiskRecord(apiSocket);
   for (size_t i = 0; i < kMaxForkDisks; ++i) {
     ::unlink(forkDiskOverlayPath(apiSocket, i).c_str());
     ::unlink(forkDiskLogPath(apiSocket, i).c_str());

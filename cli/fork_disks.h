@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/disk_record.h"
 #include "cli/process_launcher.h"
 #include "common/unique_fd.h"
 #include "vmm-core/snapshot/template_files.h"
@@ -42,6 +43,7 @@ struct ForkDisks {
   void closeCoreEnds() { coreEnds.clear(); }
   std::vector<std::string> createdOverlays;  // removed if the fork fails
   std::vector<std::string> logs;
+  std::vector<RecordedDisk> images;  // what the core is given as image= and format=
 };
 
 // Starts one clone-block per disk of `manifest` for the fork `forkId` (number `forkNumber` of

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "cli/direct_launcher.h"
+#include "cli/disk_record.h"
 #include "cli/disks.h"
 #include "cli/program_path.h"
 #include "cli/vmm_process.h"
@@ -17,6 +18,25 @@
 
 namespace clonevm::cli {
 namespace {
+
+// The image= and format= of each --vhost-user-blk value, as the core records them (format
+// "auto" when not given; no image: the core refuses to snapshot that disk anyway).
+std::vector<RecordedDisk> recordedDisks(const std::vector<std::string>& vhostUserBlk) {
+  std::vector<RecordedDisk> disks;
+  for (const auto& value : vhostUserBlk) {
+    RecordedDisk disk{"", "auto"};
+    size_t at = value.find(',');
+    while (at != std::string::npos) {
+      size_t end = value.find(',', at + 1);
+      std::string option = value.substr(at + 1, end == std::string::npos ? end : end - at - 1);
+      if (option.starts_with("image=")) disk.image = option.substr(6);
+      if (option.starts_with("format=")) disk.format = option.substr(7);
+      at = end;
+    }
+    disks.push_back(disk);
+  }
+  return disks;
+}
 
 int waitForExit(pid_t pid, const std::string& program) {
   int status = 0;
@@ -103,18 +123,27 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
     if (!options.apiSocket.empty()) {
       apiSocket = std::filesystem::absolute(options.apiSocket).lexically_normal().string();
       api = rpc::bindUnixListener(apiSocket);
+      // Which images the disks are, where the core cannot write: `clone snapshot` copies
+      // only these (cli/disk_record.h).
+      if (!vmmOptions.vhostUserBlk.empty()) writeDiskRecord(apiSocket, recordedDisks(vmmOptions.vhostUserBlk));
     }
     auto spec = vmmProcessSpec(vmmOptions, global.toArgs(), siblingProgram("clone-vmm"), api.get());
     pid_t pid = -1;
     try {
       pid = launcher->launch(spec);
     } catch (...) {
-      if (api) ::unlink(apiSocket.c_str());
+      if (api) {
+        ::unlink(apiSocket.c_str());
+        removeDiskRecord(apiSocket);
+      }
       throw;
     }
     api = UniqueFd();
     exitCode = waitForExit(pid, options.noJail ? spec.program : "clone-jailer");
-    if (!apiSocket.empty()) ::unlink(apiSocket.c_str());
+    if (!apiSocket.empty()) {
+      ::unlink(apiSocket.c_str());
+      removeDiskRecord(apiSocket);
+    }
   });
 }
 

@@ -172,12 +172,14 @@ uint64_t copyDiskImage(const std::string& source, const std::string& format,
   return writer.written();
 }
 
-TemplateDiskCopies copyTemplateDisks(const std::string& dir) {
+TemplateDiskCopies copyTemplateDisks(const std::string& dir, const std::vector<RecordedDisk>& recorded,
+                                     const std::string& recordPath) {
   std::string manifestPath = dir + "/" + snapshot::kManifestFile;
   std::ifstream in(manifestPath, std::ios::binary);
   require(in.good(), "{}: cannot be read", manifestPath);
   std::string text((std::istreambuf_iterator<char>(in)), {});
   snapshot::Manifest manifest = snapshot::manifestFromJson(text, manifestPath);
+  requireRecordedDisks(manifest, recorded, recordPath);
   TemplateDiskCopies copies;
   for (auto& disk : manifest.disks) {
     if (!disk.sha256.empty()) continue;

@@ -5,6 +5,9 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
+
+#include "cli/disk_record.h"
 
 namespace clonevm::cli {
 
@@ -23,7 +26,9 @@ struct TemplateDiskCopies {
 
 // For every disk in dir/manifest.json without a digest: copies its source image to its file
 // in `dir` and records the file's digest (templateDiskDigest), then rewrites the manifest.
-// The source paths come from the core that wrote the manifest (the image= it was given).
-TemplateDiskCopies copyTemplateDisks(const std::string& dir);
+// The source paths come from the core that wrote the manifest, so nothing is copied unless
+// they are the images the VM was started with (`recorded`, from `recordPath`; disk_record.h).
+TemplateDiskCopies copyTemplateDisks(const std::string& dir, const std::vector<RecordedDisk>& recorded,
+                                     const std::string& recordPath);
 
 }  // namespace clonevm::cli

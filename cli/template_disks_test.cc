@@ -86,6 +86,8 @@ class TemplateDisksTest : public ::testing::Test {
                        .bytes = bytes, .readOnly = false, .queues = 1, .sha256 = {}}};
     snapshot::rewriteManifest(dir_, manifest);
   }
+  // What `clone run` recorded for that VM.
+  std::vector<RecordedDisk> recorded() const { return {{base_, "raw"}}; }
 };
 
 TEST_F(TemplateDisksTest, RawCopyIsSparseAndReadOnly) {
@@ -134,7 +136,7 @@ TEST_F(TemplateDisksTest, Qcow2OverlayIsFlattenedWithItsBackingFile) {
 
 TEST_F(TemplateDisksTest, FillsTheManifestDigests) {
   writeManifestWithOneDisk(kDiskBytes);
-  auto copies = copyTemplateDisks(dir_);
+  auto copies = copyTemplateDisks(dir_, recorded(), "test record");
   EXPECT_EQ(copies.disks, 1u);
   EXPECT_EQ(copies.dataBytes, 2 * 4096u);
   std::ifstream in(dir_ + "/manifest.json");
@@ -144,18 +146,37 @@ TEST_F(TemplateDisksTest, FillsTheManifestDigests) {
   UniqueFd fd(::open((dir_ + "/disk0.raw").c_str(), O_RDONLY | O_CLOEXEC));
   EXPECT_EQ(back.disks[0].sha256, snapshot::templateDiskDigest(fd.get(), kDiskBytes, "disk0.raw"));
   // Done once: a second call finds nothing left to copy.
-  EXPECT_EQ(copyTemplateDisks(dir_).disks, 0u);
+  EXPECT_EQ(copyTemplateDisks(dir_, recorded(), "test record").disks, 0u);
 }
 
 TEST_F(TemplateDisksTest, AFailedCopyLeavesNoDiskBehind) {
   writeManifestWithOneDisk(kDiskBytes + 4096);
   try {
-    copyTemplateDisks(dir_);
+    copyTemplateDisks(dir_, recorded(), "test record");
     FAIL() << "a disk of another size was copied";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("but the VM's disk had"), std::string::npos) << e.what();
   }
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/disk0.raw"));
+}
+
+// A core that names another file than the disk it was given (a secret of the user running
+// `clone snapshot`) gets nothing copied.
+TEST_F(TemplateDisksTest, AnImageTheVmWasNotStartedWithIsNotCopied) {
+  writeManifestWithOneDisk(kDiskBytes);
+  std::string secret = dir_ + "/../secret-" + std::to_string(::getpid());
+  for (const auto& record : {std::vector<RecordedDisk>{{secret, "raw"}},
+                             std::vector<RecordedDisk>{{base_, "qcow2"}},
+                             std::vector<RecordedDisk>{},
+                             std::vector<RecordedDisk>{{base_, "raw"}, {base_, "raw"}}}) {
+    try {
+      copyTemplateDisks(dir_, record, "test record");
+      ADD_FAILURE() << "copied although the record differs";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("refusing to copy"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(std::filesystem::exists(dir_ + "/disk0.raw"));
+  }
 }
 
 }  // namespace
