@@ -28,6 +28,7 @@
 #include "cli/program_path.h"
 #include "cli/template_disks.h"
 #include "cli/vm_client.h"
+#include "ipc/capnp/directory_fd.h"
 #include "common/error.h"
 #include "common/unique_fd.h"
 #include "vmm-core/snapshot/template_files.h"
@@ -107,16 +108,6 @@ uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& cons
   throw Error(fmt::format("did not answer on {} within {} s (pid {})", socket,
                           kForkReadyTimeout.count(), pid));
 }
-
-// A directory sent with an RPC call as its fd (Cap'n Proto fd passing). The fd is borrowed.
-class DirectoryFd final : public rpc::Directory::Server {
- public:
-  explicit DirectoryFd(int fd) : fd_(fd) {}
-  kj::Maybe<int> getFd() override { return fd_; }
-
- private:
-  int fd_;
-};
 
 // The snapshot's output, created here (or an existing empty directory) and opened: the core
 // writes into the fd it is sent, needing no path of its own (a jailed core has none).
@@ -367,7 +358,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
       auto request = vm.snapshotRequest();
       request.setOutputDir(output);
-      request.setDirectory(kj::heap<DirectoryFd>(outputDir.get()));
+      request.setDirectory(kj::heap<rpc::DirectoryFd>(outputDir.get()));
       request.setLeavePaused(options.leavePaused || copyDisks);
       auto result = request.send().wait(waitScope).getResult();
       streams.out << fmt::format("template {}: {} MiB of memory data, state {} bytes, paused {:.1f} ms\n",

@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include "common/error.h"
+#include "ipc/capnp/directory_fd.h"
 #include "vm_control.capnp.h"
 
 namespace clonevm::rpc {
@@ -39,15 +40,6 @@ class DirectoryWriter final : public VmControl::Server {
       }
     });
   }
-};
-
-class DirectoryFd final : public Directory::Server {
- public:
-  explicit DirectoryFd(int fd) : fd_(fd) {}
-  kj::Maybe<int> getFd() override { return fd_; }
-
- private:
-  int fd_;
 };
 
 class RpcSocketTest : public ::testing::Test {
