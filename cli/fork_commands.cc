@@ -574,11 +574,17 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
   auto* destroy = app.add_subcommand("destroy", "end a VM now (no guest shutdown) and wait for it to go");
   destroy->add_option("--vm", options.socket, "the VM's API socket")->required();
   destroy->callback([&options, streams] {
-    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
-      auto request = vm.shutdownRequest();
-      request.setGraceful(false);
-      request.send().wait(waitScope);
-    });
+    // A VM that ended by itself (`clone list` says "gone") left its socket and files: remove them.
+    struct stat info {};
+    bool ended = ::lstat(options.socket.c_str(), &info) == 0 && S_ISSOCK(info.st_mode) &&
+                 !rpc::someoneListens(options.socket);
+    if (!ended) {
+      withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+        auto request = vm.shutdownRequest();
+        request.setGraceful(false);
+        request.send().wait(waitScope);
+      });
+    }
     // Gone when nobody listens on its API socket any more: the core held the only listening
     // fd. (Its pid would not do: a jailed core is pid 1 of its own namespace.) A socket bound
     // by `clone fork` or `clone run` is removed here; a core that made its own removed it.
@@ -594,7 +600,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     if (socket.ends_with(".sock")) ::unlink((socket.substr(0, socket.size() - 5) + ".console").c_str());
     // Its disks' overlays and logs (clone-block ends with the core).
     removeForkDiskFiles(socket);
-    streams.out << "destroyed\n";
+    streams.out << (ended ? "destroyed (it had already ended)\n" : "destroyed\n");
   });
 }
 

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -152,6 +153,7 @@ class CliForks {
   }
   const std::string& socket(size_t i) const { return printed.forks.at(i).second; }
   const std::string& id(size_t i) const { return printed.forks.at(i).first; }
+  std::string consoleLog(size_t i) const { return runtime_ + "/" + id(i) + ".console"; }
 
   int code = -1;
   std::string output;
@@ -197,7 +199,8 @@ class ForkTest : public ::testing::Test {
                             guestInitrd(), "--cmdline", "console=ttyS0 panic=-1 quiet", "--mem-mb",
                             "256", "--api-socket", templateSocket_});
     if (!templateVm_->expect(kReady)) {
-      setupError_ = "the template VM did not boot:\n" + templateVm_->output();
+      setupError_ = "the template VM did not boot:\n" + templateVm_->output() + "\n" +
+                    describeStuckVm(templateSocket_);
       return;
     }
     // A process that must survive into every fork.
@@ -210,7 +213,8 @@ class ForkTest : public ::testing::Test {
     templateVm_->run("(sleep 100000 >/dev/null 2>&1 & echo $! > /tmp/sleeper.pid)");
     auto tick = templateVm_->run("sleep 2; cat /tmp/tick");
     if (!tick || !isNumber(*tick)) {
-      setupError_ = "the ticker did not start in the template VM:\n" + templateVm_->output();
+      setupError_ = "the ticker did not start in the template VM:\n" + templateVm_->output() + "\n" +
+                    describeStuckVm(templateSocket_);
       return;
     }
     // What the forks must not share with the template.
@@ -641,24 +645,36 @@ TEST_F(ForkTest, CopyOnWriteForksShareTheTemplatesPagesUntilTheyWrite) {
   EXPECT_EQ(fileSha256(memoryFile), memoryHash_) << "the template's memory file changed";
 }
 
-// A copy-on-write fork is a template in its turn: `clone snapshot` reads its memory through
-// the mapping (the template's pages and its own), and a fork of that template sees both.
-TEST_F(ForkTest, ACopyOnWriteForkCanBeSnapshottedAndForked) {
-  CliForks parent(templateDir_, base_ + "/cow-parent", 1, {"--fork-memory", "cow"});
+// A fork is a template in its turn: `clone snapshot` reads its memory through the mapping
+// (a memfd fork's unfilled pages fault in from its template; a copy-on-write fork reads the
+// template's pages and its own), and a fork of that template sees both. The fork is jailed,
+// and the new template's directory is not in its jail: the snapshot goes through the
+// directory fd `clone snapshot` sends.
+void snapshotAForkAndForkIt(const std::string& forkMemory, const std::string& base,
+                            const std::string& templateDir, const std::string& memoryHash) {
+  CliForks parent(templateDir, base + "/" + forkMemory + "-parent", 1, {"--fork-memory", forkMemory});
   ASSERT_TRUE(parent.allReady(1));
   auto mark = execIn(parent.socket(0), {"sh", "-c", "echo from-parent > /tmp/parent-mark"});
   ASSERT_EQ(mark.code, 0) << mark.output;
-  std::string dir = base_ + "/from-cow-fork";
+  std::string dir = base + "/from-" + forkMemory + "-fork";
   auto snapshot = cloneCli({"snapshot", "--vm", parent.socket(0), "--output", dir}, 120s);
   ASSERT_EQ(snapshot.code, 0) << snapshot.output;
-  CliForks child(dir, base_ + "/cow-child", 1, {"--fork-memory", "cow"});
+  CliForks child(dir, base + "/" + forkMemory + "-child", 1, {"--fork-memory", forkMemory});
   ASSERT_TRUE(child.allReady(1));
   EXPECT_EQ(execIn(child.socket(0), {"cat", "/tmp/parent-mark"}).output, "from-parent\n");
   // The template's idle process, through two generations.
   EXPECT_EQ(execIn(child.socket(0), {"sh", "-c", "kill -0 $(cat /tmp/sleeper.pid) && echo LIVES"}).output,
             "LIVES\n");
   EXPECT_EQ(execIn(parent.socket(0), {"echo", "parent-runs-on"}).output, "parent-runs-on\n");
-  EXPECT_EQ(fileSha256(templateDir_ + "/memory"), memoryHash_) << "the template's memory file changed";
+  EXPECT_EQ(fileSha256(templateDir + "/memory"), memoryHash) << "the template's memory file changed";
+}
+
+TEST_F(ForkTest, ACopyOnWriteForkCanBeSnapshottedAndForked) {
+  snapshotAForkAndForkIt("cow", base_, templateDir_, memoryHash_);
+}
+
+TEST_F(ForkTest, AMemfdForkCanBeSnapshottedAndForked) {
+  snapshotAForkAndForkIt("memfd", base_, templateDir_, memoryHash_);
 }
 
 // A second template: a small VM booted with `extra` options, `prepare` typed into its console
@@ -682,6 +698,39 @@ std::string makeOtherTemplate(const std::string& base, const std::string& name,
   cloneCli({"destroy", "--vm", socket});
   vm.waitExit(10s);
   return snapshot.code == 0 ? "" : "clone snapshot failed:\n" + snapshot.output;
+}
+
+// A host user truncates a template under its running copy-on-write fork (the jail holds the
+// file read-only, but the host can): the pages the fork had not written are gone. The fork's
+// core ends with the reason in its log, and nothing else does; `clone destroy` cleans up
+// after it, and the template is refused from then on.
+TEST_F(ForkTest, ATemplateTruncatedUnderACopyOnWriteForkEndsThatForkWithAReason) {
+  ASSERT_EQ(makeOtherTemplate(base_, "cut-under-fork", {}), "");
+  std::string dir = base_ + "/cut-under-fork";
+  CliForks forks(dir, base_ + "/cut-under-fork-fork", 1, {"--fork-memory", "cow"});
+  ASSERT_TRUE(forks.allReady(1));
+  std::string socket = forks.socket(0);
+  ASSERT_EQ(execIn(socket, {"echo", "before"}).output, "before\n");
+  ASSERT_EQ(::truncate((dir + "/memory").c_str(), 0), 0) << std::strerror(errno);
+  // Any page the guest had not written faults now; keep it busy until its core has ended.
+  auto alive = [&] { return cloneCli({"status", "--vm", socket}).code == 0; };
+  auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (alive() && std::chrono::steady_clock::now() < deadline) {
+    execIn(socket, {"sh", "-c", "cat /proc/meminfo /proc/slabinfo >/dev/null 2>&1; ls -R /usr >/dev/null"}, 10s);
+  }
+  std::string log = fileTail(forks.consoleLog(0));
+  EXPECT_FALSE(alive()) << "the fork still answers with its memory file gone:\n" << log;
+  bool reasoned = log.find("KVM_RUN: Bad address") != std::string::npos ||
+                  log.find("fatal signal SIGBUS") != std::string::npos;
+  EXPECT_TRUE(reasoned) << "no reason in the fork's log:\n" << log;
+  // The other VMs run on: the template VM of this suite.
+  auto other = templateVm_->run("echo still-$((40+2))");
+  ASSERT_TRUE(other) << templateVm_->output();
+  EXPECT_EQ(*other, "still-42");
+  // A new fork of the damaged template is refused before anything starts.
+  auto again = cloneCli({"fork", "--template", dir, "--fork-memory", "cow"});
+  EXPECT_NE(again.code, 0) << again.output;
+  EXPECT_NE(again.output.find("truncated"), std::string::npos) << again.output;
 }
 
 TEST_F(ForkTest, TemplateWithoutVsockForksWithoutIdentity) {
@@ -780,7 +829,8 @@ class ForkDiskTest : public ::testing::Test {
                             "--cmdline", "console=ttyS0 panic=-1 quiet", "--mem-mb", "256",
                             "--api-socket", templateSocket_, "--disk", baseImage_ + ",overlay"});
     if (!templateVm_->expect(kReady)) {
-      setupError_ = "the template VM did not boot:\n" + templateVm_->output();
+      setupError_ = "the template VM did not boot:\n" + templateVm_->output() + "\n" +
+                    describeStuckVm(templateSocket_);
       return;
     }
     // Data on the disk (synced), and one file left dirty in the guest's page cache: the
@@ -794,7 +844,8 @@ class ForkDiskTest : public ::testing::Test {
         "md5sum /mnt/blob | cut -c1-32 > /mnt/blob.md5 && sync && "
         "" + std::string(kDirtyPattern) + " > /mnt/dirty.bin && echo PREPARED", 180s);
     if (!prepared || prepared->find("PREPARED") == std::string::npos) {
-      setupError_ = "preparing the disk failed:\n" + templateVm_->output();
+      setupError_ = "preparing the disk failed:\n" + templateVm_->output() + "\n" +
+                    describeStuckVm(templateSocket_);
       return;
     }
     blobMd5_ = withoutNewline(templateVm_->run("cat /mnt/blob.md5").value_or(""));
