@@ -111,15 +111,19 @@ uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& cons
 
 // The snapshot's output, created here (or an existing empty directory) and opened: the core
 // writes into the fd it is sent, needing no path of its own (a jailed core has none).
-UniqueFd openOutputDirectory(const std::string& dir) {
-  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
-    throwSystemError(errno, "create template directory", dir);
-  }
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+struct OutputDirectory {
+  UniqueFd fd;
+  bool created = false;  // removed again if the snapshot is refused before writing anything
+};
+OutputDirectory openOutputDirectory(const std::string& dir) {
+  OutputDirectory output;
+  output.created = ::mkdir(dir.c_str(), 0755) == 0;
+  if (!output.created && errno != EEXIST) throwSystemError(errno, "create template directory", dir);
+  output.fd = UniqueFd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
   std::error_code error;
-  require(fd && std::filesystem::is_empty(dir, error), "{}: exists and is not an empty directory",
-          dir);
-  return fd;
+  require(output.fd && std::filesystem::is_empty(dir, error),
+          "{}: exists and is not an empty directory", dir);
+  return output;
 }
 
 std::vector<uint8_t> randomSeed(size_t size) {
@@ -353,18 +357,23 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       vhostUserDevices = status.getVhostUserDevices();
     });
     bool copyDisks = vhostUserDevices > 0;
-    UniqueFd outputDir = openOutputDirectory(output);
+    OutputDirectory outputDir = openOutputDirectory(output);
     auto start = std::chrono::steady_clock::now();
-    withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
-      auto request = vm.snapshotRequest();
-      request.setOutputDir(output);
-      request.setDirectory(kj::heap<rpc::DirectoryFd>(outputDir.get()));
-      request.setLeavePaused(options.leavePaused || copyDisks);
-      auto result = request.send().wait(waitScope).getResult();
-      streams.out << fmt::format("template {}: {} MiB of memory data, state {} bytes, paused {:.1f} ms\n",
-                                 output, result.getMemoryDataBytes() >> 20, result.getStateBytes(),
-                                 result.getPausedMs());
-    });
+    try {
+      withVm(options.socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+        auto request = vm.snapshotRequest();
+        request.setOutputDir(output);
+        request.setDirectory(kj::heap<rpc::DirectoryFd>(outputDir.fd.get()));
+        request.setLeavePaused(options.leavePaused || copyDisks);
+        auto result = request.send().wait(waitScope).getResult();
+        streams.out << fmt::format("template {}: {} MiB of memory data, state {} bytes, paused {:.1f} ms\n",
+                                   output, result.getMemoryDataBytes() >> 20, result.getStateBytes(),
+                                   result.getPausedMs());
+      });
+    } catch (...) {
+      if (outputDir.created) ::rmdir(output.c_str());  // only while still empty
+      throw;
+    }
     if (!copyDisks) return;
     auto resumeVm = [&] {
       if (options.leavePaused || wasPaused) return;
