@@ -14,10 +14,11 @@
 
 namespace clonevm::cli {
 
-std::string diskRecordPath(const std::string& apiSocket) {
-  std::string base = apiSocket.ends_with(".sock") ? apiSocket.substr(0, apiSocket.size() - 5) : apiSocket;
-  return base + ".disks";
+std::string socketFileBase(const std::string& apiSocket) {
+  return apiSocket.ends_with(".sock") ? apiSocket.substr(0, apiSocket.size() - 5) : apiSocket;
 }
+
+std::string diskRecordPath(const std::string& apiSocket) { return socketFileBase(apiSocket) + ".disks"; }
 
 void writeDiskRecord(const std::string& apiSocket, const std::vector<RecordedDisk>& disks) {
   nlohmann::json list = nlohmann::json::array();

@@ -18,6 +18,10 @@ struct RecordedDisk {
   std::string format;  // raw, qcow2, auto
 };
 
+// A VM's API socket path without ".sock": the stem of the files kept beside it (BASE.disks,
+// BASE.diskN.qcow2, BASE.console).
+std::string socketFileBase(const std::string& apiSocket);
+
 std::string diskRecordPath(const std::string& apiSocket);
 
 // Writes the record (0600, replacing a stale one: the caller holds the live socket).

@@ -606,7 +606,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     ::unlink(options.socket.c_str());
     // The log of a fork started by `clone fork` is not needed once it is gone.
     std::string socket = options.socket;
-    if (socket.ends_with(".sock")) ::unlink((socket.substr(0, socket.size() - 5) + ".console").c_str());
+    if (socket.ends_with(".sock")) ::unlink((socketFileBase(socket) + ".console").c_str());
     // Its disks' overlays and logs (clone-block ends with the core).
     removeForkDiskFiles(socket);
     streams.out << (ended ? "destroyed (it had already ended)\n" : "destroyed\n");

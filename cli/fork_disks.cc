@@ -17,10 +17,6 @@ namespace {
 // No template has more (clone-block's serials are clone-disk0..; PCI slots run out first).
 constexpr size_t kMaxForkDisks = 64;
 
-std::string fileBase(const std::string& apiSocket) {
-  return apiSocket.ends_with(".sock") ? apiSocket.substr(0, apiSocket.size() - 5) : apiSocket;
-}
-
 }  // namespace
 
 ForkDiskOption parseForkDiskOption(const std::string& value) {
@@ -46,11 +42,11 @@ ForkDiskOption parseForkDiskOption(const std::string& value) {
 }
 
 std::string forkDiskOverlayPath(const std::string& apiSocket, size_t index) {
-  return fmt::format("{}.disk{}.qcow2", fileBase(apiSocket), index);
+  return fmt::format("{}.disk{}.qcow2", socketFileBase(apiSocket), index);
 }
 
 std::string forkDiskLogPath(const std::string& apiSocket, size_t index) {
-  return fmt::format("{}.disk{}.log", fileBase(apiSocket), index);
+  return fmt::format("{}.disk{}.log", socketFileBase(apiSocket), index);
 }
 
 std::vector<int> ForkDisks::keepFds() const {

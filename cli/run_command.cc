@@ -128,22 +128,21 @@ void addRunCommand(CLI::App& app, RunOptions& options, const GlobalOptions& glob
       if (!vmmOptions.vhostUserBlk.empty()) writeDiskRecord(apiSocket, recordedDisks(vmmOptions.vhostUserBlk));
     }
     auto spec = vmmProcessSpec(vmmOptions, global.toArgs(), siblingProgram("clone-vmm"), api.get());
+    auto removeApiFiles = [&apiSocket] {
+      if (apiSocket.empty()) return;
+      ::unlink(apiSocket.c_str());
+      removeDiskRecord(apiSocket);
+    };
     pid_t pid = -1;
     try {
       pid = launcher->launch(spec);
     } catch (...) {
-      if (api) {
-        ::unlink(apiSocket.c_str());
-        removeDiskRecord(apiSocket);
-      }
+      removeApiFiles();
       throw;
     }
     api = UniqueFd();
     exitCode = waitForExit(pid, options.noJail ? spec.program : "clone-jailer");
-    if (!apiSocket.empty()) {
-      ::unlink(apiSocket.c_str());
-      removeDiskRecord(apiSocket);
-    }
+    removeApiFiles();
   });
 }
 
