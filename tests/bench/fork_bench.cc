@@ -33,6 +33,7 @@
 #include <tuple>
 
 #include <CLI/CLI.hpp>
+#include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -291,6 +292,76 @@ TemplatePages templatePagesOf(int pid, const std::string& templateMemory) {
   return pages;
 }
 
+// What the guest pages a copy-on-write fork owns are, by the guest kernel's own account: the
+// fork's private pages in its mapping of the template (the pagemap: present, not file-backed,
+// mapped by this process only), each looked up in the guest's /proc/kpageflags through the
+// agent. The lookup runs after the list is taken, so its own writes are not counted.
+std::map<std::string, uint64_t> ownedGuestPagesByKind(int pid, const std::string& templateMemory,
+                                                      const std::string& socket, uint64_t guestBytes) {
+  constexpr uint64_t kPage = 4096;
+  std::map<std::string, uint64_t> kinds;
+  std::string memoryPath = std::filesystem::canonical(templateMemory).string();
+  uint64_t base = UINT64_MAX;
+  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
+  for (std::string line; std::getline(maps, line);) {
+    std::istringstream fields(line);
+    std::string range, perms, offset, dev, inode, name;
+    fields >> range >> perms >> offset >> dev >> inode;
+    std::getline(fields >> std::ws, name);
+    if (name != memoryPath) continue;
+    uint64_t from = std::stoull(range.substr(0, range.find('-')), nullptr, 16);
+    base = std::min<uint64_t>(base, from - std::stoull(offset, nullptr, 16));
+  }
+  if (base == UINT64_MAX) return {{"(no mapping of the template found)", 0}};
+  std::vector<uint64_t> entries(guestBytes / kPage);
+  int pagemap = ::open(fmt::format("/proc/{}/pagemap", pid).c_str(), O_RDONLY | O_CLOEXEC);
+  ssize_t got = pagemap < 0 ? -1 : ::pread(pagemap, entries.data(), entries.size() * 8, static_cast<off_t>(base / kPage * 8));
+  if (pagemap >= 0) ::close(pagemap);
+  std::vector<uint64_t> owned;
+  for (size_t i = 0; got > 0 && i < static_cast<size_t>(got) / 8; ++i) {
+    bool present = entries[i] >> 63 & 1, fileOrShared = entries[i] >> 61 & 1, exclusive = entries[i] >> 56 & 1;
+    if (present && !fileOrShared && exclusive) owned.push_back(i);
+  }
+  auto dump = runClone({"exec", "--vm", socket, "--", "od", "-An", "-tx8", "-v", "/proc/kpageflags"}, 300s);
+  std::vector<uint64_t> flags;
+  std::istringstream words(dump.output);
+  for (std::string word; words >> word;) flags.push_back(std::stoull(word, nullptr, 16));
+  // Bits of Documentation/admin-guide/mm/pagemap.rst, most telling first.
+  const std::vector<std::pair<int, const char*>> kBits = {
+      {26, "page table"}, {7, "slab"}, {10, "free (buddy)"}, {22, "transparent huge page"},
+      {12, "anonymous (user memory)"}, {5, "page cache (lru)"}, {32, "reserved"},
+      {24, "zero page"}};
+  // The kernel image's sections by physical address, to tell its data from memblock's pages.
+  std::vector<std::tuple<uint64_t, uint64_t, std::string>> sections;
+  std::istringstream iomem(runClone({"exec", "--vm", socket, "--", "cat", "/proc/iomem"}, 60s).output);
+  for (std::string line; std::getline(iomem, line);) {
+    auto dash = line.find('-'), colon = line.find(" : ");
+    if (dash == std::string::npos || colon == std::string::npos || line.find("Kernel ") == std::string::npos) continue;
+    sections.emplace_back(std::stoull(line.substr(0, dash), nullptr, 16) / kPage,
+                          std::stoull(line.substr(dash + 1, colon - dash - 1), nullptr, 16) / kPage,
+                          "reserved: " + line.substr(colon + 3));
+  }
+  for (uint64_t pfn : owned) {
+    std::string kind = "no flags (vmalloc: kernel stacks, modules, percpu, ...)";
+    if (pfn >= flags.size()) kind = "beyond /proc/kpageflags";
+    else {
+      for (auto [bit, name] : kBits) {
+        if (flags[pfn] >> bit & 1) { kind = name; break; }
+      }
+      if (kind.starts_with("no flags") && flags[pfn] != 0) kind = fmt::format("other flags {:#x}", flags[pfn]);
+      if (kind.starts_with("reserved")) {
+        kind = "reserved outside the kernel image (memblock: struct pages, percpu, early page tables)";
+        for (const auto& [first, last, name] : sections) {
+          if (pfn >= first && pfn <= last) kind = name;
+        }
+      }
+    }
+    kinds[kind] += 4;
+  }
+  kinds["(all owned guest pages)"] = owned.size() * 4;
+  return kinds;
+}
+
 // The mappings of one process with the most PSS: "pss private size name" lines, in KiB.
 std::vector<std::string> topMappings(int pid, size_t count) {
   std::vector<std::tuple<uint64_t, uint64_t, uint64_t, std::string>> rows;
@@ -386,7 +457,14 @@ int main(int argc, char** argv) {
   app.add_option("--qemu-restores", qemuRestores, "QEMU -incoming restores timed to the serial answer");
   app.add_option("--pss-forks", pssForks, "forks left idle, then their PSS measured");
   app.add_option("--idle-seconds", idleSeconds);
+  int warmProbes = 10;
+  app.add_option("--warm-probes", warmProbes,
+                 "probes of the running template before its snapshot: the agent's `true` and the "
+                 "serial echo, the floor any fork's answer stands on in this lab");
   app.add_option("--mem-mb", memMib);
+  std::string cmdlineExtra;
+  app.add_option("--cmdline-extra", cmdlineExtra,
+                 "appended to the guest kernel command line of the template (and of QEMU's guest)");
   app.add_option("--cid-base", cidBase, "vsock CIDs used: this one and up");
   CLI11_PARSE(app, argc, argv);
   std::cout << std::unitbuf;  // partial results survive a timeout
@@ -394,6 +472,7 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(dir);
   std::string templateDir = dir + "/template";
   std::string mem = std::to_string(memMib);
+  const std::string cmdline = cmdlineExtra.empty() ? kCmdline : kCmdline + " " + cmdlineExtra;
   uint32_t nextCid = cidBase;
   auto cidArgs = [&](uint32_t cid) { return std::vector<std::string>{"--vsock-cid", std::to_string(cid)}; };
   auto with = [](std::vector<std::string> a, const std::vector<std::string>& b) {
@@ -405,9 +484,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> diskForkArgs;
   if (diskPostcopy) diskForkArgs.push_back("--disk-postcopy");
   std::vector<std::string> coldBootArgs = {"--kernel", guestKernel(), "--initrd", guestInitrd(),
-                                           "--cmdline", kCmdline, "--mem-mb", mem};
+                                           "--cmdline", cmdline, "--mem-mb", mem};
 
   // The template, with its agent up (forks inherit its listening socket).
+  Latencies warmExecMs, warmSerialMs;
   {
     uint32_t cid = nextCid++;
     GuestSession vm(vmm,
@@ -416,6 +496,17 @@ int main(int argc, char** argv) {
     if (!vm.expect("CLONE-GUEST-READY") || !answers(vm) || !agentAnswers(cid, 120s, error, &vm)) {
       std::cerr << "template did not boot or its agent did not answer: " << error << "\n" << vm.output();
       return 1;
+    }
+    // The floor: how fast a guest that is already running answers the same probes.
+    for (int i = 0; i < warmProbes; ++i) {
+      auto start = Clock::now();
+      if (agentAnswers(cid, 30s, error, &vm)) warmExecMs.ms.push_back(msSince(start));
+      else warmExecMs.failures++;
+    }
+    for (int i = 0; i < warmProbes; ++i) {
+      auto start = Clock::now();
+      if (answers(vm, 30s)) warmSerialMs.ms.push_back(msSince(start));
+      else warmSerialMs.failures++;
     }
     auto snap = runClone({"snapshot", "--vm", dir + "/template.sock", "--output", templateDir}, 120s);
     if (!snap.ok()) {
@@ -433,6 +524,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < forks; ++i) {
     uint32_t cid = nextCid++;
     auto start = Clock::now();
+    auto spawnedAt = std::chrono::system_clock::now();
     auto session = std::make_unique<GuestSession>(vmm, with(restoreArgs, cidArgs(cid)));
     GuestSession& fork = *session;
     std::string error;
@@ -446,12 +538,15 @@ int main(int argc, char** argv) {
     if (i == 0) firstForkMs = ms;
     else forkMs.ms.push_back(ms);
     std::cout << fmt::format("fork {}: {:.1f} ms to exec{}\n", i, ms, i == 0 && forkMemory == "memfd" ? " (records the working set)" : "");
-    if (i < 2) {
+    if (i < 4) {
       // What the fork's memory fill did (its log).
       drain(&fork, 1500ms);
+      std::cout << fmt::format("  spawned at {:%H:%M:%S} (compare the log's times)\n",
+                               std::chrono::floor<std::chrono::milliseconds>(spawnedAt));
       std::istringstream log(fork.output());
       for (std::string line; std::getline(log, line);) {
-        if (line.find("prefetched") != std::string::npos || line.find("working set") != std::string::npos) {
+        if (line.find("prefetched") != std::string::npos || line.find("working set") != std::string::npos ||
+            line.find("vsock") != std::string::npos) {
           std::cout << "  " << line << "\n";
         }
       }
@@ -601,7 +696,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> qemu = {"-accel", "kvm", "-M", "q35", "-cpu", "host", "-m", mem,
                                    "-smp", "1", "-nodefaults", "-nographic", "-no-reboot",
                                    "-serial", "stdio", "-kernel", guestKernel(), "-initrd",
-                                   guestInitrd(), "-append", kCmdline};
+                                   guestInitrd(), "-append", cmdline};
   auto timeQemuRestores = [&](const std::vector<std::string>& extra, const std::string& name, int count) {
     Latencies latencies;
     std::string monitor = fmt::format("{}/qemu-{}.monitor", dir, name);
@@ -705,6 +800,14 @@ int main(int argc, char** argv) {
     for (int pid : pidsWithArgument(fmt::format("{}/pss-{}.sock", dir, median))) {
       std::cout << fmt::format("fork {} (median PSS), pid {}: largest mappings by PSS (KiB)\n", median, pid);
       for (const auto& row : topMappings(pid, 15)) std::cout << "  " << row << "\n";
+      if (forkMemory == "cow") {
+        std::cout << fmt::format("fork {}: the guest pages it owns, by the guest kernel's page flags (KiB)\n", median);
+        for (const auto& [kind, kib] : ownedGuestPagesByKind(pid, templateDir + "/memory",
+                                                            fmt::format("{}/pss-{}.sock", dir, median),
+                                                            static_cast<uint64_t>(memMib) << 20)) {
+          std::cout << fmt::format("  {:8} {}\n", kib, kind);
+        }
+      }
     }
     for (auto& vm : idle) destroy(vm);
   }
@@ -716,6 +819,10 @@ int main(int argc, char** argv) {
                            describe(cliForkMs));
   std::cout << fmt::format("RESULT clone_fork_to_serial_ms {}\n", describe(forkSerialMs));
   std::cout << fmt::format("RESULT clone_cold_boot_to_exec_ms {}\n", describe(bootMs));
+  std::cout << fmt::format("RESULT template_running_exec_ms {} (the same exec probe, the template before its "
+                           "snapshot: no VMM start, no restore)\n", describe(warmExecMs));
+  std::cout << fmt::format("RESULT template_running_serial_ms {} (QEMU's serial probe, the same running template)\n",
+                           describe(warmSerialMs));
   std::cout << fmt::format("RESULT qemu_restore_to_serial_ms {}\n", describe(qemuMs));
   auto ratio = [](const Latencies& a, const Latencies& b, double q) {
     return a.ms.empty() || b.ms.empty() ? 0.0 : a.p(q) / b.p(q);
@@ -726,6 +833,10 @@ int main(int argc, char** argv) {
                            ratio(qemuMs, cliForkMs, 0.5), ratio(qemuMs, cliForkMs, 0.99));
   std::cout << fmt::format("RESULT ratio qemu_restore(serial)/clone_fork(serial) p50 {:.2f} p99 {:.2f}\n",
                            ratio(qemuMs, forkSerialMs, 0.5), ratio(qemuMs, forkSerialMs, 0.99));
+  std::cout << fmt::format("RESULT ratio qemu_restore(serial)/template_running(exec) p50 {:.2f}, "
+                           "qemu_restore(serial)/template_running(serial) p50 {:.2f} (the most any fork could "
+                           "reach in this lab: a restore that took no time)\n",
+                           ratio(qemuMs, warmExecMs, 0.5), ratio(qemuMs, warmSerialMs, 0.5));
   std::cout << fmt::format("RESULT ratio clone_cold_boot(exec)/clone_fork(exec) p50 {:.2f}\n",
                            ratio(bootMs, forkMs, 0.5));
   std::cout << fmt::format("RESULT vms_stuck_at_exit {}\n", stuckAtExit);
