@@ -169,10 +169,20 @@ void drain(GuestSession* vm, std::chrono::milliseconds wait) {
   (void)vm->expect("\x01no such text\x01", wait);
 }
 
+// How the last agentAnswers went: connect attempts and when the answering one connected.
+struct ProbeTrace {
+  int attempts = 0;
+  double connectedMs = 0;
+};
+ProbeTrace lastProbe;
+
 bool agentAnswers(uint32_t cid, std::chrono::milliseconds timeout, std::string& error,
                   GuestSession* vm = nullptr) {
-  auto deadline = Clock::now() + timeout;
+  auto begin = Clock::now();
+  auto deadline = begin + timeout;
+  lastProbe = {};
   while (true) {
+    lastProbe.attempts++;
     clonevm::UniqueFd fd(::socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!fd) {
       error = fmt::format("socket(AF_VSOCK): {}", std::strerror(errno));
@@ -185,6 +195,7 @@ bool agentAnswers(uint32_t cid, std::chrono::milliseconds timeout, std::string& 
     address.svm_cid = cid;
     address.svm_port = clonevm::cli::kAgentPort;
     if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) {
+      lastProbe.connectedMs = msSince(begin);
       try {
         clonevm::cli::AgentConnection connection(std::move(fd));
         clonevm::UniqueFd devNull(::open("/dev/null", O_WRONLY | O_CLOEXEC));
@@ -541,8 +552,11 @@ int main(int argc, char** argv) {
     if (i < 4) {
       // What the fork's memory fill did (its log).
       drain(&fork, 1500ms);
-      std::cout << fmt::format("  spawned at {:%H:%M:%S} (compare the log's times)\n",
-                               std::chrono::floor<std::chrono::milliseconds>(spawnedAt));
+      auto sinceMidnight = std::chrono::duration_cast<std::chrono::milliseconds>(spawnedAt.time_since_epoch()).count() % 86400000;
+      std::cout << fmt::format("  spawned at {:02}:{:02}:{:02}.{:03} UTC (compare the log's times); the answering "
+                               "connect was attempt {}, {:.1f} ms after the spawn\n",
+                               sinceMidnight / 3600000, sinceMidnight / 60000 % 60, sinceMidnight / 1000 % 60,
+                               sinceMidnight % 1000, lastProbe.attempts, lastProbe.connectedMs);
       std::istringstream log(fork.output());
       for (std::string line; std::getline(log, line);) {
         if (line.find("prefetched") != std::string::npos || line.find("working set") != std::string::npos ||
