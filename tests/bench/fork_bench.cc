@@ -254,6 +254,29 @@ std::map<std::string, uint64_t> pssByKind(int pid, const std::string& templateDi
   return kinds;
 }
 
+// One line of /proc/PID/maps.
+struct Mapping {
+  uint64_t from = 0, to = 0, offset = 0;
+  std::string perms, name;
+};
+std::vector<Mapping> mappingsOf(int pid) {
+  std::vector<Mapping> mappings;
+  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
+  for (std::string line; std::getline(maps, line);) {
+    std::istringstream fields(line);
+    std::string range, offset, dev, inode;
+    Mapping m;
+    fields >> range >> m.perms >> offset >> dev >> inode;
+    std::getline(fields >> std::ws, m.name);
+    auto dash = range.find('-');
+    m.from = std::stoull(range.substr(0, dash), nullptr, 16);
+    m.to = std::stoull(range.substr(dash + 1), nullptr, 16);
+    m.offset = std::stoull(offset, nullptr, 16);
+    mappings.push_back(std::move(m));
+  }
+  return mappings;
+}
+
 // A fork's resident guest pages (its memfd mapping) and how many of them are byte-identical
 // to the template's memory file: what a copy-on-write mapping of the template would have kept
 // shared (an upper bound: a page the guest rewrote with the same bytes counts as identical).
@@ -265,17 +288,9 @@ struct TemplatePages {
 TemplatePages templatePagesOf(int pid, const std::string& templateMemory) {
   constexpr uint64_t kPage = 4096;
   uint64_t start = 0, end = 0, fileOffset = 0;
-  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
-  for (std::string line; std::getline(maps, line);) {
-    std::istringstream fields(line);
-    std::string range, perms, offset, dev, inode, name;
-    fields >> range >> perms >> offset >> dev >> inode;
-    std::getline(fields >> std::ws, name);
-    auto dash = range.find('-');
-    uint64_t from = std::stoull(range.substr(0, dash), nullptr, 16);
-    uint64_t to = std::stoull(range.substr(dash + 1), nullptr, 16);
-    if (name.starts_with("/memfd:") && perms == "rw-s" && to - from > end - start) {
-      start = from, end = to, fileOffset = std::stoull(offset, nullptr, 16);
+  for (const auto& m : mappingsOf(pid)) {
+    if (m.name.starts_with("/memfd:") && m.perms == "rw-s" && m.to - m.from > end - start) {
+      start = m.from, end = m.to, fileOffset = m.offset;
     }
   }
   TemplatePages pages;
@@ -313,15 +328,8 @@ std::map<std::string, uint64_t> ownedGuestPagesByKind(int pid, const std::string
   std::map<std::string, uint64_t> kinds;
   std::string memoryPath = std::filesystem::canonical(templateMemory).string();
   uint64_t base = UINT64_MAX;
-  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
-  for (std::string line; std::getline(maps, line);) {
-    std::istringstream fields(line);
-    std::string range, perms, offset, dev, inode, name;
-    fields >> range >> perms >> offset >> dev >> inode;
-    std::getline(fields >> std::ws, name);
-    if (name != memoryPath) continue;
-    uint64_t from = std::stoull(range.substr(0, range.find('-')), nullptr, 16);
-    base = std::min<uint64_t>(base, from - std::stoull(offset, nullptr, 16));
+  for (const auto& m : mappingsOf(pid)) {
+    if (m.name == memoryPath) base = std::min(base, m.from - m.offset);
   }
   if (base == UINT64_MAX) return {{"(no mapping of the template found)", 0}};
   std::vector<uint64_t> entries(guestBytes / kPage);
