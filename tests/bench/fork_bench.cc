@@ -169,20 +169,20 @@ void drain(GuestSession* vm, std::chrono::milliseconds wait) {
   (void)vm->expect("\x01no such text\x01", wait);
 }
 
-// How the last agentAnswers went: connect attempts and when the answering one connected.
+// How a probe went: connect attempts and when the answering one connected.
 struct ProbeTrace {
   int attempts = 0;
   double connectedMs = 0;
 };
-ProbeTrace lastProbe;
 
 bool agentAnswers(uint32_t cid, std::chrono::milliseconds timeout, std::string& error,
-                  GuestSession* vm = nullptr) {
+                  GuestSession* vm = nullptr, ProbeTrace* trace = nullptr) {
   auto begin = Clock::now();
   auto deadline = begin + timeout;
-  lastProbe = {};
+  ProbeTrace unused;
+  ProbeTrace& probe = trace != nullptr ? *trace : unused;
   while (true) {
-    lastProbe.attempts++;
+    probe.attempts++;
     clonevm::UniqueFd fd(::socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!fd) {
       error = fmt::format("socket(AF_VSOCK): {}", std::strerror(errno));
@@ -195,7 +195,7 @@ bool agentAnswers(uint32_t cid, std::chrono::milliseconds timeout, std::string& 
     address.svm_cid = cid;
     address.svm_port = clonevm::cli::kAgentPort;
     if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) {
-      lastProbe.connectedMs = msSince(begin);
+      probe.connectedMs = msSince(begin);
       try {
         clonevm::cli::AgentConnection connection(std::move(fd));
         clonevm::UniqueFd devNull(::open("/dev/null", O_WRONLY | O_CLOEXEC));
@@ -547,7 +547,8 @@ int main(int argc, char** argv) {
     auto session = std::make_unique<GuestSession>(vmm, with(restoreArgs, cidArgs(cid)));
     GuestSession& fork = *session;
     std::string error;
-    if (!agentAnswers(cid, 120s, error, &fork)) {
+    ProbeTrace probe;
+    if (!agentAnswers(cid, 120s, error, &fork, &probe)) {
       std::cerr << fmt::format("fork {}: the agent did not answer: {}\n{}\n", i, error, fork.output());
       forkMs.failures++;
       destroy(session);
@@ -564,7 +565,7 @@ int main(int argc, char** argv) {
       std::cout << fmt::format("  spawned at {:02}:{:02}:{:02}.{:03} UTC (compare the log's times); the answering "
                                "connect was attempt {}, {:.1f} ms after the spawn\n",
                                sinceMidnight / 3600000, sinceMidnight / 60000 % 60, sinceMidnight / 1000 % 60,
-                               sinceMidnight % 1000, lastProbe.attempts, lastProbe.connectedMs);
+                               sinceMidnight % 1000, probe.attempts, probe.connectedMs);
       std::istringstream log(fork.output());
       for (std::string line; std::getline(log, line);) {
         if (line.find("prefetched") != std::string::npos || line.find("working set") != std::string::npos ||
@@ -806,9 +807,11 @@ int main(int argc, char** argv) {
         kib += pssKib(pid);
         for (auto& [kind, value] : pssByKind(pid, templateDir)) kinds[kind] += value;
         forkThreads += threadCount(pid);
-        auto pages = templatePagesOf(pid, templateDir + "/memory");
-        identicalKib.push_back(static_cast<double>(pages.identical * 4));
-        differingKib.push_back(static_cast<double>((pages.resident - pages.identical) * 4));
+        if (forkMemory == "memfd") {  // a cow fork has no memfd: ownedGuestPagesByKind covers it
+          auto pages = templatePagesOf(pid, templateDir + "/memory");
+          identicalKib.push_back(static_cast<double>(pages.identical * 4));
+          differingKib.push_back(static_cast<double>((pages.resident - pages.identical) * 4));
+        }
       }
       pssMib.push_back(static_cast<double>(kib) / 1024.0);
       breakdowns.push_back(std::move(kinds));
@@ -894,7 +897,7 @@ int main(int argc, char** argv) {
     std::cout << fmt::format("RESULT fork_threads median {}\n",
                              percentile(std::vector<double>(threads.begin(), threads.end()), 0.5));
     // What sharing the template's clean pages copy-on-write would leave private.
-    std::cout << fmt::format("RESULT fork_guest_kib identical to the template median {:.0f}, differing median "
+    if (!identicalKib.empty()) std::cout << fmt::format("RESULT fork_guest_kib identical to the template median {:.0f}, differing median "
                              "{:.0f} (resident memfd pages; identical ones a copy-on-write mapping could share)\n",
                              percentile(identicalKib, 0.5), percentile(differingKib, 0.5));
   }
