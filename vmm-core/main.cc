@@ -18,6 +18,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "jailer/seccomp/seccomp_policy.h"
+#include "vmm-core/api/fork_server.h"
 #include "vmm-core/api/vm_api_server.h"
 #include "vmm-core/snapshot/template_files.h"
 #include "vmm-core/vm/machine.h"
@@ -109,6 +110,16 @@ int runVmm(int argc, char** argv) {
                  "serve the API on this inherited listening unix socket instead (clone run and "
                  "clone fork bind it, so that a jailed core needs no writable directory)")
       ->check(CLI::Range(3, 1 << 20));
+  int forkServerFd = -1;
+  app.add_option("--fork-server-fd", forkServerFd,
+                 "with --restore: serve fork requests on this inherited SOCK_SEQPACKET socket; "
+                 "each one fork()s a VM from the template, which this process checked once "
+                 "(docs/FORK.md); ends when the client hung up and its forks ended")
+      ->check(CLI::Range(3, 1 << 20))
+      ->needs("--restore")
+      ->excludes("--api-fd")
+      ->excludes("--api-socket")
+      ->excludes("--vsock-cid");
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
@@ -173,6 +184,19 @@ int runVmm(int argc, char** argv) {
     }
     KvmSystem kvm;
     validate(config, kvm);
+    if (forkServerFd >= 0) {
+      auto request = serveForks(forkServerFd, *log);
+      if (!request) return kExitPowerOff;  // the server is done
+      // This is a fork now: its own output, API socket and CID; its timings start here.
+      CLONE_SYSCALL(::dup2(request->output.get(), STDOUT_FILENO), "fork: take its output");
+      CLONE_SYSCALL(::dup2(request->output.get(), STDERR_FILENO), "fork: take its output");
+      request->output.reset();
+      apiFd = request->apiListener.release();
+      apiSocket = request->apiSocketName;
+      config.vsock.guestCid = request->vsockCid;
+      start = Machine::Clock::now();
+      log->info("fork {}: forked by the fork server", request->forkId);
+    }
     Machine machine(config, kvm, *log, start);
     machine.setLockdown([seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); });
     bool serveApi = !apiSocket.empty() || apiFd >= 0;

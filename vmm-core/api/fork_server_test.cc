@@ -1,0 +1,152 @@
+// The fork server's process handling, without KVM: a "fork" here writes its id to its output
+// and ends once its API listener gets a connection. (The VM a real fork restores is tested in
+// the lab: tests/e2e/fork_test.cc.)
+#include "vmm-core/api/fork_server.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <spdlog/sinks/null_sink.h>
+
+namespace clonevm::vmm {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Listener {
+  UniqueFd fd;
+  sockaddr_un address{};
+  socklen_t length = 0;
+};
+Listener listener() {
+  Listener l;
+  l.fd = UniqueFd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  l.address.sun_family = AF_UNIX;
+  EXPECT_EQ(::bind(l.fd.get(), reinterpret_cast<sockaddr*>(&l.address), sizeof(sa_family_t)), 0);
+  EXPECT_EQ(::listen(l.fd.get(), 1), 0);
+  l.length = sizeof(l.address);
+  EXPECT_EQ(::getsockname(l.fd.get(), reinterpret_cast<sockaddr*>(&l.address), &l.length), 0);
+  return l;
+}
+
+void connectTo(const Listener& l) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(::connect(fd.get(), reinterpret_cast<const sockaddr*>(&l.address), l.length), 0);
+}
+
+std::string readAll(int fd) {
+  std::string text;
+  char buffer[256];
+  ssize_t n;
+  while ((n = ::read(fd, buffer, sizeof(buffer))) > 0) text.append(buffer, static_cast<size_t>(n));
+  return text;
+}
+
+// Waits for `pid` up to `limit`; returns its status, or -1 if it is still running.
+int waitFor(pid_t pid, std::chrono::milliseconds limit) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  int status = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) return status;
+    std::this_thread::sleep_for(5ms);
+  }
+  return -1;
+}
+
+// Starts a server process on `serverEnd`; its forks write their id and wait for a connection.
+pid_t startServer(UniqueFd& clientEnd, UniqueFd& serverEnd) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    clientEnd.reset();
+    spdlog::logger log("t", std::make_shared<spdlog::sinks::null_sink_st>());
+    auto request = serveForks(serverEnd.get(), log);
+    if (!request) ::_exit(0);
+    std::string text = "fork " + request->forkId + " pid " + std::to_string(::getpid());
+    (void)!::write(request->output.get(), text.data(), text.size());
+    request->output.reset();
+    UniqueFd connection(::accept(request->apiListener.get(), nullptr, nullptr));
+    ::_exit(connection ? 7 : 8);
+  }
+  serverEnd.reset();
+  return pid;
+}
+
+struct Output {
+  UniqueFd read, write;
+};
+Output makeOutput() {
+  int ends[2];
+  EXPECT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  return {UniqueFd(ends[0]), UniqueFd(ends[1])};
+}
+
+TEST(ForkServerTest, OneForkPerRequestEachWithItsOwnFdsAndTheServerEndsAfterThem) {
+  auto [client, server] = ipc::makeForkSocketPair();
+  pid_t serverPid = startServer(client, server);
+  std::vector<Listener> apis;
+  std::vector<Output> outputs;
+  std::vector<pid_t> pids;
+  for (int i = 0; i < 2; ++i) {
+    apis.push_back(listener());
+    outputs.push_back(makeOutput());
+    ipc::ForkRequest request;
+    request.forkId = "fork-" + std::to_string(i);
+    request.apiSocketName = "api-" + std::to_string(i);
+    request.apiListener = UniqueFd(::dup(apis.back().fd.get()));
+    request.output = std::move(outputs.back().write);
+    ipc::sendForkRequest(client.get(), request);
+    auto reply = ipc::receiveForkReply(client.get());
+    ASSERT_EQ(reply.error, "");
+    ASSERT_GT(reply.pid, 0);
+    pids.push_back(reply.pid);
+  }
+  EXPECT_NE(pids[0], pids[1]);
+  // A broken request is answered with its reason; the server goes on.
+  uint32_t junk[4] = {1, 2, 3, 4};
+  ASSERT_EQ(::send(client.get(), junk, sizeof(junk), 0), static_cast<ssize_t>(sizeof(junk)));
+  auto refused = ipc::receiveForkReply(client.get());
+  EXPECT_EQ(refused.pid, 0);
+  EXPECT_NE(refused.error.find("bytes, expected"), std::string::npos) << refused.error;
+
+  // Each fork got its own output and API listener (the server's pid namespace is ours here).
+  for (int i = 0; i < 2; ++i) {
+    connectTo(apis[i]);
+    EXPECT_EQ(readAll(outputs[i].read.get()),
+              "fork fork-" + std::to_string(i) + " pid " + std::to_string(pids[i]));
+  }
+  // The client hangs up: the server ends once its forks have (they have, above).
+  client.reset();
+  int status = waitFor(serverPid, 10s);
+  ASSERT_NE(status, -1) << "the fork server did not end";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+TEST(ForkServerTest, TheServerOutlivesTheClientWhileAForkRuns) {
+  auto [client, server] = ipc::makeForkSocketPair();
+  pid_t serverPid = startServer(client, server);
+  Listener api = listener();
+  Output output = makeOutput();
+  ipc::ForkRequest request;
+  request.forkId = "long-lived";
+  request.apiListener = UniqueFd(::dup(api.fd.get()));
+  request.output = std::move(output.write);
+  ipc::sendForkRequest(client.get(), request);
+  ASSERT_EQ(ipc::receiveForkReply(client.get()).error, "");
+  client.reset();
+  EXPECT_EQ(waitFor(serverPid, 300ms), -1) << "the server ended while its fork ran";
+  connectTo(api);  // the fork ends
+  int status = waitFor(serverPid, 10s);
+  ASSERT_NE(status, -1) << "the fork server did not end after its fork";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+}  // namespace
+}  // namespace clonevm::vmm
