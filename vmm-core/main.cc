@@ -2,6 +2,7 @@
 //
 // Exit codes (docs/VMM.md): 0 guest powered off; 1 error (bad input or setup failure);
 // 2 bad command line; 3 guest reset (reboot); 4 guest triple fault; 5 internal error.
+#include <fcntl.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
@@ -17,6 +18,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "common/unique_fd.h"
 #include "jailer/seccomp/seccomp_policy.h"
 #include "vmm-core/api/fork_server.h"
 #include "vmm-core/api/vm_api_server.h"
@@ -187,7 +189,10 @@ int runVmm(int argc, char** argv) {
     if (forkServerFd >= 0) {
       auto request = serveForks(forkServerFd, *log);
       if (!request) return kExitPowerOff;  // the server is done
-      // This is a fork now: its own output, API socket and CID; its timings start here.
+      // This is a fork now: its own output, API socket and CID, no input (as a detached core
+      // has none); its timings start here.
+      UniqueFd noInput(CLONE_SYSCALL(::open("/dev/null", O_RDONLY | O_CLOEXEC), "fork: open", "/dev/null"));
+      CLONE_SYSCALL(::dup2(noInput.get(), STDIN_FILENO), "fork: take /dev/null as its input");
       CLONE_SYSCALL(::dup2(request->output.get(), STDOUT_FILENO), "fork: take its output");
       CLONE_SYSCALL(::dup2(request->output.get(), STDERR_FILENO), "fork: take its output");
       request->output.reset();

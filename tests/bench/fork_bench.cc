@@ -15,6 +15,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/vm_sockets.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -38,6 +39,7 @@
 #include <fmt/ranges.h>
 
 #include "cli/agent_client.h"
+#include "ipc/fork-server/fork_request.h"
 #include "tests/support/guest_session.h"
 
 using namespace clonevm::e2e;
@@ -439,6 +441,70 @@ std::string describe(const Latencies& l) {
                      *std::max_element(l.ms.begin(), l.ms.end()), l.ms.size(), l.failures);
 }
 
+// A fork server (clone-vmm --restore T --fork-server-fd N, unjailed like the bench's other
+// forks) and its forks, each with its own API socket and console log in `dir`.
+class ForkServer {
+ public:
+  ForkServer(const std::string& vmm, std::vector<std::string> args) {
+    auto [client, server] = clonevm::ipc::makeForkSocketPair();
+    ::fcntl(server.get(), F_SETFD, 0);  // inherited by the server only
+    args.insert(args.end(), {"--fork-server-fd", std::to_string(server.get())});
+    session_ = std::make_unique<GuestSession>(vmm, args);
+    client_ = std::move(client);
+  }
+  // Whether it started (checked the template) within `timeout`.
+  bool ready(std::chrono::milliseconds timeout) { return session_->expect("fork server: ready", timeout); }
+  // Asks for one fork; returns its pid (the server is in our pid namespace), or 0 after
+  // printing why not.
+  pid_t fork(const std::string& dir, const std::string& name, uint32_t cid) {
+    clonevm::ipc::ForkRequest request;
+    request.forkId = name;
+    request.apiSocketName = fmt::format("{}/{}.sock", dir, name);
+    request.vsockCid = cid;
+    try {
+      request.apiListener = listenOn(request.apiSocketName);
+      request.output = clonevm::UniqueFd(::open(fmt::format("{}/{}.console", dir, name).c_str(),
+                                                O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+      clonevm::ipc::sendForkRequest(client_.get(), request);
+      auto reply = clonevm::ipc::receiveForkReply(client_.get());
+      if (!reply.error.empty()) std::cerr << "fork server refused " << name << ": " << reply.error << "\n";
+      return reply.pid;
+    } catch (const std::exception& error) {
+      std::cerr << "fork server request " << name << ": " << error.what() << "\n" << session_->output();
+      return 0;
+    }
+  }
+  GuestSession& session() { return *session_; }
+  // Hangs up and waits for the server to end (after its forks, which the caller ended).
+  std::optional<int> stop() {
+    client_.reset();
+    return session_->waitExit(30s);
+  }
+
+ private:
+  static clonevm::UniqueFd listenOn(const std::string& path) {
+    clonevm::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::snprintf(address.sun_path, sizeof(address.sun_path), "%s", path.c_str());
+    ::unlink(path.c_str());
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+        ::listen(fd.get(), 8) != 0) {
+      throw std::runtime_error(fmt::format("listen on {}: {}", path, std::strerror(errno)));
+    }
+    return fd;
+  }
+
+  std::unique_ptr<GuestSession> session_;
+  clonevm::UniqueFd client_;
+};
+
+// Ends a fork of the server and waits until the server has reaped it.
+void killServerFork(pid_t pid) {
+  ::kill(pid, SIGKILL);
+  for (int i = 0; i < 2000 && ::kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(1ms);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -472,6 +538,12 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"memfd", "cow"}))
       ->capture_default_str();
   app.add_option("--serial-forks", serialForks, "forks timed to the serial console's answer");
+  int serverForks = 20, pssServerForks = 20;
+  app.add_option("--server-forks", serverForks,
+                 "forks through one fork server (clone-vmm --fork-server-fd), each timed from its "
+                 "request to the agent's answer, one at a time");
+  app.add_option("--pss-server-forks", pssServerForks,
+                 "fork-server forks left idle, then their PSS measured (plus the server's share)");
   app.add_option("--boots", boots, "Clone cold boots timed to the agent's answer");
   app.add_option("--qemu-restores", qemuRestores, "QEMU -incoming restores timed to the serial answer");
   app.add_option("--pss-forks", pssForks, "forks left idle, then their PSS measured");
@@ -575,6 +647,39 @@ int main(int argc, char** argv) {
       }
     }
     destroy(session);
+  }
+
+  // The same forks from one fork server: the template checked and the process started once.
+  Latencies serverForkMs;
+  double serverReadyMs = 0;
+  if (serverForks > 0) {
+    auto start = Clock::now();
+    ForkServer server(vmm, restoreArgs);
+    if (!server.ready(60s)) {
+      std::cerr << "the fork server did not start\n" << server.session().output();
+      return 1;
+    }
+    serverReadyMs = msSince(start);
+    std::cout << fmt::format("fork server: ready {:.1f} ms after its spawn\n", serverReadyMs);
+    for (int i = 0; i < serverForks; ++i) {
+      uint32_t cid = nextCid++;
+      std::string name = fmt::format("server-fork-{}", i);
+      auto forkStart = Clock::now();
+      pid_t pid = server.fork(dir, name, cid);
+      std::string error;
+      ProbeTrace probe;
+      if (pid <= 0 || !agentAnswers(cid, 120s, error, &server.session(), &probe)) {
+        std::cerr << fmt::format("server fork {}: the agent did not answer: {}\n", i, error);
+        serverForkMs.failures++;
+      } else {
+        serverForkMs.ms.push_back(msSince(forkStart));
+        std::cout << fmt::format("server fork {}: {:.1f} ms to exec (connect attempt {}, {:.1f} ms)\n", i,
+                                 serverForkMs.ms.back(), probe.attempts, probe.connectedMs);
+      }
+      if (pid > 0) killServerFork(pid);
+    }
+    auto code = server.stop();
+    std::cout << fmt::format("fork server: exited {}\n", code ? std::to_string(*code) : "(still running)");
   }
 
   // The user's path: `clone fork` (jailed core, identity applied through the agent) and then
@@ -837,12 +942,69 @@ int main(int argc, char** argv) {
     for (auto& vm : idle) destroy(vm);
   }
 
+  // Private memory of idle forks of one fork server: each fork's own PSS plus its share of the
+  // server's (which exists for them).
+  std::vector<double> serverPssMib;
+  uint64_t serverKib = 0;
+  if (pssServerForks > 0) {
+    ForkServer server(vmm, restoreArgs);
+    if (!server.ready(60s)) {
+      std::cerr << "the fork server (PSS) did not start\n" << server.session().output();
+      return 1;
+    }
+    std::vector<pid_t> pids;
+    std::vector<uint32_t> cids;
+    for (int i = 0; i < pssServerForks; ++i) {
+      cids.push_back(nextCid++);
+      pids.push_back(server.fork(dir, fmt::format("pss-server-{}", i), cids.back()));
+      if (pids.back() <= 0) return 1;
+    }
+    for (int i = 0; i < pssServerForks; ++i) {
+      std::string error;
+      if (!agentAnswers(cids[i], 180s, error, &server.session())) {
+        std::cerr << fmt::format("idle server fork {}: the agent did not answer: {}\n", i, error);
+        return 1;
+      }
+    }
+    for (auto idleUntil = Clock::now() + std::chrono::seconds(idleSeconds); Clock::now() < idleUntil;) {
+      drain(&server.session(), 10ms);
+      std::this_thread::sleep_for(500ms);
+    }
+    // The forks have the server's command line (no exec): the server is the one not asked for.
+    for (int pid : pidsWithArgument("--fork-server-fd")) {
+      if (std::find(pids.begin(), pids.end(), pid) == pids.end()) serverKib += pssKib(pid);
+    }
+    std::map<std::string, uint64_t> medianKinds;
+    std::vector<uint64_t> ownKib;
+    for (pid_t pid : pids) ownKib.push_back(pssKib(pid));
+    for (size_t i = 0; i < pids.size(); ++i) {
+      serverPssMib.push_back((static_cast<double>(ownKib[i]) + static_cast<double>(serverKib) / pids.size()) / 1024.0);
+    }
+    std::cout << fmt::format("fork server: PSS {} KiB, split over its {} forks\n", serverKib, pids.size());
+    auto sorted = ownKib;
+    std::sort(sorted.begin(), sorted.end());
+    for (size_t i = 0; i < pids.size(); ++i) {
+      if (ownKib[i] != sorted[sorted.size() / 2]) continue;
+      std::cout << fmt::format("server fork {} (median PSS {} KiB), pid {}: PSS by kind (KiB)\n", i, ownKib[i], pids[i]);
+      for (auto& [kind, value] : pssByKind(pids[i], templateDir)) std::cout << fmt::format("  {:8} {}\n", value, kind);
+      std::cout << "  largest mappings:\n";
+      for (const auto& row : topMappings(pids[i], 15)) std::cout << "  " << row << "\n";
+      break;
+    }
+    for (pid_t pid : pids) killServerFork(pid);
+    server.stop();
+  }
+
   std::cout << fmt::format("RESULT fork_memory {} (the forks without a disk)\n", forkMemory);
   std::cout << fmt::format("RESULT clone_fork_to_exec_ms {} (first fork, which records the working set: {:.1f})\n",
                            describe(forkMs), firstForkMs);
   std::cout << fmt::format("RESULT clone_fork_command_to_exec_ms {} (clone fork, jailed, identity applied, then clone exec)\n",
                            describe(cliForkMs));
   std::cout << fmt::format("RESULT clone_fork_to_serial_ms {}\n", describe(forkSerialMs));
+  if (serverForks > 0) {
+    std::cout << fmt::format("RESULT fork_server_fork_to_exec_ms {} (request to a running fork server; the "
+                             "server was ready {:.1f} ms after its spawn)\n", describe(serverForkMs), serverReadyMs);
+  }
   std::cout << fmt::format("RESULT clone_cold_boot_to_exec_ms {}\n", describe(bootMs));
   std::cout << fmt::format("RESULT template_running_exec_ms {} (the same exec probe, the template before its "
                            "snapshot: no VMM start, no restore)\n", describe(warmExecMs));
@@ -854,6 +1016,10 @@ int main(int argc, char** argv) {
   };
   std::cout << fmt::format("RESULT ratio qemu_restore(serial)/clone_fork(exec) p50 {:.2f} p99 {:.2f} (goal >= 20)\n",
                            ratio(qemuMs, forkMs, 0.5), ratio(qemuMs, forkMs, 0.99));
+  if (serverForks > 0) {
+    std::cout << fmt::format("RESULT ratio qemu_restore(serial)/fork_server_fork(exec) p50 {:.2f} p99 {:.2f} (goal >= 20)\n",
+                             ratio(qemuMs, serverForkMs, 0.5), ratio(qemuMs, serverForkMs, 0.99));
+  }
   std::cout << fmt::format("RESULT ratio qemu_restore(serial)/clone_fork_command(exec) p50 {:.2f} p99 {:.2f}\n",
                            ratio(qemuMs, cliForkMs, 0.5), ratio(qemuMs, cliForkMs, 0.99));
   std::cout << fmt::format("RESULT ratio qemu_restore(serial)/clone_fork(serial) p50 {:.2f} p99 {:.2f}\n",
@@ -881,6 +1047,13 @@ int main(int argc, char** argv) {
                              "every process of the fork)\n",
                              percentile(diskPssMib, 0.5), *std::min_element(diskPssMib.begin(), diskPssMib.end()),
                              *std::max_element(diskPssMib.begin(), diskPssMib.end()), diskPssMib.size(), idleSeconds);
+  }
+  if (!serverPssMib.empty()) {
+    std::cout << fmt::format("RESULT fork_server_fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, "
+                             "each fork's PSS plus 1/n of the server's {} KiB; goal <= 2 MB)\n",
+                             percentile(serverPssMib, 0.5), *std::min_element(serverPssMib.begin(), serverPssMib.end()),
+                             *std::max_element(serverPssMib.begin(), serverPssMib.end()), serverPssMib.size(),
+                             idleSeconds, serverKib);
   }
   if (!pssMib.empty()) {
     std::cout << fmt::format("RESULT fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, goal <= 2 MB)\n",
