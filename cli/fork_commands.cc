@@ -28,6 +28,7 @@
 #include "cli/program_path.h"
 #include "cli/template_disks.h"
 #include "cli/vm_client.h"
+#include "ipc/fork-server/fork_request.h"
 #include "ipc/capnp/directory_fd.h"
 #include "common/error.h"
 #include "common/unique_fd.h"
@@ -71,7 +72,10 @@ bool processAlive(pid_t pid) {
 // The socket listens from the start (bound by us, inherited by the core): a connection waits
 // in its backlog until the core serves, so the status call is polled while the process is
 // checked for an early end and the deadline.
-uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& consoleLog) {
+// A fork of a fork server has no pid of its own here (`pid` is the server's jailer): nobody
+// listening on its socket (the fork held the only listening fd) is how its end shows.
+uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& consoleLog,
+                   bool refusedMeansEnded) {
   auto deadline = std::chrono::steady_clock::now() + kForkReadyTimeout;
   auto ended = [&] {
     return Error(fmt::format("ended during restore (pid {}):\n{}", pid, tail(consoleLog)));
@@ -100,6 +104,7 @@ uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& cons
       // The connection was dropped: the core is gone, or its jailer has not noticed yet.
     } catch (const Error&) {
       // Refused: the socket's only listener, the core, has ended.
+      processEnded = refusedMeansEnded;
     }
     if (cid) return *cid;
     if (processEnded) throw ended();
@@ -222,8 +227,9 @@ void applyForkIdentity(const std::string& forkId, uint32_t cid, std::chrono::mil
   require(problems.empty(), "identity not applied as asked (vsock CID {}): {}", cid, joined(problems));
 }
 
-// Ends a fork that could not be brought up: through its API if it answers, else SIGKILL.
-void stopFork(pid_t pid, const std::string& socket) {
+// Ends a fork that could not be brought up: through its API if it answers, else SIGKILL
+// (`pid` is its own process: not for a fork server's fork, whose server serves others).
+void stopFork(std::optional<pid_t> pid, const std::string& socket) {
   try {
     withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
       auto request = vm.shutdownRequest();
@@ -234,12 +240,79 @@ void stopFork(pid_t pid, const std::string& socket) {
     // Not answering: killed below.
   }
   auto deadline = std::chrono::steady_clock::now() + 5s;
-  while (processAlive(pid) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
-  if (processAlive(pid)) {
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
+  auto running = [&] { return pid ? processAlive(*pid) : rpc::someoneListens(socket); };
+  while (running() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+  if (pid && processAlive(*pid)) {
+    ::kill(*pid, SIGKILL);
+    ::waitpid(*pid, nullptr, 0);
   }
   ::unlink(socket.c_str());
+}
+
+// One fork being brought up by `clone fork`.
+struct Fork {
+  std::string id, socket, log;
+  pid_t pid;  // its jailer or core; for a fork server's fork, the server's
+  std::chrono::steady_clock::time_point spawnedAt;
+  bool served = false;  // by a fork server
+  // Filled by the fork's own thread.
+  uint32_t cid = 0;
+  bool identityApplied = false;
+  double apiMs = 0, readyMs = 0;
+  std::string error;
+  std::vector<std::string> diskLogs;  // clone-block's output, one per disk
+};
+
+std::string forkSocketPath(const ForkCommandOptions& options, const std::string& runtime,
+                           const std::string& id, unsigned index) {
+  return options.apiSocket.empty() ? fmt::format("{}/{}.sock", runtime, id)
+         : options.count == 1      ? options.apiSocket
+                                   : fmt::format("{}.{}", options.apiSocket, index + 1);
+}
+
+// --fork-server: one jailed core checks the template once and fork()s every fork of this
+// command; it ends when the last of them has. Each fork's API socket and console log are
+// made here and sent with its request.
+std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string& program,
+                                   const std::string& dir, const vmm::snapshot::Manifest& manifest,
+                                   bool copyOnWrite, const ForkCommandOptions& options,
+                                   const std::string& runtime) {
+  auto [client, serverEnd] = ipc::makeForkSocketPair();
+  std::string serverId = "fork-server-" + randomId().substr(5);
+  std::string serverLog = fmt::format("{}/{}.console", runtime, serverId);
+  pid_t server = launcher.launch(forkServerProcessSpec(serverId, dir, manifest, serverLog, program,
+                                                       copyOnWrite, serverEnd.get(), options.count));
+  serverEnd.reset();
+  std::vector<Fork> forks;
+  std::string serverGone;  // why no more requests can be sent
+  for (unsigned i = 0; i < options.count; ++i) {
+    std::string id = randomId();
+    Fork fork{id, forkSocketPath(options, runtime, id, i), fmt::format("{}/{}.console", runtime, id),
+              server, std::chrono::steady_clock::now(), true};
+    if (!serverGone.empty()) {
+      fork.error = serverGone;
+      forks.push_back(std::move(fork));
+      continue;
+    }
+    ipc::ForkRequest request;
+    request.forkId = fork.id;
+    request.apiSocketName = fork.socket;
+    try {
+      request.apiListener = rpc::bindUnixListener(fork.socket);
+      request.output = UniqueFd(CLONE_SYSCALL(
+          ::open(fork.log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), "create console log", fork.log));
+      ipc::sendForkRequest(client.get(), request);
+      auto reply = ipc::receiveForkReply(client.get());
+      if (!reply.error.empty()) fork.error = "the fork server refused it: " + reply.error;
+    } catch (const Error& error) {
+      serverGone = fmt::format("the fork server ({}) did not answer: {}; its log {}:\n{}", serverId,
+                               error.what(), serverLog, tail(serverLog));
+      fork.error = serverGone;
+    }
+    if (!fork.error.empty()) ::unlink(fork.socket.c_str());
+    forks.push_back(std::move(fork));
+  }
+  return forks;  // hangs up: the server ends after its forks
 }
 
 void makeDirectory(const std::string& path) {
@@ -296,28 +369,51 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
   return problems;
 }
 
+namespace {
+
+// The jail of a core that restores `templateDir`, without its arguments for how it serves.
+ProcessSpec restoringCoreSpec(const std::string& id, const std::string& templateDir,
+                              const vmm::snapshot::Manifest& manifest, const std::string& consoleLog,
+                              const std::string& program, bool copyOnWriteMemory) {
+  ProcessSpec spec;
+  spec.kind = "vmm";
+  spec.id = id;
+  spec.program = program;
+  spec.readPaths = {templateDir};
+  spec.devices = {"/dev/kvm"};
+  if (!copyOnWriteMemory) spec.devices.push_back("/dev/userfaultfd");
+  if (manifest.hasDevice(vmm::snapshot::kVsockDeviceName)) spec.devices.push_back("/dev/vhost-vsock");
+  spec.memoryBytes = manifest.memoryBytes;
+  spec.detachedOutput = consoleLog;
+  return spec;
+}
+
+}  // namespace
+
 ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templateDir,
                             const vmm::snapshot::Manifest& manifest, const std::string& socket,
                             const std::string& consoleLog, const std::string& program,
                             bool copyOnWriteMemory, int apiFd) {
-  ProcessSpec spec;
-  spec.kind = "vmm";
-  spec.id = forkId;
-  spec.program = program;
+  ProcessSpec spec = restoringCoreSpec(forkId, templateDir, manifest, consoleLog, program, copyOnWriteMemory);
   // The API socket is bound here and inherited: nothing in the jail is writable, so a
   // compromised core cannot reach other forks' sockets, logs or overlays beside its own.
   spec.args = {"--restore", templateDir, "--api-fd", std::to_string(apiFd), "--api-socket", socket};
+  if (copyOnWriteMemory) spec.args.insert(spec.args.end(), {"--fork-memory", "cow"});
   spec.keepFds = {apiFd};
-  spec.readPaths = {templateDir};
-  spec.devices = {"/dev/kvm"};
-  if (copyOnWriteMemory) {
-    spec.args.insert(spec.args.end(), {"--fork-memory", "cow"});
-  } else {
-    spec.devices.push_back("/dev/userfaultfd");
-  }
-  if (manifest.hasDevice(vmm::snapshot::kVsockDeviceName)) spec.devices.push_back("/dev/vhost-vsock");
-  spec.memoryBytes = manifest.memoryBytes;
-  spec.detachedOutput = consoleLog;
+  return spec;
+}
+
+ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string& templateDir,
+                                  const vmm::snapshot::Manifest& manifest,
+                                  const std::string& consoleLog, const std::string& program,
+                                  bool copyOnWriteMemory, int serverFd, unsigned forks) {
+  ProcessSpec spec = restoringCoreSpec(serverId, templateDir, manifest, consoleLog, program, copyOnWriteMemory);
+  spec.args = {"--restore", templateDir, "--fork-server-fd", std::to_string(serverFd)};
+  if (copyOnWriteMemory) spec.args.insert(spec.args.end(), {"--fork-memory", "cow"});
+  spec.keepFds = {serverFd};
+  // Every fork's API socket and log come as fds with its request: still nothing writable.
+  spec.memoryBytes = manifest.memoryBytes * forks;
+  spec.processes = forks + 1;
   return spec;
 }
 
@@ -415,6 +511,10 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
                        "only; docs/FORK.md)")
       ->check(CLI::IsMember({"memfd", "cow"}))
       ->capture_default_str();
+  forkVerb->add_flag("--fork-server", options.forkServer,
+                     "start one jailed core that checks the template once and fork()s every fork of "
+                     "this command (faster, less memory per fork; the forks share that one jail, and "
+                     "it ends with the last of them; templates without disks; docs/FORK.md)");
   forkVerb->add_option("--disk", options.disks,
                        "N,overlay=PATH: put the fork's overlay of the template's disk N at PATH "
                        "(PATH.1 .. PATH.K with --count K), kept after the fork ends; repeatable")
@@ -435,25 +535,18 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     ProcessLauncher& launcher = options.noJail ? static_cast<ProcessLauncher&>(direct) : jailed;
     if (options.noJail) streams.err << "clone: warning: --no-jail: the forks run without their sandbox\n";
     std::string program = siblingProgram("clone-vmm");
-    struct Fork {
-      std::string id, socket, log;
-      pid_t pid;
-      std::chrono::steady_clock::time_point spawnedAt;
-      // Filled by the fork's own thread.
-      uint32_t cid = 0;
-      bool identityApplied = false;
-      double apiMs = 0, readyMs = 0;
-      std::string error;
-      std::vector<std::string> diskLogs;  // clone-block's output, one per disk
-    };
     std::vector<ForkDiskOption> diskOptions;
     for (const auto& value : options.disks) diskOptions.push_back(parseForkDiskOption(value));
     std::vector<Fork> forks;
-    for (unsigned i = 0; i < options.count; ++i) {
+    if (options.forkServer) {
+      require(verified.manifest.disks.empty() && diskOptions.empty(),
+              "--fork-server: {} has {} disks; forks with disks are started one core each (leave "
+              "out --fork-server)", dir, verified.manifest.disks.size());
+      forks = startServedForks(launcher, program, dir, verified.manifest, copyOnWrite, options, runtime);
+    }
+    for (unsigned i = 0; i < options.count && !options.forkServer; ++i) {
       std::string id = randomId();
-      std::string socket = options.apiSocket.empty() ? fmt::format("{}/{}.sock", runtime, id)
-                           : options.count == 1      ? options.apiSocket
-                                                     : fmt::format("{}.{}", options.apiSocket, i + 1);
+      std::string socket = forkSocketPath(options, runtime, id, i);
       std::string log = fmt::format("{}/{}.console", runtime, id);
       auto spawnedAt = std::chrono::steady_clock::now();
       // Each disk: an overlay of its own and a clone-block serving it, before the core.
@@ -493,13 +586,14 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     // Each fork is brought up on its own thread: one slow guest does not hold up the others.
     std::vector<std::thread> threads;
     for (auto& fork : forks) {
+      if (!fork.error.empty()) continue;  // the fork server refused it
       threads.emplace_back([&fork, applyIdentity = !options.noIdentity] {
         try {
           auto sinceSpawn = [&] {
             return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
                                                              fork.spawnedAt).count();
           };
-          fork.cid = waitReady(fork.pid, fork.socket, fork.log);
+          fork.cid = waitReady(fork.pid, fork.socket, fork.log, fork.served);
           fork.apiMs = sinceSpawn();
           if (applyIdentity && fork.cid != 0) {
             applyForkIdentity(fork.id, fork.cid, kAgentTimeout);
@@ -522,7 +616,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     for (auto& fork : forks) {
       if (!fork.error.empty()) {
         ++failed;
-        stopFork(fork.pid, fork.socket);
+        stopFork(fork.served ? std::nullopt : std::optional<pid_t>(fork.pid), fork.socket);
         streams.err << fmt::format("clone fork: {} failed and was stopped (console log {}): {}\n",
                                    fork.id, fork.log, fork.error);
         streams.err << fmt::format("clone fork: {}: the end of its console log:\n{}\n", fork.id,

@@ -26,6 +26,7 @@ struct ForkCommandOptions {
   std::vector<std::string> disks;  // fork: --disk N,overlay=PATH
   bool diskPostcopy = false;       // fork: --disk-postcopy (experimental, docs/FORK.md)
   std::string forkMemory = "memfd";  // fork: --fork-memory memfd|cow
+  bool forkServer = false;           // fork: --fork-server (one jailed core forks them all)
 };
 
 // Where forks' API sockets and console logs live: $CLONE_RUNTIME_DIR, else
@@ -53,6 +54,13 @@ ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templa
                             const vmm::snapshot::Manifest& manifest, const std::string& socket,
                             const std::string& consoleLog, const std::string& program,
                             bool copyOnWriteMemory, int apiFd);
+
+// The jail of a fork server (clone-vmm --fork-server-fd, docs/FORK.md): a fork's jail, with the
+// server's socket end `serverFd` instead of an API socket, and room for `forks` VMs and processes.
+ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string& templateDir,
+                                  const vmm::snapshot::Manifest& manifest,
+                                  const std::string& consoleLog, const std::string& program,
+                                  bool copyOnWriteMemory, int serverFd, unsigned forks);
 
 // `jailed` starts forks' cores unless --no-jail; wired in main (app.cc).
 void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams,

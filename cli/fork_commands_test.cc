@@ -121,6 +121,9 @@ TEST(ForkCommandTest, NoIdentityFlag) {
   EXPECT_FALSE(parseError);
   EXPECT_FALSE(plain.noIdentity);
   EXPECT_EQ(plain.count, 3u);
+  EXPECT_FALSE(plain.forkServer);
+  EXPECT_TRUE(parseFork({"--template", "/nonexistent-template", "--fork-server"}, parseError).forkServer);
+  EXPECT_FALSE(parseError);
   auto without = parseFork({"--template", "/nonexistent-template", "--no-identity"}, parseError);
   EXPECT_FALSE(parseError);
   EXPECT_TRUE(without.noIdentity);
@@ -159,6 +162,30 @@ TEST(ForkCommandTest, AForksJailHoldsItsTemplateAndDevicesAndNothingWritable) {
                                                  "--api-socket", "/run/clone/fork-3.sock",
                                                  "--fork-memory", "cow"}));
   EXPECT_EQ(spec.devices, std::vector<std::string>{"/dev/kvm"});
+}
+
+TEST(ForkCommandTest, AForkServersJailIsAForksJailForAllItsForks) {
+  vmm::snapshot::Manifest manifest;
+  manifest.memoryBytes = 256ull << 20;
+  manifest.devices = {"serial-16550 (COM1)", vmm::snapshot::kVsockDeviceName};
+  auto spec = forkServerProcessSpec("fork-server-1", "/srv/tpl", manifest, "/run/clone/fork-server-1.console",
+                                    "/usr/bin/clone-vmm", /*copyOnWriteMemory=*/true, /*serverFd=*/6,
+                                    /*forks=*/10);
+  EXPECT_EQ(spec.kind, "vmm");
+  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--fork-server-fd", "6",
+                                                 "--fork-memory", "cow"}));
+  EXPECT_EQ(spec.keepFds, std::vector<int>{6});
+  EXPECT_EQ(spec.readPaths, std::vector<std::string>{"/srv/tpl"});
+  EXPECT_TRUE(spec.writePaths.empty()) << "each fork's socket and log come as fds";
+  EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/vhost-vsock"}));
+  EXPECT_EQ(spec.memoryBytes, 10 * (256ull << 20));
+  EXPECT_EQ(spec.processes, 11u);
+  EXPECT_EQ(spec.detachedOutput, "/run/clone/fork-server-1.console");
+
+  spec = forkServerProcessSpec("fork-server-2", "/srv/tpl", manifest, "/dev/null", "/usr/bin/clone-vmm",
+                               /*copyOnWriteMemory=*/false, /*serverFd=*/6, /*forks=*/1);
+  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--fork-server-fd", "6"}));
+  EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd", "/dev/vhost-vsock"}));
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <spawn.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 
 #include "cli/program_path.h"
@@ -59,7 +60,7 @@ std::vector<std::string> JailedLauncher::jailerArguments(const ProcessSpec& spec
   if (uint64_t memory = memoryLimitFor(spec)) {
     config.cgroupLimits.push_back("memory.max=" + std::to_string(memory));
   }
-  config.cgroupLimits.push_back("pids.max=" + std::to_string(kPidsMax));
+  config.cgroupLimits.push_back("pids.max=" + std::to_string(kPidsMax * std::max(spec.processes, 1u)));
   config.readPaths = spec.readPaths;
   config.writePaths = spec.writePaths;
   config.devices = spec.devices;

@@ -62,6 +62,10 @@ TEST(JailedLauncherTest, TurnsASpecIntoAJailerCommandLine) {
   EXPECT_TRUE(hasPair(args, "--dev", "/dev/kvm"));
   EXPECT_TRUE(hasPair(args, "--keep-fd", "3"));
   EXPECT_TRUE(hasPair(args, "--cgroup", "memory.max=" + std::to_string((1ull << 30) + (256ull << 20))));
+  EXPECT_TRUE(hasPair(args, "--cgroup", "pids.max=512"));
+  spec.processes = 4;  // a fork server and its three forks share one jail
+  EXPECT_TRUE(hasPair(launcher.jailerArguments(spec), "--cgroup", "pids.max=2048"));
+  spec.processes = 1;
   auto dashdash = std::find(args.begin(), args.end(), "--");
   ASSERT_NE(dashdash, args.end());
   EXPECT_EQ(std::vector<std::string>(dashdash + 1, args.end()),

@@ -24,6 +24,7 @@ struct ProcessSpec {
   std::vector<std::string> devices;     // device nodes, e.g. "/dev/kvm", "/dev/vhost-vsock"
   bool needsNetwork = false;            // false: an empty network namespace
   uint64_t memoryBytes = 0;             // memory it needs (guest RAM for the core); 0: unknown
+  unsigned processes = 1;               // processes sharing the jail (a fork server's forks + 1)
   // Empty: the process shares our stdio and session, and we wait for it. Otherwise it is
   // detached (a fork's core outlives `clone fork`): its own session, stdin /dev/null, stdout
   // and stderr to this file (created 0600, truncated).

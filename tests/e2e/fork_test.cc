@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <regex>
 #include <set>
@@ -269,6 +270,46 @@ class ForkTest : public ::testing::Test {
     if (!vm.waitExit(15s)) ADD_FAILURE() << "a fork did not power off";
   }
 
+  // Each fork answers exec with its own hostname (its id), RNG output and vsock CID, none the
+  // template's, and its clock reads the host's.
+  static void expectForksUnique(const CliForks& forks, int kForks) {
+    std::set<std::string> hostnames = {templateHostname_};
+    std::set<std::string> randoms = {templateRandom_};
+    std::set<uint32_t> cids = {templateCid_};
+    for (int i = 0; i < kForks; ++i) {
+      auto hostname = execIn(forks.socket(i), {"hostname"});
+      ASSERT_EQ(hostname.code, 0) << hostname.output;
+      EXPECT_EQ(withoutNewline(hostname.output), forks.id(i));
+      auto etcHostname = execIn(forks.socket(i), {"cat", "/etc/hostname"});
+      EXPECT_EQ(withoutNewline(etcHostname.output), forks.id(i));
+      auto random = execIn(forks.socket(i), {"sh", "-c", "head -c16 /dev/urandom | od -An -tx1"});
+      ASSERT_EQ(random.code, 0) << random.output;
+      uint32_t cid = vsockCid(forks.socket(i));
+      EXPECT_GE(cid, 3u);
+      // The guest's vsock driver holds that CID too (not the template's).
+      auto localCid = execIn(forks.socket(i), {"clone-agent", "--local-cid"});
+      EXPECT_EQ(localCid.output, std::to_string(cid) + "\n") << localCid.output;
+      std::cerr << forks.id(i) << ": cid " << cid << ", hostname " << withoutNewline(hostname.output)
+                << ", urandom" << withoutNewline(random.output) << "\n";
+      hostnames.insert(withoutNewline(hostname.output));
+      randoms.insert(withoutNewline(random.output));
+      cids.insert(cid);
+    }
+    std::cerr << "template: cid " << templateCid_ << ", hostname " << templateHostname_ << ", urandom"
+              << templateRandom_ << "\n";
+    EXPECT_EQ(hostnames.size(), kForks + 1u) << "a hostname repeats";
+    EXPECT_EQ(randoms.size(), kForks + 1u) << "two guests drew the same random bytes";
+    EXPECT_EQ(cids.size(), kForks + 1u) << "a vsock CID repeats";
+    // The guest's wall clock was stepped to the host's (the template's is behind by its age).
+    for (int i = 0; i < kForks; ++i) {
+      auto date = execIn(forks.socket(i), {"date", "+%s"});
+      ASSERT_TRUE(date.code == 0 && isNumber(withoutNewline(date.output))) << date.output;
+      auto host = std::chrono::duration_cast<std::chrono::seconds>(
+                      std::chrono::system_clock::now().time_since_epoch()).count();
+      EXPECT_LE(std::abs(std::stoll(date.output) - host), 3) << date.output;
+    }
+  }
+
   static inline std::string base_;
   static inline std::string templateSocket_;
   static inline std::string templateDir_;
@@ -438,41 +479,48 @@ TEST_F(ForkTest, ForksAreUnique) {
   constexpr int kForks = 3;
   CliForks forks(templateDir_, base_ + "/unique", kForks);
   ASSERT_TRUE(forks.allReady(kForks));
-  std::set<std::string> hostnames = {templateHostname_};
-  std::set<std::string> randoms = {templateRandom_};
-  std::set<uint32_t> cids = {templateCid_};
-  for (int i = 0; i < kForks; ++i) {
-    auto hostname = execIn(forks.socket(i), {"hostname"});
-    ASSERT_EQ(hostname.code, 0) << hostname.output;
-    EXPECT_EQ(withoutNewline(hostname.output), forks.id(i));
-    auto etcHostname = execIn(forks.socket(i), {"cat", "/etc/hostname"});
-    EXPECT_EQ(withoutNewline(etcHostname.output), forks.id(i));
-    auto random = execIn(forks.socket(i), {"sh", "-c", "head -c16 /dev/urandom | od -An -tx1"});
-    ASSERT_EQ(random.code, 0) << random.output;
-    uint32_t cid = vsockCid(forks.socket(i));
-    EXPECT_GE(cid, 3u);
-    // The guest's vsock driver holds that CID too (not the template's).
-    auto localCid = execIn(forks.socket(i), {"clone-agent", "--local-cid"});
-    EXPECT_EQ(localCid.output, std::to_string(cid) + "\n") << localCid.output;
-    std::cerr << forks.id(i) << ": cid " << cid << ", hostname " << withoutNewline(hostname.output)
-              << ", urandom" << withoutNewline(random.output) << "\n";
-    hostnames.insert(withoutNewline(hostname.output));
-    randoms.insert(withoutNewline(random.output));
-    cids.insert(cid);
-  }
-  std::cerr << "template: cid " << templateCid_ << ", hostname " << templateHostname_ << ", urandom"
-            << templateRandom_ << "\n";
-  EXPECT_EQ(hostnames.size(), kForks + 1u) << "a hostname repeats";
-  EXPECT_EQ(randoms.size(), kForks + 1u) << "two guests drew the same random bytes";
-  EXPECT_EQ(cids.size(), kForks + 1u) << "a vsock CID repeats";
-  // The guest's wall clock was stepped to the host's (the template's is behind by its age).
-  for (int i = 0; i < kForks; ++i) {
-    auto date = execIn(forks.socket(i), {"date", "+%s"});
-    ASSERT_TRUE(date.code == 0 && isNumber(withoutNewline(date.output))) << date.output;
-    auto host = std::chrono::duration_cast<std::chrono::seconds>(
-                    std::chrono::system_clock::now().time_since_epoch()).count();
-    EXPECT_LE(std::abs(std::stoll(date.output) - host), 3) << date.output;
-  }
+  expectForksUnique(forks, kForks);
+}
+
+// clone fork --fork-server: one jailed core checks the template and fork()s them all; the
+// forks are as alive and unique as the others, and the server ends after the last of them.
+TEST_F(ForkTest, ForksOfAForkServerAreUniqueAliveAndEndTheServerWithThem) {
+  constexpr int kForks = 3;
+  auto serverRuns = [] {
+    int running = 0;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+      std::ifstream comm(entry.path() / "comm"), cmdline(entry.path() / "cmdline");
+      std::string name, text((std::istreambuf_iterator<char>(cmdline)), std::istreambuf_iterator<char>());
+      std::getline(comm, name);
+      // Not its jailer, whose command line holds the server's.
+      running += name == "clone-vmm" && text.find("--fork-server-fd") != std::string::npos;
+    }
+    return running;
+  };
+  {
+    CliForks forks(templateDir_, base_ + "/served", kForks, {"--fork-server", "--fork-memory", "cow"});
+    ASSERT_TRUE(forks.allReady(kForks));
+    // The server and its forks (which carry its command line: no exec).
+    EXPECT_EQ(serverRuns(), kForks + 1);
+    expectForksUnique(forks, kForks);
+    // The template's process runs on, and time passes, in a fork of the server too.
+    auto sleeper = execIn(forks.socket(1), {"sh", "-c", "p=$(cat /tmp/sleeper.pid); tr '\\0' ' ' < /proc/$p/cmdline"});
+    EXPECT_EQ(sleeper.output, "sleep 100000 ") << sleeper.output;
+    ASSERT_EQ(execIn(forks.socket(2), {"sleep", "1"}).code, 0);
+    auto before = std::chrono::steady_clock::now();
+    EXPECT_EQ(execIn(forks.socket(2), {"sleep", "1"}).code, 0);
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - before).count();
+    EXPECT_GE(seconds, 0.8);
+    EXPECT_LE(seconds, 3.0);
+    // One fork destroyed: the others and the server run on.
+    ASSERT_EQ(cloneCli({"destroy", "--vm", forks.socket(0)}).code, 0);
+    EXPECT_EQ(execIn(forks.socket(1), {"echo", "still"}).output, "still\n");
+    EXPECT_EQ(serverRuns(), kForks);
+    forks.printed.forks.erase(forks.printed.forks.begin());  // destroyed above
+  }  // the rest destroyed
+  auto deadline = std::chrono::steady_clock::now() + 15s;
+  while (serverRuns() > 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(serverRuns(), 0) << "the fork server did not end after its last fork";
 }
 
 TEST_F(ForkTest, NoIdentityLeavesTheTemplatesHostname) {
