@@ -18,6 +18,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <termios.h>
+#include <unistd.h>
 #include <linux/fs.h>
 #include <linux/if_tun.h>
 
@@ -72,7 +73,9 @@ constexpr SyscallRule kCommon[] = {
     {"sigaltstack", "glibc thread setup"},
     {"gettid", "logging, thread ids"},
     {"getpid", "logging"},
-    {"tgkill", "kick one thread (pthread_kill); raise() for abort"},
+    {"tgkill", "kick one of its own threads (pthread_kill); raise() for abort: its own thread "
+               "group only (forks of one fork server share a pid namespace and a uid)",
+     0, kAll32, kThisProcess},
     {"clock_gettime", "timers when the vDSO is unavailable"},
     {"clock_nanosleep", "sleeps"},
     {"nanosleep", "sleeps"},
@@ -322,8 +325,8 @@ void addRule(scmp_filter_ctx ctx, const SyscallRule& rule, std::span<const Ioctl
   if (rule.argIndex < 0) {
     rc = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, number, 0);
   } else {
-    scmp_arg_cmp cmp{static_cast<unsigned>(rule.argIndex), SCMP_CMP_MASKED_EQ, rule.argMask,
-                     rule.argValue};
+    uint64_t value = rule.argValue == kThisProcess ? static_cast<uint64_t>(::getpid()) : rule.argValue;
+    scmp_arg_cmp cmp{static_cast<unsigned>(rule.argIndex), SCMP_CMP_MASKED_EQ, rule.argMask, value};
     rc = seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, &cmp);
   }
   if (rc < 0) throwSystemError(-rc, "seccomp: allow syscall", rule.name);

@@ -28,8 +28,11 @@ struct SyscallRule {
   const char* why;
   int argIndex = -1;
   uint64_t argMask = 0;
-  uint64_t argValue = 0;
+  uint64_t argValue = 0;  // or kThisProcess
 };
+
+// A SyscallRule's argValue that stands for the pid of the process installing the policy.
+inline constexpr uint64_t kThisProcess = ~0ull;
 
 // One allowed ioctl request (argument 1 of ioctl).
 struct IoctlRule {

@@ -1,6 +1,10 @@
 #include "jailer/seccomp/seccomp_policy.h"
 
 #include <seccomp.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <set>
 #include <string>
@@ -37,6 +41,29 @@ TEST(SeccompPolicyTest, NoPolicyAllowsLeavingTheSandbox) {
     for (const auto& rule : policyFor(kind).syscalls) EXPECT_FALSE(forbidden.contains(rule.name)) << rule.name;
   }
   for (const auto& rule : commonSyscalls()) EXPECT_FALSE(forbidden.contains(rule.name)) << rule.name;
+}
+
+// Forks of one fork server share a pid namespace and a uid: under its policy a process may
+// signal its own threads, never another process.
+TEST(SeccompPolicyTest, AProcessMaySignalOnlyItsOwnThreads) {
+  pid_t parent = ::getpid();
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    try {
+      install(Kind::kVmm, Mode::kKill);
+    } catch (...) {
+      ::_exit(3);
+    }
+    // Signal 0: only the permission check.
+    if (::syscall(SYS_tgkill, ::getpid(), ::syscall(SYS_gettid), 0) != 0) ::_exit(4);
+    ::syscall(SYS_tgkill, parent, parent, 0);  // killed here
+    ::_exit(5);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGSYS)
+      << (WIFEXITED(status) ? "exited " + std::to_string(WEXITSTATUS(status)) : "status " + std::to_string(status));
 }
 
 TEST(SeccompPolicyTest, NamesParseBothWays) {

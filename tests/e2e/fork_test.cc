@@ -498,7 +498,7 @@ TEST_F(ForkTest, ForksOfAForkServerAreUniqueAliveAndEndTheServerWithThem) {
     return running;
   };
   {
-    CliForks forks(templateDir_, base_ + "/served", kForks, {"--fork-server", "--fork-memory", "cow"});
+    CliForks forks(templateDir_, base_ + "/served", kForks, {"--fork-server"});  // memfd forks (the bench runs cow ones)
     ASSERT_TRUE(forks.allReady(kForks));
     // The server and its forks (which carry its command line: no exec).
     EXPECT_EQ(serverRuns(), kForks + 1);
