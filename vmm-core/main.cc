@@ -201,6 +201,7 @@ int runVmm(int argc, char** argv) {
       config.vsock.guestCid = request->vsockCid;
       start = Machine::Clock::now();
       log->info("fork {}: forked by the fork server", request->forkId);
+      snapshot::recheckTemplate(*source);
     }
     Machine machine(config, kvm, *log, start);
     machine.setLockdown([seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); });

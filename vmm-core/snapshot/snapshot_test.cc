@@ -409,6 +409,27 @@ TEST_F(TemplateTest, RefusesATruncatedMemoryImage) {
   EXPECT_NE(expectRefused().find("truncated"), std::string::npos);
 }
 
+// A fork server checks a template once; each fork rechecks that the memory file is the same.
+TEST_F(TemplateTest, ARecheckRefusesAMemoryFileChangedSinceTheCheck) {
+  writeTemplate();
+  auto verified = verifyTemplate(dir_);
+  EXPECT_NO_THROW(recheckTemplate(verified));
+  std::string path = dir_ + "/" + kMemoryFile;
+  ASSERT_EQ(::chmod(path.c_str(), 0644), 0);  // even a chmod: the inode changed
+  try {
+    recheckTemplate(verified);
+    ADD_FAILURE() << "not refused";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("changed since the fork server checked it"), std::string::npos)
+        << error.what();
+  }
+  auto again = verifyTemplate(dir_);
+  ASSERT_EQ(::truncate(path.c_str(), (4 << 20) - 8192), 0);
+  EXPECT_THROW(recheckTemplate(again), Error);
+  ASSERT_EQ(::unlink(path.c_str()), 0);
+  EXPECT_THROW(recheckTemplate(again), Error);
+}
+
 TEST_F(TemplateTest, RefusesAChangedSamplePage) {
   writeTemplate();
   std::string path = dir_ + "/" + kMemoryFile;

@@ -311,6 +311,25 @@ Manifest manifestFromJson(const std::string& text, const std::string& what) {
   }
 }
 
+namespace {
+
+FileIdentity identityOf(const struct stat& st) {
+  auto ns = [](const timespec& t) { return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec; };
+  return {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
+          static_cast<uint64_t>(st.st_size), ns(st.st_mtim), ns(st.st_ctim)};
+}
+
+}  // namespace
+
+void recheckTemplate(const VerifiedTemplate& verified) {
+  std::string memoryPath = join(verified.dir, kMemoryFile);
+  struct stat st {};
+  CLONE_SYSCALL(::stat(memoryPath.c_str(), &st), "stat", memoryPath);
+  require(identityOf(st) == verified.memoryFile,
+          "{}: changed since the fork server checked it (size {} then, {} now; replaced, written or "
+          "truncated): refusing to fork from it", memoryPath, verified.memoryFile.size, st.st_size);
+}
+
 VerifiedTemplate verifyTemplate(const std::string& dir) {
   VerifiedTemplate t;
   t.dir = dir;
@@ -333,6 +352,7 @@ VerifiedTemplate verifyTemplate(const std::string& dir) {
   require(static_cast<uint64_t>(st.st_size) == m.memorySize,
           "{}: {} bytes, the manifest says {} (truncated or corrupted template)", memoryPath,
           st.st_size, m.memorySize);
+  t.memoryFile = identityOf(st);
   t.memoryExtents = dataExtents(memory.get(), m.memorySize, memoryPath);
   require(t.memoryExtents.size() == m.memoryExtentCount && sha256Hex(t.memoryExtents) == m.memoryExtentsSha256,
           "{}: its extent map ({} data extents) differs from the manifest's ({}) (modified template)",

@@ -137,9 +137,18 @@ void rewriteManifest(const std::string& dir, const Manifest& manifest);
 // memory image's size, extent map and sample pages match, and each disk file exists with the
 // manifest's size and digest. Throws clonevm::Error with a clear
 // message otherwise (corrupted, truncated, wrong version).
+// Which file, and which version of it: any write, truncation, chmod or replacement changes
+// one of these (ctime moves with every change of the inode).
+struct FileIdentity {
+  uint64_t device = 0, inode = 0, size = 0;
+  int64_t mtimeNs = 0, ctimeNs = 0;
+  bool operator==(const FileIdentity&) const = default;
+};
+
 struct VerifiedTemplate {
   std::string dir;
   Manifest manifest;
+  FileIdentity memoryFile;  // the memory file as verified (a fork opens it again by path)
   std::vector<uint8_t> state;  // the state file's bytes
   std::vector<Extent> memoryExtents;
   // memoryExtents as (offset, length) pairs, the form the memory code takes.
@@ -150,6 +159,10 @@ struct VerifiedTemplate {
   }
 };
 VerifiedTemplate verifyTemplate(const std::string& dir);
+// For a fork server's fork, which restores long after its server verified the template: the
+// cheap part of the check, again. Throws unless the memory file is still the one verified
+// (the state and the manifest were read into `verified` then).
+void recheckTemplate(const VerifiedTemplate& verified);
 
 // Writes `bytes` to dir/name as a new 0444 file (fails if it exists).
 void writeReadOnlyFile(const std::string& dir, const std::string& name, const void* bytes,
