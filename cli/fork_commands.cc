@@ -7,6 +7,7 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -72,16 +73,18 @@ bool processAlive(pid_t pid) {
 // The socket listens from the start (bound by us, inherited by the core): a connection waits
 // in its backlog until the core serves, so the status call is polled while the process is
 // checked for an early end and the deadline.
-// A fork of a fork server has no pid of its own here (`pid` is the server's jailer): nobody
-// listening on its socket (the fork held the only listening fd) is how its end shows.
-uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& consoleLog,
-                   bool refusedMeansEnded) {
+// A fork of a fork server has no pid here (nullopt): nobody listening on its socket (the fork
+// held the only listening fd) is how its end shows.
+uint32_t waitReady(std::optional<pid_t> pid, const std::string& socket, const std::string& consoleLog) {
   auto deadline = std::chrono::steady_clock::now() + kForkReadyTimeout;
+  bool refusedMeansEnded = !pid;
   auto ended = [&] {
-    return Error(fmt::format("ended during restore (pid {}):\n{}", pid, tail(consoleLog)));
+    return Error(fmt::format("ended during restore{}:\n{}", pid ? fmt::format(" (pid {})", *pid) : "",
+                             tail(consoleLog)));
   };
+  auto alive = [&] { return !pid || processAlive(*pid); };
   while (std::chrono::steady_clock::now() < deadline) {
-    if (!processAlive(pid)) throw ended();
+    if (!alive()) throw ended();
     std::optional<uint32_t> cid;
     bool processEnded = false;
     try {
@@ -90,7 +93,7 @@ uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& cons
       capnp::TwoPartyClient client(*connection, rpc::kMaxFdsPerMessage);
       auto status = client.bootstrap().castAs<rpc::VmControl>().statusRequest().send();
       while (!status.poll(io.waitScope)) {
-        if (!processAlive(pid)) {
+        if (!alive()) {
           processEnded = true;
           break;
         }
@@ -110,8 +113,7 @@ uint32_t waitReady(pid_t pid, const std::string& socket, const std::string& cons
     if (processEnded) throw ended();
     std::this_thread::sleep_for(2ms);
   }
-  throw Error(fmt::format("did not answer on {} within {} s (pid {})", socket,
-                          kForkReadyTimeout.count(), pid));
+  throw Error(fmt::format("did not answer on {} within {} s", socket, kForkReadyTimeout.count()));
 }
 
 // The snapshot's output, created here (or an existing empty directory) and opened: the core
@@ -252,7 +254,7 @@ void stopFork(std::optional<pid_t> pid, const std::string& socket) {
 // One fork being brought up by `clone fork`.
 struct Fork {
   std::string id, socket, log;
-  pid_t pid;  // its jailer or core; for a fork server's fork, the server's
+  pid_t pid;  // its jailer or core; 0 for a fork server's fork
   std::chrono::steady_clock::time_point spawnedAt;
   bool served = false;  // by a fork server
   // Filled by the fork's own thread.
@@ -270,25 +272,65 @@ std::string forkSocketPath(const ForkCommandOptions& options, const std::string&
                                    : fmt::format("{}.{}", options.apiSocket, index + 1);
 }
 
-// --fork-server: one jailed core checks the template once and fork()s every fork of this
-// command; it ends when the last of them has. Each fork's API socket and console log are
-// made here and sent with its request.
+// Connects to this template's fork server, starting it first if none listens. Binding the
+// socket decides which of two commands starts it; a socket nobody listens on is a server that
+// ended (it cannot remove its socket: nothing in its jail is writable).
+UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program, const std::string& dir,
+                           const vmm::snapshot::VerifiedTemplate& verified, bool copyOnWrite,
+                           const ForkCommandOptions& options, const std::string& runtime,
+                           std::string& serverLog) {
+  std::string base = forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail);
+  std::string path = base + ".forkserver";
+  serverLog = base + ".console";
+  auto address = [&] {
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    require(path.size() < sizeof(a.sun_path), "fork server socket path too long: {}", path);
+    std::memcpy(a.sun_path, path.c_str(), path.size() + 1);
+    return a;
+  }();
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    UniqueFd client(CLONE_SYSCALL(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0), "create socket", path));
+    if (::connect(client.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0) return client;
+    if (errno == ECONNREFUSED) {
+      ::unlink(path.c_str());
+    } else if (errno != ENOENT) {
+      throwSystemError(errno, "connect to the fork server", path);
+    }
+    UniqueFd listener(CLONE_SYSCALL(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0), "create socket", path));
+    if (::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
+      if (errno == EADDRINUSE) continue;  // another command's: connect to it
+      throwSystemError(errno, "bind the fork server's socket", path);
+    }
+    CLONE_SYSCALL(::listen(listener.get(), 64), "listen", path);
+    auto spec = forkServerProcessSpec("fork-server-" + randomId().substr(5), dir, verified.manifest, serverLog,
+                                      program, copyOnWrite, listener.get(), options.forkServerMaxForks);
+    spec.args.insert(spec.args.end(), {"--fork-server-linger", fmt::format("{}", options.forkServerLinger),
+                                       "--fork-server-max-forks", std::to_string(options.forkServerMaxForks)});
+    try {
+      launcher.launch(spec);
+    } catch (...) {
+      ::unlink(path.c_str());
+      throw;
+    }
+  }
+  throw Error(fmt::format("could not reach or start the fork server at {}", path));
+}
+
+// --fork-server: this template's fork server (started if none runs) fork()s every fork of
+// this command. Each fork's API socket and console log are made here and sent with its request.
 std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string& program,
-                                   const std::string& dir, const vmm::snapshot::Manifest& manifest,
+                                   const std::string& dir, const vmm::snapshot::VerifiedTemplate& verified,
                                    bool copyOnWrite, const ForkCommandOptions& options,
                                    const std::string& runtime) {
-  auto [client, serverEnd] = ipc::makeForkSocketPair();
-  std::string serverId = "fork-server-" + randomId().substr(5);
-  std::string serverLog = fmt::format("{}/{}.console", runtime, serverId);
-  pid_t server = launcher.launch(forkServerProcessSpec(serverId, dir, manifest, serverLog, program,
-                                                       copyOnWrite, serverEnd.get(), options.count));
-  serverEnd.reset();
+  std::string serverLog;
+  UniqueFd client = connectForkServer(launcher, program, dir, verified, copyOnWrite, options, runtime, serverLog);
   std::vector<Fork> forks;
   std::string serverGone;  // why no more requests can be sent
   for (unsigned i = 0; i < options.count; ++i) {
     std::string id = randomId();
     Fork fork{id, forkSocketPath(options, runtime, id, i), fmt::format("{}/{}.console", runtime, id),
-              server, std::chrono::steady_clock::now(), true};
+              0, std::chrono::steady_clock::now(), true};
     if (!serverGone.empty()) {
       fork.error = serverGone;
       forks.push_back(std::move(fork));
@@ -305,14 +347,14 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
       auto reply = ipc::receiveForkReply(client.get());
       if (!reply.error.empty()) fork.error = "the fork server refused it: " + reply.error;
     } catch (const Error& error) {
-      serverGone = fmt::format("the fork server ({}) did not answer: {}; its log {}:\n{}", serverId,
-                               error.what(), serverLog, tail(serverLog));
+      serverGone = fmt::format("the fork server did not answer: {}; its log {}:\n{}", error.what(),
+                               serverLog, tail(serverLog));
       fork.error = serverGone;
     }
     if (!fork.error.empty()) ::unlink(fork.socket.c_str());
     forks.push_back(std::move(fork));
   }
-  return forks;  // hangs up: the server ends after its forks
+  return forks;  // hangs up; the server lingers after its last fork and client
 }
 
 void makeDirectory(const std::string& path) {
@@ -401,6 +443,17 @@ ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templa
   if (copyOnWriteMemory) spec.args.insert(spec.args.end(), {"--fork-memory", "cow"});
   spec.keepFds = {apiFd};
   return spec;
+}
+
+std::string forkServerBase(const std::string& runtime, const std::string& templateDir,
+                           const vmm::snapshot::FileIdentity& memoryFile, const std::string& forkMemory,
+                           bool jailed) {
+  // FNV-1a: stable across builds and runs, unlike std::hash.
+  std::string key = fmt::format("{}\n{}:{}:{}\n{}\n{}", templateDir, memoryFile.device, memoryFile.inode,
+                                memoryFile.ctimeNs, forkMemory, jailed ? "jailed" : "unjailed");
+  uint64_t hash = 0xcbf29ce484222325ull;
+  for (unsigned char c : key) hash = (hash ^ c) * 0x100000001b3ull;
+  return fmt::format("{}/fork-server-{:016x}", runtime, hash);
 }
 
 ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string& templateDir,
@@ -512,9 +565,19 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       ->check(CLI::IsMember({"memfd", "cow"}))
       ->capture_default_str();
   forkVerb->add_flag("--fork-server", options.forkServer,
-                     "start one jailed core that checks the template once and fork()s every fork of "
-                     "this command (faster, less memory per fork; the forks share that one jail, and "
-                     "it ends with the last of them; templates without disks; docs/FORK.md)");
+                     "fork through this template's fork server, a jailed core that checked the "
+                     "template once and fork()s each fork (started if none runs; faster, less memory "
+                     "per fork; its forks share its jail; templates without disks; docs/FORK.md)");
+  forkVerb->add_option("--fork-server-linger", options.forkServerLinger,
+                       "a fork server started by this command ends this many seconds after its last "
+                       "fork and client")
+      ->check(CLI::Range(0.0, 86400.0))
+      ->capture_default_str();
+  forkVerb->add_option("--fork-server-max-forks", options.forkServerMaxForks,
+                       "forks a fork server started by this command runs at once (its jail's memory "
+                       "and pids limits are sized for them)")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
   forkVerb->add_option("--disk", options.disks,
                        "N,overlay=PATH: put the fork's overlay of the template's disk N at PATH "
                        "(PATH.1 .. PATH.K with --count K), kept after the fork ends; repeatable")
@@ -542,7 +605,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       require(verified.manifest.disks.empty() && diskOptions.empty(),
               "--fork-server: {} has {} disks; forks with disks are started one core each (leave "
               "out --fork-server)", dir, verified.manifest.disks.size());
-      forks = startServedForks(launcher, program, dir, verified.manifest, copyOnWrite, options, runtime);
+      forks = startServedForks(launcher, program, dir, verified, copyOnWrite, options, runtime);
     }
     for (unsigned i = 0; i < options.count && !options.forkServer; ++i) {
       std::string id = randomId();
@@ -593,7 +656,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
             return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
                                                              fork.spawnedAt).count();
           };
-          fork.cid = waitReady(fork.pid, fork.socket, fork.log, fork.served);
+          fork.cid = waitReady(fork.served ? std::nullopt : std::optional<pid_t>(fork.pid), fork.socket, fork.log);
           fork.apiMs = sinceSpawn();
           if (applyIdentity && fork.cid != 0) {
             applyForkIdentity(fork.id, fork.cid, kAgentTimeout);

@@ -26,7 +26,9 @@ struct ForkCommandOptions {
   std::vector<std::string> disks;  // fork: --disk N,overlay=PATH
   bool diskPostcopy = false;       // fork: --disk-postcopy (experimental, docs/FORK.md)
   std::string forkMemory = "memfd";  // fork: --fork-memory memfd|cow
-  bool forkServer = false;           // fork: --fork-server (one jailed core forks them all)
+  bool forkServer = false;           // fork: --fork-server (a jailed core that forks them)
+  double forkServerLinger = 60;      // fork: --fork-server-linger (for a server it starts)
+  unsigned forkServerMaxForks = 64;  // fork: --fork-server-max-forks (for a server it starts)
 };
 
 // Where forks' API sockets and console logs live: $CLONE_RUNTIME_DIR, else
@@ -56,7 +58,14 @@ ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templa
                             bool copyOnWriteMemory, int apiFd);
 
 // The jail of a fork server (clone-vmm --fork-server-fd, docs/FORK.md): a fork's jail, with the
-// server's socket end `serverFd` instead of an API socket, and room for `forks` VMs and processes.
+// server's listening socket `serverFd` instead of an API socket, and room for `forks` VMs and
+// processes.
+// Where the fork server of one template (the very files verified: their inode and ctime) and
+// one way of forking lives in the runtime directory; "" + .forkserver and .console.
+std::string forkServerBase(const std::string& runtime, const std::string& templateDir,
+                           const vmm::snapshot::FileIdentity& memoryFile, const std::string& forkMemory,
+                           bool jailed);
+
 ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string& templateDir,
                                   const vmm::snapshot::Manifest& manifest,
                                   const std::string& consoleLog, const std::string& program,

@@ -182,6 +182,18 @@ TEST(ForkCommandTest, AForkServersJailIsAForksJailForAllItsForks) {
   EXPECT_EQ(spec.processes, 11u);
   EXPECT_EQ(spec.detachedOutput, "/run/clone/fork-server-1.console");
 
+  // One server per template version, way of forking and jailing.
+  vmm::snapshot::FileIdentity memory{1, 2, 3, 4, 5};
+  std::string base = forkServerBase("/run/clone", "/srv/tpl", memory, "memfd", true);
+  EXPECT_EQ(base, forkServerBase("/run/clone", "/srv/tpl", memory, "memfd", true));
+  EXPECT_TRUE(base.starts_with("/run/clone/fork-server-")) << base;
+  EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl2", memory, "memfd", true));
+  EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl", memory, "cow", true));
+  EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl", memory, "memfd", false));
+  auto rewritten = memory;
+  rewritten.ctimeNs++;  // the template written again at the same path
+  EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl", rewritten, "memfd", true));
+
   spec = forkServerProcessSpec("fork-server-2", "/srv/tpl", manifest, "/dev/null", "/usr/bin/clone-vmm",
                                /*copyOnWriteMemory=*/false, /*serverFd=*/6, /*forks=*/1);
   EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--fork-server-fd", "6"}));

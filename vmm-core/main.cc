@@ -122,6 +122,17 @@ int runVmm(int argc, char** argv) {
       ->excludes("--api-fd")
       ->excludes("--api-socket")
       ->excludes("--vsock-cid");
+  double forkServerLinger = 60;
+  ForkServerLimits forkServerLimits;
+  app.add_option("--fork-server-linger", forkServerLinger,
+                 "with a listening --fork-server-fd: seconds the server waits with no fork and no "
+                 "client before it ends")
+      ->check(CLI::Range(0.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--fork-server-max-forks", forkServerLimits.maxForks,
+                 "forks a fork server runs at once; further requests are refused")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
@@ -187,7 +198,8 @@ int runVmm(int argc, char** argv) {
     KvmSystem kvm;
     validate(config, kvm);
     if (forkServerFd >= 0) {
-      auto request = serveForks(forkServerFd, *log);
+      forkServerLimits.linger = std::chrono::milliseconds(static_cast<int64_t>(forkServerLinger * 1000));
+      auto request = serveForks(forkServerFd, forkServerLimits, *log);
       if (!request) return kExitPowerOff;  // the server is done
       // This is a fork now: its own output, API socket and CID, no input (as a detached core
       // has none); its timings start here.

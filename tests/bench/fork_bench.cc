@@ -980,10 +980,7 @@ int main(int argc, char** argv) {
       drain(&server.session(), 10ms);
       std::this_thread::sleep_for(500ms);
     }
-    // The forks have the server's command line (no exec): the server is the one not asked for.
-    for (int pid : pidsWithArgument("--fork-server-fd")) {
-      if (std::find(pids.begin(), pids.end(), pid) == pids.end()) serverKib += pssKib(pid);
-    }
+    serverKib = pssKib(server.session().pid());
     std::map<std::string, uint64_t> medianKinds;
     std::vector<uint64_t> ownKib;
     for (pid_t pid : pids) ownKib.push_back(pssKib(pid));

@@ -482,9 +482,10 @@ TEST_F(ForkTest, ForksAreUnique) {
   expectForksUnique(forks, kForks);
 }
 
-// clone fork --fork-server: one jailed core checks the template and fork()s them all; the
-// forks are as alive and unique as the others, and the server ends after the last of them.
-TEST_F(ForkTest, ForksOfAForkServerAreUniqueAliveAndEndTheServerWithThem) {
+// clone fork --fork-server: the template's fork server (a jailed core that checked the
+// template once) fork()s the forks; they are as alive and unique as the others, a second
+// command reuses the server, and it ends after its last fork and its linger.
+TEST_F(ForkTest, ForksOfAForkServerAreUniqueAliveAndShareOneServerThatEndsAfterThem) {
   constexpr int kForks = 3;
   auto serverRuns = [] {
     int running = 0;
@@ -497,8 +498,13 @@ TEST_F(ForkTest, ForksOfAForkServerAreUniqueAliveAndEndTheServerWithThem) {
     }
     return running;
   };
+  // Both commands in one runtime directory, where the server's socket is found.
+  std::string runtime = base_ + "/served.runtime";
+  std::filesystem::create_directories(runtime);
+  ::setenv("CLONE_RUNTIME_DIR", runtime.c_str(), 1);
   {
-    CliForks forks(templateDir_, base_ + "/served", kForks, {"--fork-server"});  // memfd forks (the bench runs cow ones)
+    // memfd forks (the benchmark runs cow ones)
+    CliForks forks(templateDir_, base_ + "/served", kForks, {"--fork-server", "--fork-server-linger", "2"});
     ASSERT_TRUE(forks.allReady(kForks));
     // The server and its forks (which carry its command line: no exec).
     EXPECT_EQ(serverRuns(), kForks + 1);
@@ -512,15 +518,22 @@ TEST_F(ForkTest, ForksOfAForkServerAreUniqueAliveAndEndTheServerWithThem) {
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - before).count();
     EXPECT_GE(seconds, 0.8);
     EXPECT_LE(seconds, 3.0);
+    {
+      CliForks more(templateDir_, base_ + "/served-more", 1, {"--fork-server"});
+      ASSERT_TRUE(more.allReady(1));
+      EXPECT_EQ(serverRuns(), kForks + 2) << "a second command started a second fork server";
+      EXPECT_EQ(execIn(more.socket(0), {"hostname"}).output, more.id(0) + "\n");
+    }
     // One fork destroyed: the others and the server run on.
     ASSERT_EQ(cloneCli({"destroy", "--vm", forks.socket(0)}).code, 0);
     EXPECT_EQ(execIn(forks.socket(1), {"echo", "still"}).output, "still\n");
     EXPECT_EQ(serverRuns(), kForks);
     forks.printed.forks.erase(forks.printed.forks.begin());  // destroyed above
   }  // the rest destroyed
-  auto deadline = std::chrono::steady_clock::now() + 15s;
+  ::unsetenv("CLONE_RUNTIME_DIR");
+  auto deadline = std::chrono::steady_clock::now() + 20s;
   while (serverRuns() > 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(50ms);
-  EXPECT_EQ(serverRuns(), 0) << "the fork server did not end after its last fork";
+  EXPECT_EQ(serverRuns(), 0) << "the fork server did not end after its last fork and its linger";
 }
 
 TEST_F(ForkTest, NoIdentityLeavesTheTemplatesHostname) {

@@ -46,6 +46,7 @@ class GuestSession {
   std::optional<int> waitExit(std::chrono::milliseconds timeout = 30s);
   // All output so far (for failure messages).
   const std::string& output() const { return output_; }
+  pid_t pid() const { return pid_; }
 
  private:
   // Reads what is available, waiting up to `timeout`; false at EOF.

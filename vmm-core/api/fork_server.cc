@@ -4,15 +4,19 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace clonevm::vmm {
 namespace {
+
+using Clock = std::chrono::steady_clock;
 
 std::string describeStatus(int status) {
   if (WIFEXITED(status)) return fmt::format("exited with code {}", WEXITSTATUS(status));
@@ -20,17 +24,31 @@ std::string describeStatus(int status) {
   return fmt::format("ended (status {:#x})", status);
 }
 
+bool isListening(int socket) {
+  int listening = 0;
+  socklen_t length = sizeof(listening);
+  return ::getsockopt(socket, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0 && listening == 1;
+}
+
 }  // namespace
 
-std::optional<ipc::ForkRequest> serveForks(int socket, spdlog::logger& log) {
+std::optional<ipc::ForkRequest> serveForks(int socket, const ForkServerLimits& limits,
+                                           spdlog::logger& log) {
   sigset_t childSignal, previousMask;
   sigemptyset(&childSignal);
   sigaddset(&childSignal, SIGCHLD);
   CLONE_SYSCALL(::sigprocmask(SIG_BLOCK, &childSignal, &previousMask), "fork server: block SIGCHLD");
   UniqueFd childEvents(CLONE_SYSCALL(::signalfd(-1, &childSignal, SFD_CLOEXEC), "fork server: create signalfd"));
   std::map<pid_t, std::string> forks;  // running forks by pid: their ids, for the log
-  bool clientGone = false;
-  log.info("fork server: ready");
+  bool listening = isListening(socket);
+  std::vector<UniqueFd> clients;
+  if (!listening) clients.emplace_back(::dup(socket));  // the one client; `socket` stays the caller's
+  require(listening || clients.back().valid(), "fork server: dup its socket: {}", std::strerror(errno));
+  std::optional<Clock::time_point> idleSince;  // since the last fork or client went
+  log.info("fork server: ready ({})", listening ? fmt::format("listening; at most {} forks, ends {} ms after "
+                                                              "the last fork and client", limits.maxForks,
+                                                              limits.linger.count())
+                                                : "one client");
   for (;;) {
     // Reap every fork that ended (one SIGCHLD may stand for several).
     for (;;) {
@@ -42,56 +60,79 @@ std::optional<ipc::ForkRequest> serveForks(int socket, spdlog::logger& log) {
                describeStatus(status));
       if (fork != forks.end()) forks.erase(fork);
     }
-    if (clientGone && forks.empty()) {
-      log.info("fork server: the client hung up and no fork runs: done");
+    bool idle = forks.empty() && clients.empty();
+    if (!idle) idleSince.reset();
+    else if (!idleSince) idleSince = Clock::now();
+    auto idleFor = idle ? std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - *idleSince)
+                        : std::chrono::milliseconds(0);
+    if (idle && (!listening || idleFor >= limits.linger)) {
+      log.info("fork server: no fork runs and no client is connected: done");
       return std::nullopt;
     }
-    pollfd fds[2] = {{childEvents.get(), POLLIN, 0}, {clientGone ? -1 : socket, POLLIN, 0}};
-    CLONE_SYSCALL(::poll(fds, 2, -1), "fork server: poll");
+    std::vector<pollfd> fds = {{childEvents.get(), POLLIN, 0}, {listening ? socket : -1, POLLIN, 0}};
+    for (const auto& client : clients) fds.push_back({client.get(), POLLIN, 0});
+    int timeout = idle ? static_cast<int>((limits.linger - idleFor).count()) : -1;
+    CLONE_SYSCALL(::poll(fds.data(), fds.size(), timeout), "fork server: poll");
     if (fds[0].revents & POLLIN) {
       signalfd_siginfo info;
       (void)!::read(childEvents.get(), &info, sizeof(info));
     }
-    if (fds[1].revents == 0) continue;
-    ipc::ForkRequest request;
-    try {
-      request = ipc::receiveForkRequest(socket);
-    } catch (const ipc::ForkSocketClosed&) {
-      clientGone = true;
-      continue;
-    } catch (const Error& error) {
-      log.warn("fork server: refused a request: {}", error.what());
+    if (fds[1].revents & POLLIN) {
+      UniqueFd client(::accept4(socket, nullptr, nullptr, SOCK_CLOEXEC));
+      if (client) clients.push_back(std::move(client));
+    }
+    // Each client with a request (or hang-up): one request each per round.
+    std::vector<int> ready;
+    for (size_t i = 2; i < fds.size(); ++i) {
+      if (fds[i].revents != 0) ready.push_back(fds[i].fd);
+    }
+    for (int client : ready) {
+      auto drop = [&] {
+        std::erase_if(clients, [client](const UniqueFd& fd) { return fd.get() == client; });
+      };
+      ipc::ForkRequest request;
+      ipc::ForkReply reply;
       try {
-        ipc::sendForkReply(socket, {0, error.what()});
-      } catch (const Error&) {
-        clientGone = true;  // it hung up meanwhile
+        request = ipc::receiveForkRequest(client);
+      } catch (const ipc::ForkSocketClosed&) {
+        drop();
+        continue;
+      } catch (const Error& error) {
+        log.warn("fork server: refused a request: {}", error.what());
+        reply.error = error.what();
       }
-      continue;
-    }
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      // The fork: none of the server's fds or its signal handling.
-      ::sigprocmask(SIG_SETMASK, &previousMask, nullptr);
-      childEvents.reset();
-      ::close(socket);
-      // Forks of one server share a uid: none may trace or read another's memory.
-      ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-      return request;
-    }
-    ipc::ForkReply reply;
-    if (pid < 0) {
-      reply.error = fmt::format("fork server: fork() for {}: {}", request.forkId, std::strerror(errno));
-      log.error("{}", reply.error);
-    } else {
-      forks.emplace(pid, request.forkId);
-      reply.pid = pid;
-      log.info("fork server: fork {} started as pid {} (API {})", request.forkId, pid,
-               request.apiSocketName);
-    }
-    try {
-      ipc::sendForkReply(socket, reply);
-    } catch (const Error&) {
-      clientGone = true;
+      if (reply.error.empty() && forks.size() >= limits.maxForks) {
+        reply.error = fmt::format("the fork server runs {} forks, its most: refused {}", forks.size(),
+                                  request.forkId);
+        log.warn("fork server: {}", reply.error);
+      }
+      if (reply.error.empty()) {
+        pid_t pid = ::fork();
+        if (pid == 0) {
+          // The fork: none of the server's fds or its signal handling.
+          ::sigprocmask(SIG_SETMASK, &previousMask, nullptr);
+          childEvents.reset();
+          clients.clear();
+          ::close(socket);
+          // Forks of one server share a uid: none may trace or read another's memory.
+          ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+          return request;
+        }
+        if (pid < 0) {
+          reply.error = fmt::format("fork server: fork() for {}: {}", request.forkId, std::strerror(errno));
+          log.error("{}", reply.error);
+        } else {
+          forks.emplace(pid, request.forkId);
+          reply.pid = pid;
+          log.info("fork server: fork {} started as pid {} (API {})", request.forkId, pid,
+                   request.apiSocketName);
+        }
+      }
+      try {
+        ipc::sendForkReply(client, reply);
+      } catch (const Error&) {
+        drop();  // it hung up meanwhile
+      }
     }
   }
 }

@@ -62,12 +62,12 @@ int waitFor(pid_t pid, std::chrono::milliseconds limit) {
 }
 
 // Starts a server process on `serverEnd`; its forks write their id and wait for a connection.
-pid_t startServer(UniqueFd& clientEnd, UniqueFd& serverEnd) {
+pid_t startServer(UniqueFd& clientEnd, UniqueFd& serverEnd, ForkServerLimits limits = {}) {
   pid_t pid = ::fork();
   if (pid == 0) {
     clientEnd.reset();
     spdlog::logger log("t", std::make_shared<spdlog::sinks::null_sink_st>());
-    auto request = serveForks(serverEnd.get(), log);
+    auto request = serveForks(serverEnd.get(), limits, log);
     if (!request) ::_exit(0);
     std::string text = "fork " + request->forkId + " pid " + std::to_string(::getpid());
     (void)!::write(request->output.get(), text.data(), text.size());
@@ -146,6 +146,54 @@ TEST(ForkServerTest, TheServerOutlivesTheClientWhileAForkRuns) {
   int status = waitFor(serverPid, 10s);
   ASSERT_NE(status, -1) << "the fork server did not end after its fork";
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+UniqueFd connectSeqpacket(const sockaddr_un& address, socklen_t length) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), length), 0);
+  return fd;
+}
+
+ipc::ForkReply askForFork(int client, const std::string& id, const Listener& api, Output& output) {
+  ipc::ForkRequest request;
+  request.forkId = id;
+  request.apiListener = UniqueFd(::dup(api.fd.get()));
+  request.output = std::move(output.write);
+  ipc::sendForkRequest(client, request);
+  return ipc::receiveForkReply(client);
+}
+
+// A listening server: clients come and go, forks are capped, and it lingers, then ends.
+TEST(ForkServerTest, AListeningServerServesManyClientsCapsItsForksAndLingers) {
+  UniqueFd requests(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  ASSERT_EQ(::bind(requests.get(), reinterpret_cast<sockaddr*>(&address), sizeof(sa_family_t)), 0);
+  ASSERT_EQ(::listen(requests.get(), 8), 0);
+  socklen_t length = sizeof(address);
+  ASSERT_EQ(::getsockname(requests.get(), reinterpret_cast<sockaddr*>(&address), &length), 0);
+  UniqueFd none;
+  pid_t serverPid = startServer(none, requests, {std::chrono::milliseconds(400), 2});
+
+  Listener apiA = listener(), apiB = listener(), apiC = listener();
+  Output outA = makeOutput(), outB = makeOutput(), outC = makeOutput();
+  {
+    UniqueFd first = connectSeqpacket(address, length);
+    EXPECT_EQ(askForFork(first.get(), "a", apiA, outA).error, "");
+  }  // the first client hangs up; its fork runs on
+  UniqueFd second = connectSeqpacket(address, length);
+  EXPECT_EQ(askForFork(second.get(), "b", apiB, outB).error, "");
+  auto third = askForFork(second.get(), "c", apiC, outC);
+  EXPECT_NE(third.error.find("runs 2 forks, its most"), std::string::npos) << third.error;
+  second.reset();
+  EXPECT_EQ(waitFor(serverPid, 600ms), -1) << "the server ended while its forks ran";
+  connectTo(apiA);
+  connectTo(apiB);
+  auto forksEnded = std::chrono::steady_clock::now();
+  int status = waitFor(serverPid, 10s);
+  ASSERT_NE(status, -1) << "the server did not end after lingering";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_GE(std::chrono::steady_clock::now() - forksEnded, 350ms) << "it did not linger";
 }
 
 }  // namespace
