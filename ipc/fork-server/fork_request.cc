@@ -11,6 +11,8 @@
 
 #include <fmt/format.h>
 
+#include "ipc/fd_passing.h"
+
 namespace clonevm::ipc {
 namespace {
 
@@ -61,16 +63,8 @@ void sendDatagram(int socket, const void* bytes, size_t size, std::span<const in
   msghdr message{};
   message.msg_iov = &iov;
   message.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kRequestFds)]{};
-  if (!fds.empty()) {
-    message.msg_control = control;
-    message.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* header = CMSG_FIRSTHDR(&message);
-    header->cmsg_level = SOL_SOCKET;
-    header->cmsg_type = SCM_RIGHTS;
-    header->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(header), fds.data(), sizeof(int) * fds.size());
-  }
+  FdsToSend control(fds);
+  control.attachTo(message);
   ssize_t sent = CLONE_SYSCALL(::sendmsg(socket, &message, MSG_NOSIGNAL), what);
   require(static_cast<size_t>(sent) == size, "{}: sent {} of {} bytes", what, sent, size);
 }

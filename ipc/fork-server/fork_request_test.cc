@@ -1,4 +1,5 @@
 #include "ipc/fork-server/fork_request.h"
+#include "ipc/fd_passing.h"
 
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -48,16 +49,8 @@ void sendRaw(int socket, const void* bytes, size_t size, std::vector<int> fds = 
   msghdr message{};
   message.msg_iov = &iov;
   message.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 16)]{};
-  if (!fds.empty()) {
-    message.msg_control = control;
-    message.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* header = CMSG_FIRSTHDR(&message);
-    header->cmsg_level = SOL_SOCKET;
-    header->cmsg_type = SCM_RIGHTS;
-    header->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(header), fds.data(), sizeof(int) * fds.size());
-  }
+  FdsToSend control(fds);
+  control.attachTo(message);
   ASSERT_EQ(::sendmsg(socket, &message, 0), static_cast<ssize_t>(size));
 }
 

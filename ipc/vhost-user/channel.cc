@@ -8,6 +8,8 @@
 
 #include <cstring>
 
+#include "ipc/fd_passing.h"
+
 namespace clonevm::ipc::vhost {
 
 Channel::Channel(UniqueFd socket, std::string peerName)
@@ -25,20 +27,11 @@ void Channel::send(const MessageHeader& header, std::span<const uint8_t> payload
       {const_cast<MessageHeader*>(&header), sizeof(header)},
       {const_cast<uint8_t*>(payload.data()), payload.size()},
   };
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerMessage)];
   msghdr msg{};
   msg.msg_iov = iov;
   msg.msg_iovlen = payload.empty() ? 1 : 2;
-  if (!fds.empty()) {
-    std::memset(control, 0, sizeof(control));
-    msg.msg_control = control;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(cmsg), fds.data(), sizeof(int) * fds.size());
-  }
+  FdsToSend control(fds);
+  control.attachTo(msg);
 
   size_t total = sizeof(header) + payload.size();
   size_t sent = 0;
