@@ -468,11 +468,17 @@ class ForkServer {
       clonevm::ipc::sendForkRequest(client_.get(), request);
       auto reply = clonevm::ipc::receiveForkReply(client_.get());
       if (!reply.error.empty()) std::cerr << "fork server refused " << name << ": " << reply.error << "\n";
+      if (reply.pid > 0) forks_.push_back(reply.pid);
       return reply.pid;
     } catch (const std::exception& error) {
       std::cerr << "fork server request " << name << ": " << error.what() << "\n" << session_->output();
       return 0;
     }
+  }
+  // Its forks would outlive a killed server (they are its children, not in a pid namespace of
+  // its own here): end them with it.
+  ~ForkServer() {
+    for (pid_t pid : forks_) ::kill(pid, SIGKILL);
   }
   GuestSession& session() { return *session_; }
   // Hangs up and waits for the server to end (after its forks, which the caller ended).
@@ -497,6 +503,7 @@ class ForkServer {
 
   std::unique_ptr<GuestSession> session_;
   clonevm::UniqueFd client_;
+  std::vector<pid_t> forks_;
 };
 
 // Ends a fork of the server and waits until the server has reaped it.
@@ -671,7 +678,10 @@ int main(int argc, char** argv) {
       std::string error;
       ProbeTrace probe;
       if (pid <= 0 || !agentAnswers(cid, 120s, error, &server.session(), &probe)) {
-        std::cerr << fmt::format("server fork {}: the agent did not answer: {}\n", i, error);
+        std::ifstream console(fmt::format("{}/{}.console", dir, name));
+        std::string log((std::istreambuf_iterator<char>(console)), std::istreambuf_iterator<char>());
+        std::cerr << fmt::format("server fork {}: the agent did not answer: {}\nits console:\n{}\n", i, error,
+                                 log.substr(log.size() > 3000 ? log.size() - 3000 : 0));
         serverForkMs.failures++;
       } else {
         serverForkMs.ms.push_back(msSince(forkStart));
@@ -972,7 +982,12 @@ int main(int argc, char** argv) {
     for (int i = 0; i < pssServerForks; ++i) {
       std::string error;
       if (!agentAnswers(cids[i], 180s, error, &server.session())) {
-        std::cerr << fmt::format("idle server fork {}: the agent did not answer: {}\n", i, error);
+        std::ifstream console(fmt::format("{}/pss-server-{}.console", dir, i));
+        std::string log((std::istreambuf_iterator<char>(console)), std::istreambuf_iterator<char>());
+        drain(&server.session(), 100ms);
+        std::cerr << fmt::format("idle server fork {}: the agent did not answer: {}\nits console:\n{}\nthe "
+                                 "server's output:\n{}\n", i, error, log.substr(log.size() > 3000 ? log.size() - 3000 : 0),
+                                 server.session().output());
         return 1;
       }
     }
