@@ -480,6 +480,12 @@ class ForkServer {
   ~ForkServer() {
     for (pid_t pid : forks_) ::kill(pid, SIGKILL);
   }
+  // Ends one of its forks and waits until the server has reaped it.
+  void endFork(pid_t pid) {
+    ::kill(pid, SIGKILL);
+    for (int i = 0; i < 2000 && ::kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(1ms);
+    std::erase(forks_, pid);
+  }
   GuestSession& session() { return *session_; }
   // Hangs up and waits for the server to end (after its forks, which the caller ended).
   std::optional<int> stop() {
@@ -506,11 +512,6 @@ class ForkServer {
   std::vector<pid_t> forks_;
 };
 
-// Ends a fork of the server and waits until the server has reaped it.
-void killServerFork(pid_t pid) {
-  ::kill(pid, SIGKILL);
-  for (int i = 0; i < 2000 && ::kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(1ms);
-}
 
 }  // namespace
 
@@ -694,7 +695,7 @@ int main(int argc, char** argv) {
           }
         }
       }
-      if (pid > 0) killServerFork(pid);
+      if (pid > 0) server.endFork(pid);
     }
     auto code = server.stop();
     std::cout << fmt::format("fork server: exited {}\n", code ? std::to_string(*code) : "(still running)");
@@ -1013,7 +1014,7 @@ int main(int argc, char** argv) {
       for (const auto& row : topMappings(pids[i], 15)) std::cout << "  " << row << "\n";
       break;
     }
-    for (pid_t pid : pids) killServerFork(pid);
+    for (pid_t pid : pids) server.endFork(pid);
     server.stop();
   }
 
