@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "common/error.h"
+
 namespace clonevm::ipc {
 
 FdsToSend::FdsToSend(std::span<const int> fds) {
@@ -20,6 +22,18 @@ FdsToSend::FdsToSend(std::span<const int> fds) {
 void FdsToSend::attachTo(msghdr& message) {
   message.msg_control = control_.empty() ? nullptr : control_.data();
   message.msg_controllen = control_.size();
+}
+
+void sendDatagramWithFds(int socket, const void* bytes, size_t size, std::span<const int> fds,
+                         std::string_view what) {
+  iovec iov{const_cast<void*>(bytes), size};
+  msghdr message{};
+  message.msg_iov = &iov;
+  message.msg_iovlen = 1;
+  FdsToSend control(fds);
+  control.attachTo(message);
+  ssize_t sent = CLONE_SYSCALL(::sendmsg(socket, &message, MSG_NOSIGNAL), what);
+  require(static_cast<size_t>(sent) == size, "{}: sent {} of {} bytes", what, sent, size);
 }
 
 }  // namespace clonevm::ipc

@@ -4,7 +4,9 @@
 
 #include <sys/socket.h>
 
+#include <cstddef>
 #include <span>
+#include <string_view>
 #include <vector>
 
 namespace clonevm::ipc {
@@ -19,5 +21,10 @@ class FdsToSend {
  private:
   std::vector<char> control_;  // operator new's alignment suits cmsghdr
 };
+
+// Sends `size` bytes and `fds` (borrowed) in one sendmsg (no SIGPIPE); throws, naming `what`,
+// unless all of it went. For datagram sockets, where one call is one message.
+void sendDatagramWithFds(int socket, const void* bytes, size_t size, std::span<const int> fds,
+                         std::string_view what);
 
 }  // namespace clonevm::ipc

@@ -57,18 +57,6 @@ std::string fieldString(const char (&field)[N], std::string_view message, std::s
   return std::string(field, end);
 }
 
-void sendDatagram(int socket, const void* bytes, size_t size, std::span<const int> fds,
-                  std::string_view what) {
-  iovec iov{const_cast<void*>(bytes), size};
-  msghdr message{};
-  message.msg_iov = &iov;
-  message.msg_iovlen = 1;
-  FdsToSend control(fds);
-  control.attachTo(message);
-  ssize_t sent = CLONE_SYSCALL(::sendmsg(socket, &message, MSG_NOSIGNAL), what);
-  require(static_cast<size_t>(sent) == size, "{}: sent {} of {} bytes", what, sent, size);
-}
-
 // Receives one datagram of exactly `size` bytes; returns the fds that came with it.
 std::vector<UniqueFd> receiveDatagram(int socket, void* bytes, size_t size, std::string_view what) {
   std::vector<uint8_t> buffer(size + 1);  // one more: a longer datagram shows as too long
@@ -121,7 +109,7 @@ void sendForkRequest(int socket, const ForkRequest& request) {
   copyString(wire.forkId, request.forkId, "the fork id");
   copyString(wire.apiSocketName, request.apiSocketName, "the API socket name");
   int fds[kRequestFds] = {request.apiListener.get(), request.output.get()};
-  sendDatagram(socket, &wire, sizeof(wire), fds, "send a fork request");
+  sendDatagramWithFds(socket, &wire, sizeof(wire), fds, "send a fork request");
 }
 
 ForkRequest receiveForkRequest(int socket) {
@@ -164,7 +152,7 @@ void sendForkReply(int socket, const ForkReply& reply) {
   // An error longer than the field is cut, not refused: it is only text.
   std::string_view error = reply.error;
   copyString(wire.error, error.substr(0, sizeof(wire.error) - 1), "the error");
-  sendDatagram(socket, &wire, sizeof(wire), {}, "send a fork reply");
+  sendDatagramWithFds(socket, &wire, sizeof(wire), {}, "send a fork reply");
 }
 
 ForkReply receiveForkReply(int socket) {

@@ -45,13 +45,7 @@ ForkRequest validRequest(Pipe& output) {
 
 // Sends raw bytes and fds, as a hostile or broken client would.
 void sendRaw(int socket, const void* bytes, size_t size, std::vector<int> fds = {}) {
-  iovec iov{const_cast<void*>(bytes), size};
-  msghdr message{};
-  message.msg_iov = &iov;
-  message.msg_iovlen = 1;
-  FdsToSend control(fds);
-  control.attachTo(message);
-  ASSERT_EQ(::sendmsg(socket, &message, 0), static_cast<ssize_t>(size));
+  sendDatagramWithFds(socket, bytes, size, fds, "send raw");
 }
 
 std::string errorOf(int socket) {
