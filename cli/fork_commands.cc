@@ -254,9 +254,8 @@ void stopFork(std::optional<pid_t> pid, const std::string& socket) {
 // One fork being brought up by `clone fork`.
 struct Fork {
   std::string id, socket, log;
-  pid_t pid;  // its jailer or core; 0 for a fork server's fork
+  std::optional<pid_t> pid;  // its jailer or core; none for a fork server's fork
   std::chrono::steady_clock::time_point spawnedAt;
-  bool served = false;  // by a fork server
   // Filled by the fork's own thread.
   uint32_t cid = 0;
   bool identityApplied = false;
@@ -282,13 +281,7 @@ UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program
   std::string base = forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail);
   std::string path = base + ".forkserver";
   serverLog = base + ".console";
-  auto address = [&] {
-    sockaddr_un a{};
-    a.sun_family = AF_UNIX;
-    require(path.size() < sizeof(a.sun_path), "fork server socket path too long: {}", path);
-    std::memcpy(a.sun_path, path.c_str(), path.size() + 1);
-    return a;
-  }();
+  sockaddr_un address = rpc::unixAddress(path);
   for (int attempt = 0; attempt < 5; ++attempt) {
     UniqueFd client(CLONE_SYSCALL(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0), "create socket", path));
     if (::connect(client.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0) return client;
@@ -298,9 +291,13 @@ UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program
       throwSystemError(errno, "connect to the fork server", path);
     }
     UniqueFd listener(CLONE_SYSCALL(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0), "create socket", path));
-    if (::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
-      if (errno == EADDRINUSE) continue;  // another command's: connect to it
-      throwSystemError(errno, "bind the fork server's socket", path);
+    mode_t oldMask = ::umask(0077);  // only its owner may connect, as bindUnixListener's
+    int bound = ::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address));
+    int bindError = errno;
+    ::umask(oldMask);
+    if (bound != 0) {
+      if (bindError == EADDRINUSE) continue;  // another command's: connect to it
+      throwSystemError(bindError, "bind the fork server's socket", path);
     }
     CLONE_SYSCALL(::listen(listener.get(), 64), "listen", path);
     auto spec = forkServerProcessSpec("fork-server-" + randomId().substr(5), dir, verified.manifest, serverLog,
@@ -330,7 +327,7 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
   for (unsigned i = 0; i < options.count; ++i) {
     std::string id = randomId();
     Fork fork{id, forkSocketPath(options, runtime, id, i), fmt::format("{}/{}.console", runtime, id),
-              0, std::chrono::steady_clock::now(), true};
+              std::nullopt, std::chrono::steady_clock::now()};
     if (!serverGone.empty()) {
       fork.error = serverGone;
       forks.push_back(std::move(fork));
@@ -656,7 +653,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
             return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
                                                              fork.spawnedAt).count();
           };
-          fork.cid = waitReady(fork.served ? std::nullopt : std::optional<pid_t>(fork.pid), fork.socket, fork.log);
+          fork.cid = waitReady(fork.pid, fork.socket, fork.log);
           fork.apiMs = sinceSpawn();
           if (applyIdentity && fork.cid != 0) {
             applyForkIdentity(fork.id, fork.cid, kAgentTimeout);
@@ -679,7 +676,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     for (auto& fork : forks) {
       if (!fork.error.empty()) {
         ++failed;
-        stopFork(fork.served ? std::nullopt : std::optional<pid_t>(fork.pid), fork.socket);
+        stopFork(fork.pid, fork.socket);
         streams.err << fmt::format("clone fork: {} failed and was stopped (console log {}): {}\n",
                                    fork.id, fork.log, fork.error);
         streams.err << fmt::format("clone fork: {}: the end of its console log:\n{}\n", fork.id,

@@ -114,9 +114,10 @@ int runVmm(int argc, char** argv) {
       ->check(CLI::Range(3, 1 << 20));
   int forkServerFd = -1;
   app.add_option("--fork-server-fd", forkServerFd,
-                 "with --restore: serve fork requests on this inherited SOCK_SEQPACKET socket; "
-                 "each one fork()s a VM from the template, which this process checked once "
-                 "(docs/FORK.md); ends when the client hung up and its forks ended")
+                 "with --restore: serve fork requests on this inherited SOCK_SEQPACKET socket, "
+                 "listening or connected; each one fork()s a VM from the template, which this "
+                 "process checked once (docs/FORK.md); ends when its forks have ended and, connected, "
+                 "its client hung up, or, listening, --fork-server-linger after its last client")
       ->check(CLI::Range(3, 1 << 20))
       ->needs("--restore")
       ->excludes("--api-fd")

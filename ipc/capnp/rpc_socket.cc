@@ -9,8 +9,6 @@
 #include "common/error.h"
 
 namespace clonevm::rpc {
-namespace {
-
 sockaddr_un unixAddress(const std::string& path) {
   sockaddr_un address{};
   address.sun_family = AF_UNIX;
@@ -19,6 +17,8 @@ sockaddr_un unixAddress(const std::string& path) {
   path.copy(address.sun_path, sizeof(address.sun_path) - 1);
   return address;
 }
+
+namespace {
 
 int socketOption(int fd, int option) {
   int value = 0;

@@ -1,6 +1,8 @@
 #pragma once
 // Unix-socket plumbing for Cap'n Proto two-party RPC, with Clone's error style.
 
+#include <sys/un.h>
+
 #include <string>
 
 #include <kj/async-io.h>
@@ -11,6 +13,9 @@ namespace clonevm::rpc {
 
 // File descriptors one RPC message may carry (a snapshot's output directory).
 inline constexpr unsigned kMaxFdsPerMessage = 2;
+
+// The address of `path`; throws if it is empty or too long for a unix socket.
+sockaddr_un unixAddress(const std::string& path);
 
 // Creates a unix socket listening on `path` (only its owner may connect). A stale socket file (nobody
 // listening) is replaced; a live one is an error ("socket PATH is in use by another

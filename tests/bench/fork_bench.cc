@@ -39,6 +39,7 @@
 #include <fmt/ranges.h>
 
 #include "cli/agent_client.h"
+#include "ipc/capnp/rpc_socket.h"
 #include "ipc/fork-server/fork_request.h"
 #include "tests/support/guest_session.h"
 
@@ -462,7 +463,7 @@ class ForkServer {
     request.apiSocketName = fmt::format("{}/{}.sock", dir, name);
     request.vsockCid = cid;
     try {
-      request.apiListener = listenOn(request.apiSocketName);
+      request.apiListener = clonevm::rpc::bindUnixListener(request.apiSocketName);
       request.output = clonevm::UniqueFd(::open(fmt::format("{}/{}.console", dir, name).c_str(),
                                                 O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
       clonevm::ipc::sendForkRequest(client_.get(), request);
@@ -494,19 +495,6 @@ class ForkServer {
   }
 
  private:
-  static clonevm::UniqueFd listenOn(const std::string& path) {
-    clonevm::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    sockaddr_un address{};
-    address.sun_family = AF_UNIX;
-    std::snprintf(address.sun_path, sizeof(address.sun_path), "%s", path.c_str());
-    ::unlink(path.c_str());
-    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
-        ::listen(fd.get(), 8) != 0) {
-      throw std::runtime_error(fmt::format("listen on {}: {}", path, std::strerror(errno)));
-    }
-    return fd;
-  }
-
   std::unique_ptr<GuestSession> session_;
   clonevm::UniqueFd client_;
   std::vector<pid_t> forks_;
