@@ -134,6 +134,10 @@ int runVmm(int argc, char** argv) {
                  "forks a fork server runs at once; further requests are refused")
       ->check(CLI::Range(1u, 4096u))
       ->capture_default_str();
+  app.add_option("--fork-server-spare", forkServerLimits.keepSpare,
+                 "true|false: the fork server keeps one fork prepared ahead (VM restored, not run) "
+                 "that the next request makes a fork")
+      ->capture_default_str();
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
@@ -198,12 +202,22 @@ int runVmm(int argc, char** argv) {
     }
     KvmSystem kvm;
     validate(config, kvm);
+    std::optional<SpareFork> spare;
     if (forkServerFd >= 0) {
       forkServerLimits.linger = std::chrono::milliseconds(static_cast<int64_t>(forkServerLinger * 1000));
-      auto request = serveForks(forkServerFd, forkServerLimits, *log);
-      if (!request) return kExitPowerOff;  // the server is done
-      // This is a fork now: its own output, API socket and CID, no input (as a detached core
-      // has none); its timings start here.
+      spare = serveForks(forkServerFd, forkServerLimits, *log);
+      if (!spare) return kExitPowerOff;  // the server is done
+      // A spare: it restores the VM now, with a CID of its own until its request names the
+      // fork's; its timings start here.
+      start = Machine::Clock::now();
+      config.vsock.guestCid = 0;
+      config.vsockCidLater = true;
+    }
+    Machine machine(config, kvm, *log, start);
+    if (spare) {
+      auto request = spare->takeRequest();
+      if (!request) return kExitPowerOff;  // the server ended before it needed this spare
+      // A fork now: its own output, API socket and CID, no input (as a detached core has none).
       UniqueFd noInput(CLONE_SYSCALL(::open("/dev/null", O_RDONLY | O_CLOEXEC), "fork: open", "/dev/null"));
       CLONE_SYSCALL(::dup2(noInput.get(), STDIN_FILENO), "fork: take /dev/null as its input");
       CLONE_SYSCALL(::dup2(request->output.get(), STDOUT_FILENO), "fork: take its output");
@@ -211,12 +225,14 @@ int runVmm(int argc, char** argv) {
       request->output.reset();
       apiFd = request->apiListener.release();
       apiSocket = request->apiSocketName;
-      config.vsock.guestCid = request->vsockCid;
-      start = Machine::Clock::now();
-      log->info("fork {}: forked by the fork server", request->forkId);
+      log->info("fork {}: a spare of the fork server, started {:.1f} ms before its request (VM restored "
+                "at {:.1f} ms)", request->forkId,
+                std::chrono::duration<double, std::milli>(Machine::Clock::now() - start).count(),
+                machine.timings().vcpusReady);
+      // The memory mapping was made from the file the server checked; refuse if it changed since.
       snapshot::recheckTemplate(*source);
+      machine.assignForkVsockCid(request->vsockCid);
     }
-    Machine machine(config, kvm, *log, start);
     machine.setLockdown([seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); });
     bool serveApi = !apiSocket.empty() || apiFd >= 0;
     std::string apiName = apiSocket.empty() ? fmt::format("fd {}", apiFd) : apiSocket;

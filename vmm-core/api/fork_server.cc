@@ -30,10 +30,24 @@ bool isListening(int socket) {
   return ::getsockopt(socket, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0 && listening == 1;
 }
 
+// A child that prepares the next fork; the server hands it its request on `socket`.
+struct Spare {
+  pid_t pid = 0;
+  UniqueFd socket;
+  Clock::time_point started;
+};
+
 }  // namespace
 
-std::optional<ipc::ForkRequest> serveForks(int socket, const ForkServerLimits& limits,
-                                           spdlog::logger& log) {
+std::optional<ipc::ForkRequest> SpareFork::takeRequest() {
+  try {
+    return ipc::receiveForkRequest(fromServer_.get());
+  } catch (const ipc::ForkSocketClosed&) {
+    return std::nullopt;
+  }
+}
+
+std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, spdlog::logger& log) {
   sigset_t childSignal, previousMask;
   sigemptyset(&childSignal);
   sigaddset(&childSignal, SIGCHLD);
@@ -45,16 +59,54 @@ std::optional<ipc::ForkRequest> serveForks(int socket, const ForkServerLimits& l
   if (!listening) clients.emplace_back(::dup(socket));  // the one client; `socket` stays the caller's
   require(listening || clients.back().valid(), "fork server: dup its socket: {}", std::strerror(errno));
   std::optional<Clock::time_point> idleSince;  // since the last fork or client went
-  log.info("fork server: ready ({})", listening ? fmt::format("listening; at most {} forks, ends {} ms after "
-                                                              "the last fork and client", limits.maxForks,
-                                                              limits.linger.count())
-                                                : "one client");
+  std::optional<Spare> spare;
+  // A spare that ended before its request is not replaced ahead (no retry loop when every
+  // restore fails); the next request starts one.
+  bool spareFailed = false;
+  std::optional<SpareFork> child;  // set in a child of startSpare()
+  auto startSpare = [&] {
+    auto [serverEnd, childEnd] = ipc::makeForkSocketPair();
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      // The spare: none of the server's fds or its signal handling.
+      ::sigprocmask(SIG_SETMASK, &previousMask, nullptr);
+      childEvents.reset();
+      clients.clear();
+      ::close(socket);
+      serverEnd.reset();
+      // Forks of one server share a uid: none may trace or read another's memory.
+      ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+      child.emplace(std::move(childEnd));
+      return;
+    }
+    if (pid < 0) {
+      log.error("fork server: fork() a spare: {}", std::strerror(errno));
+      return;
+    }
+    spare = Spare{pid, std::move(serverEnd), Clock::now()};
+  };
+  auto endSpare = [&] {
+    ::kill(spare->pid, SIGKILL);
+    ::waitpid(spare->pid, nullptr, 0);
+    spare.reset();
+  };
+  log.info("fork server: ready ({}{})", listening ? fmt::format("listening; at most {} forks, ends {} ms after "
+                                                                "the last fork and client", limits.maxForks,
+                                                                limits.linger.count())
+                                                  : "one client",
+           limits.keepSpare ? "; a spare fork prepared ahead" : "");
   for (;;) {
     // Reap every fork that ended (one SIGCHLD may stand for several).
     for (;;) {
       int status = 0;
       pid_t pid = ::waitpid(-1, &status, WNOHANG);
       if (pid <= 0) break;
+      if (spare && pid == spare->pid) {
+        log.warn("fork server: its spare (pid {}) {} before it had a request", pid, describeStatus(status));
+        spare.reset();
+        spareFailed = true;
+        continue;
+      }
       auto fork = forks.find(pid);
       log.info("fork server: fork {} (pid {}) {}", fork != forks.end() ? fork->second : "?", pid,
                describeStatus(status));
@@ -66,8 +118,13 @@ std::optional<ipc::ForkRequest> serveForks(int socket, const ForkServerLimits& l
     auto idleFor = idle ? std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - *idleSince)
                         : std::chrono::milliseconds(0);
     if (idle && (!listening || idleFor >= limits.linger)) {
+      if (spare) endSpare();
       log.info("fork server: no fork runs and no client is connected: done");
       return std::nullopt;
+    }
+    if (limits.keepSpare && !spare && !spareFailed && forks.size() < limits.maxForks) {
+      startSpare();
+      if (child) return std::move(child);
     }
     std::vector<pollfd> fds = {{childEvents.get(), POLLIN, 0}, {listening ? socket : -1, POLLIN, 0}};
     for (const auto& client : clients) fds.push_back({client.get(), POLLIN, 0});
@@ -106,27 +163,32 @@ std::optional<ipc::ForkRequest> serveForks(int socket, const ForkServerLimits& l
                                   request.forkId);
         log.warn("fork server: {}", reply.error);
       }
-      if (reply.error.empty()) {
-        pid_t pid = ::fork();
-        if (pid == 0) {
-          // The fork: none of the server's fds or its signal handling.
-          ::sigprocmask(SIG_SETMASK, &previousMask, nullptr);
-          childEvents.reset();
-          clients.clear();
-          ::close(socket);
-          // Forks of one server share a uid: none may trace or read another's memory.
-          ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-          return request;
+      // Hand the request to the spare, or to a new one if there is none or it has died (a
+      // spare still restoring takes it once it is done).
+      for (int attempt = 0; reply.error.empty() && reply.pid == 0 && attempt < 2; ++attempt) {
+        if (!spare) {
+          startSpare();
+          if (child) return std::move(child);
+          if (!spare) {
+            reply.error = fmt::format("fork server: fork() for {}: {}", request.forkId, std::strerror(errno));
+            break;
+          }
         }
-        if (pid < 0) {
-          reply.error = fmt::format("fork server: fork() for {}: {}", request.forkId, std::strerror(errno));
-          log.error("{}", reply.error);
-        } else {
-          forks.emplace(pid, request.forkId);
-          reply.pid = pid;
-          log.info("fork server: fork {} started as pid {} (API {})", request.forkId, pid,
-                   request.apiSocketName);
+        try {
+          ipc::sendForkRequest(spare->socket.get(), request);
+        } catch (const Error& error) {
+          log.warn("fork server: its spare (pid {}) could not take {}: {}", spare->pid, request.forkId,
+                   error.what());
+          endSpare();
+          continue;
         }
+        auto preparedFor = std::chrono::duration<double, std::milli>(Clock::now() - spare->started).count();
+        reply.pid = spare->pid;
+        forks.emplace(spare->pid, request.forkId);
+        log.info("fork server: fork {} started as pid {} (API {}; its spare started {:.1f} ms before)",
+                 request.forkId, spare->pid, request.apiSocketName, preparedFor);
+        spare.reset();
+        spareFailed = false;
       }
       try {
         ipc::sendForkReply(client, reply);

@@ -3,6 +3,11 @@
 // from it for every request (ipc/fork-server/fork_request.h, docs/FORK.md). A fork made so
 // skips the process start, the dynamic linking and the template checks; and its libraries'
 // relocated pages stay shared with the server and its siblings until written.
+//
+// The server keeps one spare fork ahead (as Android's zygote keeps unspecialized app
+// processes): a child that has already restored the VM (KVM_CREATE_VM, guest memory mapped,
+// vCPU and device state) but not run it, and waits for the request that makes it a fork: its
+// API socket, console, vsock CID. The guest runs only once the request has come.
 
 #include <chrono>
 #include <optional>
@@ -18,15 +23,30 @@ struct ForkServerLimits {
   // connected, before it ends.
   std::chrono::milliseconds linger{0};
   unsigned maxForks = 64;  // running at once; more requests are refused
+  // Keep a spare fork prepared ahead. Off: each fork starts at its request. A spare is
+  // not a fork: it counts towards maxForks only once it has a request, and none is kept
+  // while maxForks run.
+  bool keepSpare = true;
+};
+
+// A child of the fork server: it prepares its VM, then takes the request that makes it a fork.
+class SpareFork {
+ public:
+  explicit SpareFork(UniqueFd fromServer) : fromServer_(std::move(fromServer)) {}
+  // Blocks until the server hands this spare a request: the fork's id, API listener, output
+  // and CID. std::nullopt: the server ended without one, and this process should end too.
+  std::optional<ipc::ForkRequest> takeRequest();
+
+ private:
+  UniqueFd fromServer_;
 };
 
 // Serves requests on `socket`: one connected SOCK_SEQPACKET end (the server ends when that
 // client has hung up and every fork started here has ended), or a listening SOCK_SEQPACKET
 // socket (any number of clients; the server ends after `limits.linger` with neither forks nor
-// clients). Returns the request in a fork (a child process, which goes on to restore the VM);
-// std::nullopt in the server, once it is done. A malformed request is answered with its error
-// and the server goes on. Must be called with one thread only.
-std::optional<ipc::ForkRequest> serveForks(int socket, const ForkServerLimits& limits,
-                                           spdlog::logger& log);
+// clients). Returns in a child (a spare, which goes on to restore the VM and then takes its
+// request); std::nullopt in the server, once it is done. A malformed request is answered with
+// its error and the server goes on. Must be called with one thread only.
+std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, spdlog::logger& log);
 
 }  // namespace clonevm::vmm

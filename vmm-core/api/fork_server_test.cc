@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <fstream>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -67,8 +68,10 @@ pid_t startServer(UniqueFd& clientEnd, UniqueFd& serverEnd, ForkServerLimits lim
   if (pid == 0) {
     clientEnd.reset();
     spdlog::logger log("t", std::make_shared<spdlog::sinks::null_sink_st>());
-    auto request = serveForks(serverEnd.get(), limits, log);
-    if (!request) ::_exit(0);
+    auto spare = serveForks(serverEnd.get(), limits, log);
+    if (!spare) ::_exit(0);
+    auto request = spare->takeRequest();
+    if (!request) ::_exit(9);  // the server ended before it needed this spare
     std::string text = "fork " + request->forkId + " pid " + std::to_string(::getpid());
     (void)!::write(request->output.get(), text.data(), text.size());
     request->output.reset();
@@ -173,7 +176,7 @@ TEST(ForkServerTest, AListeningServerServesManyClientsCapsItsForksAndLingers) {
   socklen_t length = sizeof(address);
   ASSERT_EQ(::getsockname(requests.get(), reinterpret_cast<sockaddr*>(&address), &length), 0);
   UniqueFd none;
-  pid_t serverPid = startServer(none, requests, {std::chrono::milliseconds(400), 2});
+  pid_t serverPid = startServer(none, requests, {std::chrono::milliseconds(400), 2, true});
 
   Listener apiA = listener(), apiB = listener(), apiC = listener();
   Output outA = makeOutput(), outB = makeOutput(), outC = makeOutput();
@@ -194,6 +197,74 @@ TEST(ForkServerTest, AListeningServerServesManyClientsCapsItsForksAndLingers) {
   ASSERT_NE(status, -1) << "the server did not end after lingering";
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   EXPECT_GE(std::chrono::steady_clock::now() - forksEnded, 350ms) << "it did not linger";
+}
+
+// The children of `pid` (its main thread's), from /proc.
+std::vector<pid_t> childrenOf(pid_t pid) {
+  std::ifstream list(fmt::format("/proc/{}/task/{}/children", pid, pid));
+  std::vector<pid_t> children;
+  for (pid_t child; list >> child;) children.push_back(child);
+  return children;
+}
+
+// The server prepares a spare before any request, hands it the next request, prepares the
+// next spare, and ends its spare when it ends itself. Without keepSpare there is none.
+TEST(ForkServerTest, AReadySpareBecomesTheNextForkAndEndsWithTheServer) {
+  for (bool keepSpare : {true, false}) {
+    SCOPED_TRACE(keepSpare ? "with a spare" : "without");
+    auto [client, server] = ipc::makeForkSocketPair();
+    pid_t serverPid = startServer(client, server, {std::chrono::milliseconds(0), 64, keepSpare});
+    std::vector<pid_t> before;
+    for (int i = 0; i < 400 && before.empty(); ++i) {
+      std::this_thread::sleep_for(5ms);
+      before = childrenOf(serverPid);
+      if (!keepSpare && i == 40) break;  // 200 ms with none: no spare
+    }
+    ASSERT_EQ(before.size(), keepSpare ? 1u : 0u);
+    Listener api = listener();
+    Output output = makeOutput();
+    auto reply = askForFork(client.get(), "first", api, output);
+    ASSERT_EQ(reply.error, "");
+    if (keepSpare) EXPECT_EQ(reply.pid, before[0]) << "the request did not go to the waiting spare";
+    // With a spare: the fork and the next spare.
+    std::vector<pid_t> after;
+    for (int i = 0; i < 400 && after.size() < (keepSpare ? 2u : 1u); ++i) {
+      std::this_thread::sleep_for(5ms);
+      after = childrenOf(serverPid);
+    }
+    EXPECT_EQ(after.size(), keepSpare ? 2u : 1u);
+    connectTo(api);  // the fork ends
+    EXPECT_EQ(readAll(output.read.get()), "fork first pid " + std::to_string(reply.pid));
+    client.reset();
+    int status = waitFor(serverPid, 10s);
+    ASSERT_NE(status, -1) << "the fork server did not end";
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+    for (pid_t pid : after) EXPECT_NE(::kill(pid, 0), 0) << "pid " << pid << " outlived the server";
+  }
+}
+
+// A spare that dies before its request is replaced at the next request, which still forks.
+TEST(ForkServerTest, ARequestAfterTheSpareDiedStartsANewOne) {
+  auto [client, server] = ipc::makeForkSocketPair();
+  pid_t serverPid = startServer(client, server);
+  std::vector<pid_t> spares;
+  for (int i = 0; i < 400 && spares.empty(); ++i) {
+    std::this_thread::sleep_for(5ms);
+    spares = childrenOf(serverPid);
+  }
+  ASSERT_EQ(spares.size(), 1u);
+  ASSERT_EQ(::kill(spares[0], SIGKILL), 0);
+  std::this_thread::sleep_for(100ms);  // reaped by the server, or not yet: both must work
+  Listener api = listener();
+  Output output = makeOutput();
+  auto reply = askForFork(client.get(), "after", api, output);
+  ASSERT_EQ(reply.error, "");
+  EXPECT_NE(reply.pid, spares[0]);
+  connectTo(api);
+  EXPECT_EQ(readAll(output.read.get()), "fork after pid " + std::to_string(reply.pid));
+  client.reset();
+  int status = waitFor(serverPid, 10s);
+  ASSERT_NE(status, -1) << "the fork server did not end";
 }
 
 }  // namespace

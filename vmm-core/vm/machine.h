@@ -53,6 +53,9 @@ struct MachineConfig {
   // forks"). Pages the fork only reads stay shared with every other fork. No vhost-user
   // device can map such memory.
   bool copyOnWriteMemory = false;
+  // With restoreFrom: the fork's vsock CID comes later (a fork server's spare, restored before
+  // its request): the restore sends no transport reset; assignForkVsockCid() does, once.
+  bool vsockCidLater = false;
 };
 
 struct SnapshotOptions {
@@ -137,6 +140,10 @@ class Machine {
   // The vsock device (null with --no-vsock): its CID, and the fork's hooks
   // (setGuestCid, sendTransportReset, save/restoreState).
   VhostVsockBackend* vsock() const { return vsock_.get(); }
+  // With vsockCidLater, before run(): moves the vsock device to `cid` (0: keeps the CID it
+  // has) and sends the transport reset that makes the guest re-read it. Throws when the
+  // template has no vsock device but a CID is asked for, or the CID is taken.
+  void assignForkVsockCid(uint64_t cid);
 
  private:
 

@@ -140,8 +140,18 @@ void Machine::restoreVirtioDevices(const std::vector<VirtioDeviceState>& states,
   devices_->pciRoot().refreshDecoding();
   // The fork has its own CID (chosen when the device was built); the guest re-reads it on
   // this event and resets the connections it had in the template.
-  if (vsock_ && vsock_->active()) {
+  if (vsock_ && vsock_->active() && !config_.vsockCidLater) {
     if (!vsock_->sendTransportReset()) log_.warn("vsock: the fork's guest keeps the template's CID");
+  }
+}
+
+void Machine::assignForkVsockCid(uint64_t cid) {
+  require(vsock_ != nullptr || cid == 0, "vsock CID {} asked for, but the template has no vsock device", cid);
+  if (vsock_ == nullptr) return;
+  if (cid != 0 && cid != vsock_->guestCid()) {
+    vsock_->setGuestCid(cid);  // sends the transport reset when the device is active
+  } else if (vsock_->active() && !vsock_->sendTransportReset()) {
+    log_.warn("vsock: the fork's guest keeps the template's CID");
   }
 }
 
@@ -162,8 +172,10 @@ void Machine::restoreFromTemplate() {
   require(state.vcpus.size() == config_.vcpuCount, "{}: state has {} vCPUs, the manifest {}",
           source.dir, state.vcpus.size(), config_.vcpuCount);
 
+  double mappedMs = timings_.memoryReady, decodedMs = millisSinceStart();
   // From here on KVM may touch guest memory (kvmclock, LAPIC pages).
   prepareRestoredMemory(source);
+  double prefetchedMs = millisSinceStart();
   for (uint32_t id = 0; id < config_.vcpuCount; ++id) {
     auto vcpu = std::make_unique<KvmVcpu>(vm_, id);
     vcpu->setCpuid(state.vcpus[id].cpuid);
@@ -196,10 +208,11 @@ void Machine::restoreFromTemplate() {
   timings_.vcpusReady = millisSinceStart();
   auto stats = memoryFillStats();
   log_.info("restored from {}: {} vCPUs, {} MiB, {} pages prefetched ({} KiB); {:.1f} ms after "
-            "main began (memory mapped and prefetched at {:.1f} ms)",
+            "main began (memory mapped at {:.1f} ms, state decoded at {:.1f}, working set "
+            "mapped at {:.1f}, devices ready at {:.1f})",
             source.dir, config_.vcpuCount, memory_.size() >> 20, stats.prefetchedPages,
             stats.prefetchedPages * LazyMemoryFill::kPageBytes / 1024, timings_.vcpusReady,
-            timings_.memoryReady);
+            mappedMs, decodedMs, prefetchedMs, timings_.memoryReady);
   // The template's state and extent map were decoded into buffers now freed: give their
   // pages back, or each fork keeps them.
   ::malloc_trim(0);
