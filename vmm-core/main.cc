@@ -225,8 +225,8 @@ int runVmm(int argc, char** argv) {
       request->output.reset();
       apiFd = request->apiListener.release();
       apiSocket = request->apiSocketName;
-      log->info("fork {}: a spare of the fork server, started {:.1f} ms before its request (VM restored "
-                "at {:.1f} ms)", request->forkId,
+      log->info("fork {}: took its request {:.1f} ms after the fork server started this process (VM "
+                "restored at {:.1f} ms)", request->forkId,
                 std::chrono::duration<double, std::milli>(Machine::Clock::now() - start).count(),
                 machine.timings().vcpusReady);
       // The memory mapping was made from the file the server checked; refuse if it changed since.

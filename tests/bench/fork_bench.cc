@@ -687,7 +687,7 @@ int main(int argc, char** argv) {
           std::ifstream log(fmt::format("{}/{}.console", dir, name));
           for (std::string line; std::getline(log, line);) {
             if (line.find("restored from") != std::string::npos ||
-                line.find("a spare of the fork server") != std::string::npos) {
+                line.find("took its request") != std::string::npos) {
               std::cout << "  " << line << "\n";
             }
           }
