@@ -213,7 +213,15 @@ int runVmm(int argc, char** argv) {
       config.vsock.guestCid = 0;
       config.vsockCidLater = true;
     }
-    Machine machine(config, kvm, *log, start);
+    std::optional<Machine> restored;
+    std::string restoreError;  // a spare's: reported in the log of the fork it was for
+    try {
+      restored.emplace(config, kvm, *log, start);
+    } catch (const std::exception& error) {
+      if (!spare) throw;
+      restoreError = error.what();
+      log->error("spare: the restore failed; the fork it is for will end with the reason: {}", restoreError);
+    }
     if (spare) {
       auto request = spare->takeRequest();
       if (!request) return kExitPowerOff;  // the server ended before it needed this spare
@@ -223,16 +231,21 @@ int runVmm(int argc, char** argv) {
       CLONE_SYSCALL(::dup2(request->output.get(), STDOUT_FILENO), "fork: take its output");
       CLONE_SYSCALL(::dup2(request->output.get(), STDERR_FILENO), "fork: take its output");
       request->output.reset();
+      if (!restoreError.empty()) {
+        std::cerr << "clone-vmm: fork " << request->forkId << ": " << restoreError << "\n";
+        return kExitError;
+      }
       apiFd = request->apiListener.release();
       apiSocket = request->apiSocketName;
       log->info("fork {}: took its request {:.1f} ms after the fork server started this process (VM "
                 "restored at {:.1f} ms)", request->forkId,
                 std::chrono::duration<double, std::milli>(Machine::Clock::now() - start).count(),
-                machine.timings().vcpusReady);
+                restored->timings().vcpusReady);
       // The memory mapping was made from the file the server checked; refuse if it changed since.
       snapshot::recheckTemplate(*source);
-      machine.assignForkVsockCid(request->vsockCid);
+      restored->assignForkVsockCid(request->vsockCid);
     }
+    Machine& machine = *restored;
     machine.setLockdown([seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); });
     bool serveApi = !apiSocket.empty() || apiFd >= 0;
     std::string apiName = apiSocket.empty() ? fmt::format("fd {}", apiFd) : apiSocket;

@@ -2,7 +2,10 @@
 // One template VM (with its vsock device and guest agent) is booted for the whole suite; every
 // test forks it. Forks are driven through their serial consoles (clone-vmm --restore on pipes)
 // or through `clone fork` + `clone exec` (the guest agent at each fork's own CID).
+#include <fcntl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -24,6 +27,7 @@
 
 #include <fmt/format.h>
 
+#include "ipc/fork-server/fork_request.h"
 #include "tests/support/guest_session.h"
 #include "tests/support/process_report.h"
 
@@ -793,6 +797,57 @@ TEST_F(ForkTest, ATemplateTruncatedUnderACopyOnWriteForkEndsThatForkWithAReason)
   auto again = cloneCli({"fork", "--template", dir, "--fork-memory", "cow"});
   EXPECT_NE(again.code, 0) << again.output;
   EXPECT_NE(again.output.find("truncated"), std::string::npos) << again.output;
+}
+
+// A fork server whose template's memory file is cut after it started: the spare that had
+// restored before refuses its request on the recheck, the next spare's restore fails, and
+// each fork ends with its reason in its own log; the server goes on and ends with its client.
+TEST_F(ForkTest, ATemplateCutUnderAForkServerEndsItsForksWithTheReasonInTheirOwnLogs) {
+  ASSERT_EQ(makeOtherTemplate(base_, "cut-under-server", {}), "");
+  std::string dir = base_ + "/cut-under-server";
+  auto [client, server] = ipc::makeForkSocketPair();
+  ::fcntl(server.get(), F_SETFD, 0);  // inherited by the server only
+  GuestSession vmm(buildBin("clone-vmm"), {"--restore", dir, "--fork-memory", "cow", "--fork-server-fd",
+                                           std::to_string(server.get())});
+  server.reset();
+  ASSERT_TRUE(vmm.expect("fork server: ready", 60s)) << vmm.output();
+  ASSERT_TRUE(vmm.expect("restored from", 60s)) << "no spare restored:\n" << vmm.output();
+  ASSERT_EQ(::truncate((dir + "/memory").c_str(), 0), 0) << std::strerror(errno);
+  auto forkLogFor = [&](const std::string& id, const std::string& reason) {
+    ipc::ForkRequest request;
+    request.forkId = id;
+    request.apiSocketName = base_ + "/" + id + ".sock";
+    UniqueFd api(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::snprintf(address.sun_path, sizeof address.sun_path, "%s", request.apiSocketName.c_str());
+    EXPECT_EQ(::bind(api.get(), reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+    EXPECT_EQ(::listen(api.get(), 1), 0);
+    request.apiListener = std::move(api);
+    std::string logPath = base_ + "/" + id + ".console";
+    request.output = UniqueFd(::open(logPath.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    ipc::sendForkRequest(client.get(), request);
+    auto reply = ipc::receiveForkReply(client.get());
+    EXPECT_EQ(reply.error, "");
+    EXPECT_GT(reply.pid, 0);
+    std::string log;
+    for (auto deadline = std::chrono::steady_clock::now() + 60s;
+         std::chrono::steady_clock::now() < deadline && log.find(reason) == std::string::npos;) {
+      std::this_thread::sleep_for(50ms);
+      log = fileTail(logPath);
+    }
+    return log;
+  };
+  // The spare restored from the whole file; its recheck sees the change.
+  auto first = forkLogFor("cut-a", "changed since the fork server checked it");
+  EXPECT_NE(first.find("changed since the fork server checked it"), std::string::npos) << first;
+  // The next spare restored from the cut file and failed; it reports to the fork it was for.
+  auto second = forkLogFor("cut-b", "clone-vmm: fork cut-b:");
+  EXPECT_NE(second.find("clone-vmm: fork cut-b:"), std::string::npos) << second << "\nserver:\n" << vmm.output();
+  EXPECT_NE(second.find("bytes is needed for guest memory"), std::string::npos) << second;
+  EXPECT_TRUE(vmm.expect("fork cut-b (pid", 30s)) << vmm.output();  // the server logged its end
+  client.reset();
+  EXPECT_EQ(vmm.waitExit(30s), 0) << vmm.output();
 }
 
 TEST_F(ForkTest, TemplateWithoutVsockForksWithoutIdentity) {
