@@ -138,6 +138,11 @@ int runVmm(int argc, char** argv) {
                  "true|false: the fork server keeps one fork prepared ahead (VM restored, not run) "
                  "that the next request makes a fork")
       ->capture_default_str();
+  bool sparePrefault = true;
+  app.add_option("--fork-server-prefault", sparePrefault,
+                 "true|false: a fork server's spare reads the template's working set into KVM's "
+                 "nested page tables while it waits (docs/FORK.md)")
+      ->capture_default_str();
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
@@ -223,6 +228,9 @@ int runVmm(int argc, char** argv) {
       log->error("spare: the restore failed; the fork it is for will end with the reason: {}", restoreError);
     }
     if (spare) {
+      if (restoreError.empty() && sparePrefault) {
+        restored->prefaultWorkingSet([&] { return spare->requestWaiting(); });
+      }
       auto request = spare->takeRequest();
       if (!request) return kExitPowerOff;  // the server ended before it needed this spare
       // A fork now: its own output, API socket and CID, no input (as a detached core has none).

@@ -534,9 +534,14 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"memfd", "cow"}))
       ->capture_default_str();
   app.add_option("--serial-forks", serialForks, "forks timed to the serial console's answer");
-  int serverForks = 20, serverNoSpareForks = 20, pssServerForks = 20, cliServerForks = 5;
+  int serverForks = 20, serverNoPrefaultForks = 20, serverNoSpareForks = 20, pssServerForks = 20,
+      cliServerForks = 5, serverRequestGapMs = 1000;
   app.add_option("--cli-server-forks", cliServerForks,
                  "like --cli-forks, with `clone fork --fork-server` (a jailed fork server per command)");
+  app.add_option("--server-no-prefault-forks", serverNoPrefaultForks,
+                 "like --server-forks, with a spare that does not prefault (--fork-server-prefault false)");
+  app.add_option("--server-request-gap-ms", serverRequestGapMs,
+                 "the pause before each request to a fork server (its spare restores and prefaults meanwhile)");
   app.add_option("--server-no-spare-forks", serverNoSpareForks,
                  "like --server-forks, with a fork server that keeps no spare (--fork-server-spare false)");
   app.add_option("--server-forks", serverForks,
@@ -651,11 +656,12 @@ int main(int argc, char** argv) {
 
   // The same forks from one fork server: the template checked and the process started once;
   // with its spare (a fork restored ahead that the next request takes), and without.
-  auto timeServerForks = [&](int count, bool spare, const char* label, Latencies& forkMs,
+  auto timeServerForks = [&](int count, bool spare, bool prefault, const char* label, Latencies& forkMs,
                              double& readyMs) -> bool {
     if (count <= 0) return true;
     auto start = Clock::now();
-    ForkServer server(vmm, with(restoreArgs, {"--fork-server-spare", spare ? "true" : "false"}));
+    ForkServer server(vmm, with(restoreArgs, {"--fork-server-spare", spare ? "true" : "false",
+                                              "--fork-server-prefault", prefault ? "true" : "false"}));
     if (!server.ready(60s)) {
       std::cerr << "the fork server did not start\n" << server.session().output();
       return false;
@@ -664,10 +670,11 @@ int main(int argc, char** argv) {
     std::cout << fmt::format("{}: ready {:.1f} ms after its spawn\n", label, readyMs);
     for (int i = 0; i < count; ++i) {
       uint32_t cid = nextCid++;
-      std::string name = fmt::format("{}-{}", spare ? "server-fork" : "server-nospare-fork", i);
+      std::string name = fmt::format("{}-{}", !spare ? "server-nospare-fork" : prefault ? "server-fork"
+                                                                                        : "server-noprefault-fork", i);
       // Let the spare of the previous request get ready, as it does between requests that
       // are not back to back; without a spare, the same pause.
-      std::this_thread::sleep_for(300ms);
+      std::this_thread::sleep_for(std::chrono::milliseconds(serverRequestGapMs));
       drain(&server.session(), 1ms);
       auto forkStart = Clock::now();
       pid_t pid = server.fork(dir, name, cid);
@@ -686,7 +693,7 @@ int main(int argc, char** argv) {
         if (i < 4) {  // how long its restore took (its log)
           std::ifstream log(fmt::format("{}/{}.console", dir, name));
           for (std::string line; std::getline(log, line);) {
-            if (line.find("restored from") != std::string::npos ||
+            if (line.find("restored from") != std::string::npos || line.find("prefault") != std::string::npos ||
                 line.find("took its request") != std::string::npos) {
               std::cout << "  " << line << "\n";
             }
@@ -699,10 +706,12 @@ int main(int argc, char** argv) {
     std::cout << fmt::format("{}: exited {}\n", label, code ? std::to_string(*code) : "(still running)");
     return true;
   };
-  Latencies serverForkMs, serverNoSpareForkMs;
-  double serverReadyMs = 0, serverNoSpareReadyMs = 0;
-  if (!timeServerForks(serverForks, true, "fork server", serverForkMs, serverReadyMs) ||
-      !timeServerForks(serverNoSpareForks, false, "fork server without a spare", serverNoSpareForkMs,
+  Latencies serverForkMs, serverNoPrefaultForkMs, serverNoSpareForkMs;
+  double serverReadyMs = 0, serverNoPrefaultReadyMs = 0, serverNoSpareReadyMs = 0;
+  if (!timeServerForks(serverForks, true, true, "fork server", serverForkMs, serverReadyMs) ||
+      !timeServerForks(serverNoPrefaultForks, true, false, "fork server without prefault",
+                       serverNoPrefaultForkMs, serverNoPrefaultReadyMs) ||
+      !timeServerForks(serverNoSpareForks, false, false, "fork server without a spare", serverNoSpareForkMs,
                        serverNoSpareReadyMs)) {
     return 1;
   }
@@ -1044,8 +1053,13 @@ int main(int argc, char** argv) {
   std::cout << fmt::format("RESULT clone_fork_to_serial_ms {}\n", describe(forkSerialMs));
   if (serverForks > 0) {
     std::cout << fmt::format("RESULT fork_server_fork_to_exec_ms {} (request to a running fork server with its "
-                             "spare ready; the server was ready {:.1f} ms after its spawn)\n",
-                             describe(serverForkMs), serverReadyMs);
+                             "spare ready and prefaulted, {} ms after the previous fork; the server was ready "
+                             "{:.1f} ms after its spawn)\n",
+                             describe(serverForkMs), serverRequestGapMs, serverReadyMs);
+  }
+  if (serverNoPrefaultForks > 0) {
+    std::cout << fmt::format("RESULT fork_server_no_prefault_fork_to_exec_ms {} (the same, --fork-server-prefault false)\n",
+                             describe(serverNoPrefaultForkMs));
   }
   if (serverNoSpareForks > 0) {
     std::cout << fmt::format("RESULT fork_server_no_spare_fork_to_exec_ms {} (the same, --fork-server-spare false)\n",
@@ -1071,6 +1085,10 @@ int main(int argc, char** argv) {
   if (serverForks > 0) {
     std::cout << fmt::format("RESULT ratio qemu_restore(serial)/fork_server_fork(exec) p50 {:.2f} p99 {:.2f} (goal >= 20)\n",
                              ratio(qemuMs, serverForkMs, 0.5), ratio(qemuMs, serverForkMs, 0.99));
+  }
+  if (serverNoPrefaultForks > 0) {
+    std::cout << fmt::format("RESULT ratio qemu_restore(serial)/fork_server_no_prefault_fork(exec) p50 {:.2f} p99 {:.2f}\n",
+                             ratio(qemuMs, serverNoPrefaultForkMs, 0.5), ratio(qemuMs, serverNoPrefaultForkMs, 0.99));
   }
   if (serverNoSpareForks > 0) {
     std::cout << fmt::format("RESULT ratio qemu_restore(serial)/fork_server_no_spare_fork(exec) p50 {:.2f} p99 {:.2f}\n",

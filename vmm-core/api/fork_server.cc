@@ -47,6 +47,11 @@ std::optional<ipc::ForkRequest> SpareFork::takeRequest() {
   }
 }
 
+bool SpareFork::requestWaiting() const {
+  pollfd waiting{fromServer_.get(), POLLIN, 0};
+  return ::poll(&waiting, 1, 0) > 0;
+}
+
 std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, spdlog::logger& log) {
   sigset_t childSignal, previousMask;
   sigemptyset(&childSignal);

@@ -36,6 +36,8 @@ class SpareFork {
   // Blocks until the server hands this spare a request: the fork's id, API listener, output
   // and CID. std::nullopt: the server ended without one, and this process should end too.
   std::optional<ipc::ForkRequest> takeRequest();
+  // Whether a request (or the server's hang-up) is waiting: takeRequest() would not block.
+  bool requestWaiting() const;
 
  private:
   UniqueFd fromServer_;

@@ -35,11 +35,17 @@ inline constexpr uint64_t kPciMmio32Start = 3 * kGiB;           // 0xc0000000
 inline constexpr uint64_t kPciMmio32Size = 512 * kMiB;          // to 0xe0000000
 inline constexpr uint64_t kEcamStart = 0xe0000000;              // PCIe ECAM, buses 0..255
 inline constexpr uint64_t kEcamSize = 256 * kMiB;
+// A fork server's spare reads its working set into KVM's page tables from a helper memory slot
+// here, which no device and no RAM uses (vmm-core/vm/nested_page_prefault.h).
+inline constexpr uint64_t kPrefaultSlotStart = 0xf0000000;
+inline constexpr uint64_t kPrefaultSlotMaxSize = 64 * kMiB;
 inline constexpr uint64_t kIoapicAddr = 0xfec00000;
 inline constexpr uint64_t kIoapicSize = 0x1000;
 inline constexpr uint64_t kLapicAddr = 0xfee00000;
 inline constexpr uint64_t kLapicSize = 0x100000;
 inline constexpr uint64_t kHighRamStart = 4 * kGiB;
+static_assert(kPrefaultSlotStart >= kEcamStart + kEcamSize &&
+              kPrefaultSlotStart + kPrefaultSlotMaxSize <= kIoapicAddr);
 // 64-bit PCI window: after high RAM, aligned; sized generously for BARs.
 inline constexpr uint64_t kPciMmio64Size = 64 * kGiB;
 

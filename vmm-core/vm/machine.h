@@ -23,6 +23,7 @@
 #include "vmm-core/virtio/vhost_user_backend.h"
 #include "vmm-core/virtio/vhost_vsock_backend.h"
 #include "vmm-core/vm/exit_signal.h"
+#include "vmm-core/vm/nested_page_prefault.h"
 
 namespace clonevm::vmm {
 
@@ -144,6 +145,10 @@ class Machine {
   // has) and sends the transport reset that makes the guest re-read it. Throws when the
   // template has no vsock device but a CID is asked for, or the CID is taken.
   void assignForkVsockCid(uint64_t cid);
+  // A fork server's spare, before run(): reads the template's working set into KVM's nested
+  // page tables through a helper vCPU (nested_page_prefault.h), asking `stop` every 64 pages.
+  // Returns the pages read (0 with no working set).
+  uint64_t prefaultWorkingSet(const std::function<bool()>& stop);
 
  private:
 
@@ -198,6 +203,8 @@ class Machine {
   std::vector<VirtioPlacement> virtioPlacements_;  // parallel to virtioDevices_
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
   std::vector<std::vector<kvm_cpuid_entry2>> vcpuCpuids_;  // as set on each vCPU
+  std::vector<uint64_t> restoredWorkingSet_;  // memory offsets, kept for prefaultWorkingSet()
+  std::unique_ptr<NestedPagePrefault> prefault_;  // its helper vCPU holds the filled tables
   // Before the vCPUs' runners (destroyed after them): faults wait on its thread.
   std::unique_ptr<LazyMemoryFill> lazyFill_;
   std::thread workingSetRecorder_;

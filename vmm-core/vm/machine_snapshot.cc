@@ -145,6 +145,28 @@ void Machine::restoreVirtioDevices(const std::vector<VirtioDeviceState>& states,
   }
 }
 
+uint64_t Machine::prefaultWorkingSet(const std::function<bool()>& stop) {
+  if (restoredWorkingSet_.empty() || vcpuCpuids_.empty()) return 0;
+  std::vector<uint64_t> addresses;
+  addresses.reserve(restoredWorkingSet_.size());
+  for (uint64_t offset : restoredWorkingSet_) {
+    for (const auto& region : memory_.regions()) {
+      if (offset >= region.fdOffset && offset < region.fdOffset + region.size) {
+        addresses.push_back(region.guestAddress + (offset - region.fdOffset));
+        break;
+      }
+    }
+  }
+  restoredWorkingSet_ = {};
+  auto begin = Clock::now();
+  prefault_ = NestedPagePrefault::run(vm_, config_.vcpuCount, vcpuCpuids_[0], addresses,
+                                      memory_.endAddress(), stop, log_);
+  log_.info("prefault: {} of {} working-set pages read into KVM's page tables in {:.1f} ms",
+            prefault_->pagesRead(), addresses.size(),
+            std::chrono::duration<double, std::milli>(Clock::now() - begin).count());
+  return prefault_->pagesRead();
+}
+
 void Machine::assignForkVsockCid(uint64_t cid) {
   require(vsock_ != nullptr || cid == 0, "vsock CID {} asked for, but the template has no vsock device", cid);
   if (vsock_ == nullptr) return;
@@ -220,6 +242,7 @@ void Machine::restoreFromTemplate() {
 
 void Machine::prepareRestoredMemory(const VerifiedTemplate& source) {
   auto workingSet = readWorkingSet(source.dir + "/" + kWorkingSetFile, memory_.size(), log_);
+  if (config_.vsockCidLater) restoredWorkingSet_ = workingSet;  // a spare prefaults it
   // Record this fork's first touches when the template has no working set yet.
   recordWorkingSetPending_ =
       workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
