@@ -703,6 +703,12 @@ int main(int argc, char** argv) {
       if (pid > 0) server.endFork(pid);
     }
     auto code = server.stop();
+    // What its spares' prefaults got done before their requests (the server's log).
+    std::istringstream log(server.session().output());
+    int shown = 0;
+    for (std::string line; std::getline(log, line);) {
+      if (line.find("prefault") != std::string::npos && shown++ < 20) std::cout << "  " << line << "\n";
+    }
     std::cout << fmt::format("{}: exited {}\n", label, code ? std::to_string(*code) : "(still running)");
     return true;
   };
