@@ -143,6 +143,12 @@ int runVmm(int argc, char** argv) {
                  "true|false: a fork server's spare reads the template's working set into KVM's "
                  "nested page tables while it waits (docs/FORK.md)")
       ->capture_default_str();
+  bool spareRuns = true;
+  app.add_option("--fork-server-spare-runs", spareRuns,
+                 "true|false: a fork server's spare runs its guest (under the seccomp policy, with a "
+                 "CID of its own) while it waits, so that its request finds the guest running; "
+                 "false: the guest runs only once the request has come (docs/FORK.md)")
+      ->capture_default_str();
   app.add_option("--log-level", logLevel, "trace|debug|info|warn|error|off");
   app.add_flag("--log-json", logJson, "log one JSON object a line");
   app.add_flag("--verbose", verbose, "print a boot-time breakdown to stderr");
@@ -213,10 +219,12 @@ int runVmm(int argc, char** argv) {
       spare = serveForks(forkServerFd, forkServerLimits, *log);
       if (!spare) return kExitPowerOff;  // the server is done
       // A spare: it restores the VM now, with a CID of its own until its request names the
-      // fork's; its timings start here.
+      // fork's; its timings start here. No input, as a detached core has none.
       start = Machine::Clock::now();
       config.vsock.guestCid = 0;
       config.vsockCidLater = true;
+      UniqueFd noInput(CLONE_SYSCALL(::open("/dev/null", O_RDONLY | O_CLOEXEC), "spare: open", "/dev/null"));
+      CLONE_SYSCALL(::dup2(noInput.get(), STDIN_FILENO), "spare: take /dev/null as its input");
     }
     std::optional<Machine> restored;
     std::string restoreError;  // a spare's: reported in the log of the fork it was for
@@ -227,17 +235,29 @@ int runVmm(int argc, char** argv) {
       restoreError = error.what();
       log->error("spare: the restore failed; the fork it is for will end with the reason: {}", restoreError);
     }
+    auto lockdown = [seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); };
+    // A running spare's event loop for the API it serves once it is a fork: set up before the
+    // seccomp policy, which lacks the calls kj::setupAsyncIo() makes.
+    std::optional<kj::AsyncIoContext> spareIo;
+    double runningSinceMs = 0;
     if (spare) {
+      spare->announce(restoreError.empty() && restored->vsock() ? restored->vsock()->guestCid() : 0);
       if (restoreError.empty() && sparePrefault) {
         restored->prefaultWorkingSet([&] { return spare->requestWaiting(); });
       }
+      if (restoreError.empty() && spareRuns && !spare->requestWaiting()) {
+        restored->assignForkVsockCid(0);  // the guest learns the spare's CID now
+        spareIo.emplace(kj::setupAsyncIo());
+        restored->setLockdown(lockdown);
+        restored->startAhead();
+        runningSinceMs = std::chrono::duration<double, std::milli>(Machine::Clock::now() - start).count();
+        log->info("spare: its guest runs ({:.1f} ms after the fork server started this process)", runningSinceMs);
+      }
       auto request = spare->takeRequest();
       if (!request) return kExitPowerOff;  // the server ended before it needed this spare
-      // A fork now: its own output, API socket and CID, no input (as a detached core has none).
-      UniqueFd noInput(CLONE_SYSCALL(::open("/dev/null", O_RDONLY | O_CLOEXEC), "fork: open", "/dev/null"));
-      CLONE_SYSCALL(::dup2(noInput.get(), STDIN_FILENO), "fork: take /dev/null as its input");
-      CLONE_SYSCALL(::dup2(request->output.get(), STDOUT_FILENO), "fork: take its output");
-      CLONE_SYSCALL(::dup2(request->output.get(), STDERR_FILENO), "fork: take its output");
+      // A fork now: its own output, API socket and CID. dup3: the seccomp policy has no dup2.
+      CLONE_SYSCALL(::dup3(request->output.get(), STDOUT_FILENO, 0), "fork: take its output");
+      CLONE_SYSCALL(::dup3(request->output.get(), STDERR_FILENO, 0), "fork: take its output");
       request->output.reset();
       if (!restoreError.empty()) {
         std::cerr << "clone-vmm: fork " << request->forkId << ": " << restoreError << "\n";
@@ -246,18 +266,21 @@ int runVmm(int argc, char** argv) {
       apiFd = request->apiListener.release();
       apiSocket = request->apiSocketName;
       log->info("fork {}: took its request {:.1f} ms after the fork server started this process (VM "
-                "restored at {:.1f} ms)", request->forkId,
+                "restored at {:.1f} ms{})", request->forkId,
                 std::chrono::duration<double, std::milli>(Machine::Clock::now() - start).count(),
-                restored->timings().vcpusReady);
+                restored->timings().vcpusReady,
+                spareIo ? fmt::format(", its guest running since {:.1f} ms", runningSinceMs) : "");
       // The memory mapping was made from the file the server checked; refuse if it changed since.
       snapshot::recheckTemplate(*source);
       restored->assignForkVsockCid(request->vsockCid);
+      if (spareIo) restored->recordWorkingSet();  // the fork's first second, if it records
     }
     Machine& machine = *restored;
-    machine.setLockdown([seccomp] { seccomp::install(seccomp::Kind::kVmm, seccomp); });
+    machine.setLockdown(lockdown);
     bool serveApi = !apiSocket.empty() || apiFd >= 0;
     std::string apiName = apiSocket.empty() ? fmt::format("fd {}", apiFd) : apiSocket;
-    ExitReason reason = serveApi ? runWithApi(machine, {apiName, apiFd}, *log) : machine.run();
+    ExitReason reason = serveApi ? runWithApi(machine, {apiName, apiFd}, *log, spareIo ? &*spareIo : nullptr)
+                                 : machine.run();
     if (verbose) printTimings(machine.timings());
     if (!machine.exitDetail().empty()) log->info("{}: {}", describe(reason), machine.exitDetail());
     return exitCodeFor(reason);

@@ -38,7 +38,7 @@ struct WireReply {
   uint16_t version;
   uint16_t reserved;
   int32_t pid;
-  uint32_t reserved2;
+  uint32_t vsockCid;
   char error[240];
 };
 
@@ -149,6 +149,7 @@ void sendForkReply(int socket, const ForkReply& reply) {
   wire.magic = kReplyMagic;
   wire.version = kVersion;
   wire.pid = reply.pid;
+  wire.vsockCid = reply.vsockCid;
   // An error longer than the field is cut, not refused: it is only text.
   std::string_view error = reply.error;
   copyString(wire.error, error.substr(0, sizeof(wire.error) - 1), "the error");
@@ -164,6 +165,7 @@ ForkReply receiveForkReply(int socket) {
   require(fds.empty(), "{}: {} unexpected fds", kBad, fds.size());
   ForkReply reply;
   reply.pid = wire.pid;
+  reply.vsockCid = wire.vsockCid;
   reply.error = fieldString(wire.error, kBad, "the error");
   require(reply.error.empty() ? reply.pid > 0 : reply.pid == 0,
           "{}: pid {} with error '{}'", kBad, reply.pid, reply.error);

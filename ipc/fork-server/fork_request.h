@@ -37,8 +37,9 @@ struct ForkRequest {
 };
 
 struct ForkReply {
-  pid_t pid = 0;      // the fork's pid in the server's pid namespace; 0 if refused
-  std::string error;  // empty: forked
+  pid_t pid = 0;          // the fork's pid in the server's pid namespace; 0 if refused
+  uint32_t vsockCid = 0;  // the fork's CID (the request's, or the one the server picked); 0: none
+  std::string error;      // empty: forked
 };
 
 // Sends `request`; its fds are borrowed (the caller closes them once sent).

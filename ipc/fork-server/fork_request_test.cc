@@ -78,11 +78,12 @@ TEST(ForkRequestTest, RoundTripCarriesTheFieldsAndBothFds) {
 
 TEST(ForkRequestTest, ReplyRoundTrip) {
   auto [client, server] = makeForkSocketPair();
-  sendForkReply(server.get(), {1234, ""});
+  sendForkReply(server.get(), {.pid = 1234, .vsockCid = 4000});
   auto ok = receiveForkReply(client.get());
   EXPECT_EQ(ok.pid, 1234);
+  EXPECT_EQ(ok.vsockCid, 4000u);
   EXPECT_EQ(ok.error, "");
-  sendForkReply(server.get(), {0, std::string(1000, 'x')});  // cut to the field, not refused
+  sendForkReply(server.get(), {.error = std::string(1000, 'x')});  // cut to the field, not refused
   auto refused = receiveForkReply(client.get());
   EXPECT_EQ(refused.pid, 0);
   EXPECT_EQ(refused.error, std::string(239, 'x'));

@@ -455,9 +455,9 @@ class ForkServer {
   }
   // Whether it started (checked the template) within `timeout`.
   bool ready(std::chrono::milliseconds timeout) { return session_->expect("fork server: ready", timeout); }
-  // Asks for one fork; returns its pid (the server is in our pid namespace), or 0 after
-  // printing why not.
-  pid_t fork(const std::string& dir, const std::string& name, uint32_t cid) {
+  // Asks for one fork (cid 0: the server picks it); returns its pid (the server is in our pid
+  // namespace) and CID, or pid 0 after printing why not.
+  clonevm::ipc::ForkReply fork(const std::string& dir, const std::string& name, uint32_t cid = 0) {
     clonevm::ipc::ForkRequest request;
     request.forkId = name;
     request.apiSocketName = fmt::format("{}/{}.sock", dir, name);
@@ -470,10 +470,10 @@ class ForkServer {
       auto reply = clonevm::ipc::receiveForkReply(client_.get());
       if (!reply.error.empty()) std::cerr << "fork server refused " << name << ": " << reply.error << "\n";
       if (reply.pid > 0) forks_.push_back(reply.pid);
-      return reply.pid;
+      return reply;
     } catch (const std::exception& error) {
       std::cerr << "fork server request " << name << ": " << error.what() << "\n" << session_->output();
-      return 0;
+      return {};
     }
   }
   // Its forks would outlive a killed server (they are its children, not in a pid namespace of
@@ -534,19 +534,38 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"memfd", "cow"}))
       ->capture_default_str();
   app.add_option("--serial-forks", serialForks, "forks timed to the serial console's answer");
-  int serverForks = 20, serverNoPrefaultForks = 20, serverNoSpareForks = 20, pssServerForks = 20,
-      cliServerForks = 5, serverRequestGapMs = 1000;
+  int pssServerForks = 20, cliServerForks = 5, serverRequestGapMs = 1000;
   app.add_option("--cli-server-forks", cliServerForks,
                  "like --cli-forks, with `clone fork --fork-server` (a jailed fork server per command)");
-  app.add_option("--server-no-prefault-forks", serverNoPrefaultForks,
-                 "like --server-forks, with a spare that does not prefault (--fork-server-prefault false)");
   app.add_option("--server-request-gap-ms", serverRequestGapMs,
                  "the pause before each request to a fork server (its spare restores and prefaults meanwhile)");
-  app.add_option("--server-no-spare-forks", serverNoSpareForks,
-                 "like --server-forks, with a fork server that keeps no spare (--fork-server-spare false)");
-  app.add_option("--server-forks", serverForks,
-                 "forks through one fork server (clone-vmm --fork-server-fd), each timed from its "
-                 "request to the agent's answer, one at a time");
+  // One fork server each, its forks timed from the request to the agent's answer, one at a
+  // time; the request leaves the CID to the server, as `clone fork --fork-server` does.
+  struct ServerVariant {
+    const char* option;
+    const char* result;  // its RESULT line's name
+    const char* label;
+    std::vector<std::string> flags;
+    int count = 20;
+    Latencies forkMs;
+    double readyMs = 0;
+  };
+  std::vector<ServerVariant> serverVariants = {
+      {"--server-forks", "fork_server", "fork server", {}},
+      {"--server-paused-spare-forks", "fork_server_paused_spare", "fork server, spare paused",
+       {"--fork-server-spare-runs", "false"}},
+      {"--server-no-prefault-forks", "fork_server_no_prefault", "fork server, spare paused, no prefault",
+       {"--fork-server-spare-runs", "false", "--fork-server-prefault", "false"}},
+      {"--server-no-spare-forks", "fork_server_no_spare", "fork server without a spare",
+       {"--fork-server-spare", "false"}},
+  };
+  for (auto& variant : serverVariants) {
+    std::string help = variant.flags.empty()
+        ? std::string("forks through one fork server (clone-vmm --fork-server-fd) with its defaults: a "
+                      "spare that prefaults and runs its guest")
+        : fmt::format("like --server-forks, the server started with {}", fmt::join(variant.flags, " "));
+    app.add_option(variant.option, variant.count, help);
+  }
   app.add_option("--pss-server-forks", pssServerForks,
                  "fork-server forks left idle, then their PSS measured (plus the server's share)");
   app.add_option("--boots", boots, "Clone cold boots timed to the agent's answer");
@@ -656,40 +675,38 @@ int main(int argc, char** argv) {
 
   // The same forks from one fork server: the template checked and the process started once;
   // with its spare (a fork restored ahead that the next request takes), and without.
-  auto timeServerForks = [&](int count, bool spare, bool prefault, const char* label, Latencies& forkMs,
-                             double& readyMs) -> bool {
-    if (count <= 0) return true;
+  auto timeServerForks = [&](ServerVariant& variant) -> bool {
+    if (variant.count <= 0) return true;
     auto start = Clock::now();
-    ForkServer server(vmm, with(restoreArgs, {"--fork-server-spare", spare ? "true" : "false",
-                                              "--fork-server-prefault", prefault ? "true" : "false"}));
+    ForkServer server(vmm, with(restoreArgs, variant.flags));
     if (!server.ready(60s)) {
       std::cerr << "the fork server did not start\n" << server.session().output();
       return false;
     }
-    readyMs = msSince(start);
-    std::cout << fmt::format("{}: ready {:.1f} ms after its spawn\n", label, readyMs);
-    for (int i = 0; i < count; ++i) {
-      uint32_t cid = nextCid++;
-      std::string name = fmt::format("{}-{}", !spare ? "server-nospare-fork" : prefault ? "server-fork"
-                                                                                        : "server-noprefault-fork", i);
+    variant.readyMs = msSince(start);
+    std::cout << fmt::format("{}: ready {:.1f} ms after its spawn\n", variant.label, variant.readyMs);
+    for (int i = 0; i < variant.count; ++i) {
+      std::string name = fmt::format("{}-{}", variant.result, i);
       // Let the spare of the previous request get ready, as it does between requests that
       // are not back to back; without a spare, the same pause.
       std::this_thread::sleep_for(std::chrono::milliseconds(serverRequestGapMs));
       drain(&server.session(), 1ms);
       auto forkStart = Clock::now();
-      pid_t pid = server.fork(dir, name, cid);
+      auto reply = server.fork(dir, name);
       std::string error;
       ProbeTrace probe;
-      if (pid <= 0 || !agentAnswers(cid, 120s, error, &server.session(), &probe)) {
+      if (reply.pid <= 0 || reply.vsockCid == 0 ||
+          !agentAnswers(reply.vsockCid, 120s, error, &server.session(), &probe)) {
         std::ifstream console(fmt::format("{}/{}.console", dir, name));
         std::string log((std::istreambuf_iterator<char>(console)), std::istreambuf_iterator<char>());
-        std::cerr << fmt::format("{} fork {}: the agent did not answer: {}\nits console:\n{}\n", label, i, error,
+        std::cerr << fmt::format("{} fork {} (pid {}, CID {}): the agent did not answer: {}\nits console:\n{}\n",
+                                 variant.label, i, reply.pid, reply.vsockCid, error,
                                  log.substr(log.size() > 3000 ? log.size() - 3000 : 0));
-        forkMs.failures++;
+        variant.forkMs.failures++;
       } else {
-        forkMs.ms.push_back(msSince(forkStart));
-        std::cout << fmt::format("{} fork {}: {:.1f} ms to exec (connect attempt {}, {:.1f} ms)\n", label, i,
-                                 forkMs.ms.back(), probe.attempts, probe.connectedMs);
+        variant.forkMs.ms.push_back(msSince(forkStart));
+        std::cout << fmt::format("{} fork {}: {:.1f} ms to exec (connect attempt {}, {:.1f} ms)\n", variant.label,
+                                 i, variant.forkMs.ms.back(), probe.attempts, probe.connectedMs);
         if (i < 4) {  // how long its restore took (its log)
           std::ifstream log(fmt::format("{}/{}.console", dir, name));
           for (std::string line; std::getline(log, line);) {
@@ -700,26 +717,21 @@ int main(int argc, char** argv) {
           }
         }
       }
-      if (pid > 0) server.endFork(pid);
+      if (reply.pid > 0) server.endFork(reply.pid);
     }
     auto code = server.stop();
-    // What its spares' prefaults got done before their requests (the server's log).
+    // What its spares got done before their requests (the server's log).
     std::istringstream log(server.session().output());
     int shown = 0;
     for (std::string line; std::getline(log, line);) {
-      if (line.find("prefault") != std::string::npos && shown++ < 20) std::cout << "  " << line << "\n";
+      bool spareLine = line.find("prefault") != std::string::npos || line.find("its guest runs") != std::string::npos;
+      if (spareLine && shown++ < 20) std::cout << "  " << line << "\n";
     }
-    std::cout << fmt::format("{}: exited {}\n", label, code ? std::to_string(*code) : "(still running)");
+    std::cout << fmt::format("{}: exited {}\n", variant.label, code ? std::to_string(*code) : "(still running)");
     return true;
   };
-  Latencies serverForkMs, serverNoPrefaultForkMs, serverNoSpareForkMs;
-  double serverReadyMs = 0, serverNoPrefaultReadyMs = 0, serverNoSpareReadyMs = 0;
-  if (!timeServerForks(serverForks, true, true, "fork server", serverForkMs, serverReadyMs) ||
-      !timeServerForks(serverNoPrefaultForks, true, false, "fork server without prefault",
-                       serverNoPrefaultForkMs, serverNoPrefaultReadyMs) ||
-      !timeServerForks(serverNoSpareForks, false, false, "fork server without a spare", serverNoSpareForkMs,
-                       serverNoSpareReadyMs)) {
-    return 1;
+  for (auto& variant : serverVariants) {
+    if (!timeServerForks(variant)) return 1;
   }
 
   // The user's path: `clone fork` (jailed core, identity applied through the agent) and then
@@ -998,9 +1010,10 @@ int main(int argc, char** argv) {
     std::vector<pid_t> pids;
     std::vector<uint32_t> cids;
     for (int i = 0; i < pssServerForks; ++i) {
-      cids.push_back(nextCid++);
-      pids.push_back(server.fork(dir, fmt::format("pss-server-{}", i), cids.back()));
-      if (pids.back() <= 0) return 1;
+      auto reply = server.fork(dir, fmt::format("pss-server-{}", i));
+      if (reply.pid <= 0 || reply.vsockCid == 0) return 1;
+      pids.push_back(reply.pid);
+      cids.push_back(reply.vsockCid);
     }
     for (int i = 0; i < pssServerForks; ++i) {
       std::string error;
@@ -1057,19 +1070,13 @@ int main(int argc, char** argv) {
   std::cout << fmt::format("RESULT clone_fork_command_to_exec_ms {} (clone fork, jailed, identity applied, then clone exec)\n",
                            describe(cliForkMs));
   std::cout << fmt::format("RESULT clone_fork_to_serial_ms {}\n", describe(forkSerialMs));
-  if (serverForks > 0) {
-    std::cout << fmt::format("RESULT fork_server_fork_to_exec_ms {} (request to a running fork server with its "
-                             "spare ready and prefaulted, {} ms after the previous fork; the server was ready "
-                             "{:.1f} ms after its spawn)\n",
-                             describe(serverForkMs), serverRequestGapMs, serverReadyMs);
-  }
-  if (serverNoPrefaultForks > 0) {
-    std::cout << fmt::format("RESULT fork_server_no_prefault_fork_to_exec_ms {} (the same, --fork-server-prefault false)\n",
-                             describe(serverNoPrefaultForkMs));
-  }
-  if (serverNoSpareForks > 0) {
-    std::cout << fmt::format("RESULT fork_server_no_spare_fork_to_exec_ms {} (the same, --fork-server-spare false)\n",
-                             describe(serverNoSpareForkMs));
+  for (const auto& variant : serverVariants) {
+    if (variant.count <= 0) continue;
+    std::cout << fmt::format("RESULT {}_fork_to_exec_ms {} (request to a running fork server{}, {} ms after the "
+                             "previous fork; the server was ready {:.1f} ms after its spawn)\n",
+                             variant.result, describe(variant.forkMs),
+                             variant.flags.empty() ? " with its defaults" : " started with " + fmt::format("{}", fmt::join(variant.flags, " ")),
+                             serverRequestGapMs, variant.readyMs);
   }
   std::cout << fmt::format("RESULT clone_cold_boot_to_exec_ms {}\n", describe(bootMs));
   std::cout << fmt::format("RESULT template_running_exec_ms {} (the same exec probe, the template before its "
@@ -1088,17 +1095,11 @@ int main(int argc, char** argv) {
     std::cout << fmt::format("RESULT ratio qemu_restore(serial)/clone_fork_server_command(exec) p50 {:.2f} p99 {:.2f}\n",
                              ratio(qemuMs, cliServerForkMs, 0.5), ratio(qemuMs, cliServerForkMs, 0.99));
   }
-  if (serverForks > 0) {
-    std::cout << fmt::format("RESULT ratio qemu_restore(serial)/fork_server_fork(exec) p50 {:.2f} p99 {:.2f} (goal >= 20)\n",
-                             ratio(qemuMs, serverForkMs, 0.5), ratio(qemuMs, serverForkMs, 0.99));
-  }
-  if (serverNoPrefaultForks > 0) {
-    std::cout << fmt::format("RESULT ratio qemu_restore(serial)/fork_server_no_prefault_fork(exec) p50 {:.2f} p99 {:.2f}\n",
-                             ratio(qemuMs, serverNoPrefaultForkMs, 0.5), ratio(qemuMs, serverNoPrefaultForkMs, 0.99));
-  }
-  if (serverNoSpareForks > 0) {
-    std::cout << fmt::format("RESULT ratio qemu_restore(serial)/fork_server_no_spare_fork(exec) p50 {:.2f} p99 {:.2f}\n",
-                             ratio(qemuMs, serverNoSpareForkMs, 0.5), ratio(qemuMs, serverNoSpareForkMs, 0.99));
+  for (const auto& variant : serverVariants) {
+    if (variant.count <= 0) continue;
+    std::cout << fmt::format("RESULT ratio qemu_restore(serial)/{}_fork(exec) p50 {:.2f} p99 {:.2f}{}\n", variant.result,
+                             ratio(qemuMs, variant.forkMs, 0.5), ratio(qemuMs, variant.forkMs, 0.99),
+                             variant.flags.empty() ? " (goal >= 20)" : "");
   }
   std::cout << fmt::format("RESULT ratio qemu_restore(serial)/clone_fork_command(exec) p50 {:.2f} p99 {:.2f}\n",
                            ratio(qemuMs, cliForkMs, 0.5), ratio(qemuMs, cliForkMs, 0.99));

@@ -541,6 +541,55 @@ TEST_F(ForkTest, ForksOfAForkServerAreUniqueAliveAndShareOneServerThatEndsAfterT
   EXPECT_EQ(serverRuns(), 0) << "the fork server did not end after its last fork and its linger";
 }
 
+// A fork server's spare runs its guest while it waits (docs/FORK.md, "The spare"): a request
+// that comes later finds that guest running. Its fork still takes an identity of its own, its
+// CID is its own in the guest too, and its clock keeps time.
+TEST_F(ForkTest, ARequestTakesASpareWhoseGuestRunsAndItsForkIsUniqueAndKeepsTime) {
+  std::string runtime = base_ + "/warm.runtime";
+  std::filesystem::create_directories(runtime);
+  ::setenv("CLONE_RUNTIME_DIR", runtime.c_str(), 1);
+  // Spares whose guests ran, by the fork server's log (in the runtime directory).
+  auto sparesThatRan = [&] {
+    int count = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(runtime)) {
+      if (entry.path().extension() != ".console") continue;
+      std::ifstream log(entry.path());
+      for (std::string line; std::getline(log, line);) count += line.find("spare: its guest runs") != std::string::npos;
+    }
+    return count;
+  };
+  auto waitForARunningSpare = [&](int seen) {
+    for (auto deadline = std::chrono::steady_clock::now() + 30s;
+         sparesThatRan() <= seen && std::chrono::steady_clock::now() < deadline;) {
+      std::this_thread::sleep_for(100ms);
+    }
+    return sparesThatRan() > seen;
+  };
+  {
+    CliForks first(templateDir_, base_ + "/warm-a", 1, {"--fork-server", "--fork-server-linger", "2"});
+    ASSERT_TRUE(first.allReady(1));
+    // The spare started after the first request runs its guest once it has restored.
+    ASSERT_TRUE(waitForARunningSpare(0)) << "no spare of the fork server ran its guest";
+    std::this_thread::sleep_for(1s);  // it runs a while before its request
+    CliForks warm(templateDir_, base_ + "/warm-b", 1, {"--fork-server"});
+    ASSERT_TRUE(warm.allReady(1));
+    std::string log = fileTail(warm.consoleLog(0), 400);
+    EXPECT_NE(log.find("its guest running since"), std::string::npos) << "not the running spare:\n" << log;
+    expectForksUnique(warm, 1);
+    EXPECT_NE(vsockCid(warm.socket(0)), vsockCid(first.socket(0)));
+    auto randomOf = [](const std::string& socket) {
+      return execIn(socket, {"sh", "-c", "head -c16 /dev/urandom | od -An -tx1"}).output;
+    };
+    EXPECT_NE(randomOf(warm.socket(0)), randomOf(first.socket(0)));
+    auto before = std::chrono::steady_clock::now();
+    EXPECT_EQ(execIn(warm.socket(0), {"sleep", "1"}).code, 0);
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - before).count();
+    EXPECT_GE(seconds, 0.8);
+    EXPECT_LE(seconds, 3.0);
+  }
+  ::unsetenv("CLONE_RUNTIME_DIR");
+}
+
 TEST_F(ForkTest, NoIdentityLeavesTheTemplatesHostname) {
   CliForks forks(templateDir_, base_ + "/noid", 1, {"--no-identity"});
   ASSERT_EQ(forks.code, 0) << forks.output;
@@ -807,8 +856,10 @@ TEST_F(ForkTest, ATemplateCutUnderAForkServerEndsItsForksWithTheReasonInTheirOwn
   std::string dir = base_ + "/cut-under-server";
   auto [client, server] = ipc::makeForkSocketPair();
   ::fcntl(server.get(), F_SETFD, 0);  // inherited by the server only
-  GuestSession vmm(buildBin("clone-vmm"), {"--restore", dir, "--fork-memory", "cow", "--fork-server-fd",
-                                           std::to_string(server.get())});
+  // Spares wait paused here: a running one's guest would touch the cut file before its
+  // request, and that spare die of it (docs/FORK.md), before its recheck could refuse it.
+  GuestSession vmm(buildBin("clone-vmm"), {"--restore", dir, "--fork-memory", "cow", "--fork-server-spare-runs",
+                                           "false", "--fork-server-fd", std::to_string(server.get())});
   server.reset();
   ASSERT_TRUE(vmm.expect("fork server: ready", 60s)) << vmm.output();
   ASSERT_TRUE(vmm.expect("restored from", 60s)) << "no spare restored:\n" << vmm.output();
@@ -840,7 +891,8 @@ TEST_F(ForkTest, ATemplateCutUnderAForkServerEndsItsForksWithTheReasonInTheirOwn
   };
   // The spare restored from the whole file; its recheck sees the change.
   auto first = forkLogFor("cut-a", "changed since the fork server checked it");
-  EXPECT_NE(first.find("changed since the fork server checked it"), std::string::npos) << first;
+  EXPECT_NE(first.find("changed since the fork server checked it"), std::string::npos) << first << "\nserver:\n"
+                                                                                   << vmm.output();
   // The next spare restored from the cut file and failed; it reports to the fork it was for.
   auto second = forkLogFor("cut-b", "clone-vmm: fork cut-b:");
   EXPECT_NE(second.find("clone-vmm: fork cut-b:"), std::string::npos) << second << "\nserver:\n" << vmm.output();

@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,7 +36,29 @@ struct Spare {
   pid_t pid = 0;
   UniqueFd socket;
   Clock::time_point started;
+  std::optional<uint32_t> vsockCid;  // once it has announced itself (SpareFork::announce)
 };
+
+// A restore takes ~0.1 s; one that has not finished in this long is taken for hung.
+constexpr int kAnnounceTimeoutMs = 30000;
+
+// Waits for the spare's announcement. False: it ended, sent something else, or hung.
+bool awaitAnnouncement(Spare& spare, spdlog::logger& log) {
+  if (spare.vsockCid) return true;
+  pollfd ready{spare.socket.get(), POLLIN, 0};
+  int events = ::poll(&ready, 1, kAnnounceTimeoutMs);
+  if (events <= 0) {
+    log.warn("fork server: its spare (pid {}) did not announce itself in {} ms", spare.pid, kAnnounceTimeoutMs);
+    return false;
+  }
+  try {
+    spare.vsockCid = ipc::receiveForkReply(spare.socket.get()).vsockCid;
+    return true;
+  } catch (const Error& error) {
+    log.warn("fork server: its spare (pid {}) did not announce itself: {}", spare.pid, error.what());
+    return false;
+  }
+}
 
 }  // namespace
 
@@ -45,6 +68,10 @@ std::optional<ipc::ForkRequest> SpareFork::takeRequest() {
   } catch (const ipc::ForkSocketClosed&) {
     return std::nullopt;
   }
+}
+
+void SpareFork::announce(uint32_t vsockCid) {
+  ipc::sendForkReply(fromServer_.get(), {.pid = ::getpid(), .vsockCid = vsockCid});
 }
 
 bool SpareFork::requestWaiting() const {
@@ -169,7 +196,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
         log.warn("fork server: {}", reply.error);
       }
       // Hand the request to the spare, or to a new one if there is none or it has died (a
-      // spare still restoring takes it once it is done).
+      // spare still restoring is waited for: the reply names the CID it took).
       for (int attempt = 0; reply.error.empty() && reply.pid == 0 && attempt < 2; ++attempt) {
         if (!spare) {
           startSpare();
@@ -180,6 +207,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
           }
         }
         try {
+          if (!awaitAnnouncement(*spare, log)) throw Error("no announcement");
           ipc::sendForkRequest(spare->socket.get(), request);
         } catch (const Error& error) {
           log.warn("fork server: its spare (pid {}) could not take {}: {}", spare->pid, request.forkId,
@@ -189,6 +217,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
         }
         auto preparedFor = std::chrono::duration<double, std::milli>(Clock::now() - spare->started).count();
         reply.pid = spare->pid;
+        reply.vsockCid = request.vsockCid != 0 ? request.vsockCid : *spare->vsockCid;
         forks.emplace(spare->pid, request.forkId);
         log.info("fork server: fork {} started as pid {} (API {}; its spare started {:.1f} ms before)",
                  request.forkId, spare->pid, request.apiSocketName, preparedFor);

@@ -6,8 +6,8 @@
 //
 // The server keeps one spare fork ahead (as Android's zygote keeps unspecialized app
 // processes): a child that has already restored the VM (KVM_CREATE_VM, guest memory mapped,
-// vCPU and device state) but not run it, and waits for the request that makes it a fork: its
-// API socket, console, vsock CID. The guest runs only once the request has come.
+// vCPU and device state), by default runs it, and waits for the request that makes it a
+// fork: its API socket, console, and the CID if the request names one.
 
 #include <chrono>
 #include <optional>
@@ -33,6 +33,10 @@ struct ForkServerLimits {
 class SpareFork {
  public:
   explicit SpareFork(UniqueFd fromServer) : fromServer_(std::move(fromServer)) {}
+  // Tells the server this spare's VM is restored (or failed to restore: then 0) and the CID it
+  // took, which the server's reply names when a request leaves the CID to it. The server
+  // waits for this before it hands the spare a request.
+  void announce(uint32_t vsockCid);
   // Blocks until the server hands this spare a request: the fork's id, API listener, output
   // and CID. std::nullopt: the server ended without one, and this process should end too.
   std::optional<ipc::ForkRequest> takeRequest();

@@ -62,6 +62,9 @@ int waitFor(pid_t pid, std::chrono::milliseconds limit) {
   return -1;
 }
 
+// A spare announces kFirstCid + its pid as the CID it took.
+constexpr uint32_t kFirstCid = 3;
+
 // Starts a server process on `serverEnd`; its forks write their id and wait for a connection.
 pid_t startServer(UniqueFd& clientEnd, UniqueFd& serverEnd, ForkServerLimits limits = {}) {
   pid_t pid = ::fork();
@@ -70,6 +73,7 @@ pid_t startServer(UniqueFd& clientEnd, UniqueFd& serverEnd, ForkServerLimits lim
     spdlog::logger log("t", std::make_shared<spdlog::sinks::null_sink_st>());
     auto spare = serveForks(serverEnd.get(), limits, log);
     if (!spare) ::_exit(0);
+    spare->announce(kFirstCid + static_cast<uint32_t>(::getpid()));
     auto request = spare->takeRequest();
     if (!request) ::_exit(9);  // the server ended before it needed this spare
     std::string text = "fork " + request->forkId + " pid " + std::to_string(::getpid());
@@ -105,11 +109,14 @@ TEST(ForkServerTest, OneForkPerRequestEachWithItsOwnFdsAndTheServerEndsAfterThem
     request.apiSocketName = "api-" + std::to_string(i);
     request.apiListener = UniqueFd(::dup(apis.back().fd.get()));
     request.output = std::move(outputs.back().write);
+    request.vsockCid = i == 1 ? 77 : 0;
     ipc::sendForkRequest(client.get(), request);
     auto reply = ipc::receiveForkReply(client.get());
     ASSERT_EQ(reply.error, "");
     ASSERT_GT(reply.pid, 0);
     pids.push_back(reply.pid);
+    // The CID asked for, or else the one its spare took.
+    EXPECT_EQ(reply.vsockCid, i == 1 ? 77 : kFirstCid + static_cast<uint32_t>(reply.pid));
   }
   EXPECT_NE(pids[0], pids[1]);
   // A broken request is answered with its reason; the server goes on.

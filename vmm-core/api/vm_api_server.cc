@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <optional>
+
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-unix.h>
 
@@ -109,8 +111,11 @@ constexpr auto kReplyGrace = 200 * kj::MILLISECONDS;
 
 }  // namespace
 
-ExitReason runWithApi(Machine& machine, const ApiEndpoint& endpoint, spdlog::logger& log) {
-  auto io = kj::setupAsyncIo();
+ExitReason runWithApi(Machine& machine, const ApiEndpoint& endpoint, spdlog::logger& log,
+                      kj::AsyncIoContext* callersIo) {
+  std::optional<kj::AsyncIoContext> ownIo;
+  if (callersIo == nullptr) ownIo.emplace(kj::setupAsyncIo());
+  kj::AsyncIoContext& io = callersIo != nullptr ? *callersIo : *ownIo;
   bool inherited = endpoint.inheritedFd >= 0;
   auto listener = inherited
       ? rpc::listenOnFd(io, UniqueFd(endpoint.inheritedFd), "--api-fd " + endpoint.path)

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include <kj/async-io.h>
 #include <spdlog/logger.h>
 
 #include "vmm-core/vm/machine.h"
@@ -18,7 +19,10 @@ struct ApiEndpoint {
   int inheritedFd = -1;
 };
 
-// Runs the API and the VM until the VM ends; returns why it ended.
-ExitReason runWithApi(Machine& machine, const ApiEndpoint& endpoint, spdlog::logger& log);
+// Runs the API and the VM until the VM ends (starting it unless it runs); returns why it
+// ended. `io`: the thread's event loop if the caller set it up already (a VM started before
+// its API exists runs under the seccomp policy, which lacks what kj::setupAsyncIo() calls).
+ExitReason runWithApi(Machine& machine, const ApiEndpoint& endpoint, spdlog::logger& log,
+                      kj::AsyncIoContext* io = nullptr);
 
 }  // namespace clonevm::vmm

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <fstream>
 #include <utility>
 
@@ -14,6 +15,9 @@
 
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  // Linux 5.14; older C library headers lack it
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
 #endif
 
 namespace clonevm::vmm {
@@ -24,6 +28,28 @@ constexpr uint64_t kPage = 4096;
 void requireValidSize(uint64_t size) {
   require(size >= 2 * layout::kMiB && size % (2 * layout::kMiB) == 0,
           "guest memory size must be a non-zero multiple of 2 MiB, got {} bytes", size);
+}
+
+// Applies `advice` (MADV_POPULATE_READ or _WRITE) to the pages at these offsets of a mapping
+// of `size` bytes, a run of contiguous pages at a time.
+uint64_t populatePages(uint8_t* mapping, uint64_t size, std::vector<uint64_t> pageOffsets, int advice,
+                       const char* step) {
+  std::erase_if(pageOffsets, [&](uint64_t o) { return o % kPage != 0 || o >= size; });
+  std::sort(pageOffsets.begin(), pageOffsets.end());
+  pageOffsets.erase(std::unique(pageOffsets.begin(), pageOffsets.end()), pageOffsets.end());
+  uint64_t mapped = 0;
+  for (size_t first = 0; first < pageOffsets.size();) {
+    size_t end = first + 1;
+    while (end < pageOffsets.size() && pageOffsets[end] == pageOffsets[end - 1] + kPage) ++end;
+    uint64_t length = (end - first) * kPage;
+    if (::madvise(mapping + pageOffsets[first], length, advice) != 0) {
+      if (errno == EINVAL) return mapped;  // an older kernel: the pages fault in as touched
+      throwSystemError(errno, step, fmt::format("{:#x}+{:#x}", pageOffsets[first], length));
+    }
+    mapped += end - first;
+    first = end;
+  }
+  return mapped;
 }
 
 }  // namespace
@@ -88,30 +114,26 @@ void GuestMemory::map(int flags, const std::string& what) {
 }
 
 uint64_t GuestMemory::populate(std::vector<uint64_t> pageOffsets) const {
-  std::erase_if(pageOffsets, [&](uint64_t o) { return o % kPage != 0 || o >= size_; });
-  std::sort(pageOffsets.begin(), pageOffsets.end());
-  pageOffsets.erase(std::unique(pageOffsets.begin(), pageOffsets.end()), pageOffsets.end());
-  uint64_t mapped = 0;
-  for (size_t first = 0; first < pageOffsets.size();) {
-    size_t end = first + 1;
-    while (end < pageOffsets.size() && pageOffsets[end] == pageOffsets[end - 1] + kPage) ++end;
-    uint64_t length = (end - first) * kPage;
-    if (::madvise(mapping_ + pageOffsets[first], length, MADV_POPULATE_READ) != 0) {
-      if (errno == EINVAL) return mapped;  // an older kernel: the pages fault in as touched
-      throwSystemError(errno, "map guest memory in (MADV_POPULATE_READ)",
-                       fmt::format("{:#x}+{:#x}", pageOffsets[first], length));
-    }
-    mapped += end - first;
-    first = end;
-  }
-  return mapped;
+  return populatePages(mapping_, size_, std::move(pageOffsets), MADV_POPULATE_READ,
+                       "map guest memory in (MADV_POPULATE_READ)");
 }
 
-std::vector<uint64_t> GuestMemory::residentPages() const {
+uint64_t GuestMemory::populateWritable(std::vector<uint64_t> pageOffsets) const {
+  return populatePages(mapping_, size_, std::move(pageOffsets), MADV_POPULATE_WRITE,
+                       "map guest memory in for writing (MADV_POPULATE_WRITE)");
+}
+
+GuestMemory::ResidentPages GuestMemory::residentPages() const {
+  // /proc/PID/pagemap (Documentation/admin-guide/mm/pagemap.rst): bits a process may read.
   constexpr uint64_t kPresent = 1ull << 63;
+  constexpr uint64_t kFileOrSharedAnon = 1ull << 61;
+  constexpr uint64_t kExclusive = 1ull << 56;
+  auto isZeroPage = [](const uint8_t* bytes) {
+    return bytes[0] == 0 && std::memcmp(bytes, bytes + 1, kPage - 1) == 0;
+  };
   UniqueFd pagemap(CLONE_SYSCALL(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC),
                                  "open the page map", "/proc/self/pagemap"));
-  std::vector<uint64_t> resident;
+  ResidentPages resident;
   std::vector<uint64_t> entries(4096);
   uint64_t first = reinterpret_cast<uintptr_t>(mapping_) / kPage;
   for (uint64_t page = 0; page < size_ / kPage; page += entries.size()) {
@@ -121,7 +143,14 @@ std::vector<uint64_t> GuestMemory::residentPages() const {
       throwSystemError(got < 0 ? errno : EIO, "read the page map of guest memory", "/proc/self/pagemap");
     }
     for (size_t i = 0; i < count; ++i) {
-      if ((entries[i] & kPresent) != 0) resident.push_back((page + i) * kPage);
+      if ((entries[i] & kPresent) == 0) continue;
+      resident.pages.push_back((page + i) * kPage);
+      bool ownCopy = (entries[i] & kFileOrSharedAnon) == 0 && (entries[i] & kExclusive) != 0;
+      // Some kernels map a page of its own, not the shared zero page, where a template hole
+      // is only read: such a page still reads as zeros.
+      if (copyOnWrite_ && ownCopy && !isZeroPage(mapping_ + (page + i) * kPage)) {
+        resident.written.push_back((page + i) * kPage);
+      }
     }
   }
   return resident;

@@ -64,10 +64,17 @@ class GuestMemory {
   // copy-on-write fork's prefetch. Returns the pages mapped (0 where the kernel lacks
   // MADV_POPULATE_READ, Linux 5.14).
   uint64_t populate(std::vector<uint64_t> pageOffsets) const;
-  // The offsets of the 4 KiB pages this process has mapped now (/proc/self/pagemap's present
-  // bit), sorted: what a copy-on-write fork has touched (with the neighbours the kernel maps
-  // around each file fault).
-  std::vector<uint64_t> residentPages() const;
+  // The same for writing (MADV_POPULATE_WRITE): each page of copy-on-write memory becomes
+  // this process's own copy now, with the same bytes, rather than at the guest's first write.
+  uint64_t populateWritable(std::vector<uint64_t> pageOffsets) const;
+  struct ResidentPages {
+    std::vector<uint64_t> pages;    // mapped now (/proc/self/pagemap's present bit), sorted
+    std::vector<uint64_t> written;  // of those, this process's own copies (anonymous and
+                                    // exclusive) that are not all zeros, sorted
+  };
+  // The 4 KiB pages (offsets) this process has mapped now: what a copy-on-write fork has
+  // touched (with the neighbours the kernel maps around each file fault), and written.
+  ResidentPages residentPages() const;
   const std::vector<MemoryRegion>& regions() const { return regions_; }
   // One past the highest guest physical address backed by RAM.
   uint64_t endAddress() const;

@@ -97,12 +97,21 @@ TEST(GuestMemoryTest, CopyOnWriteMemoryReadsTheFileAndNeverWritesIt) {
   EXPECT_EQ(memory.populate({0, 4096, 3 * kMiB, 3 * kMiB + 8192, 4 * kMiB}), 4u);
   // Touched: pages 0, 1 and 5, the hole's two written and two populated pages (the kernel
   // may map file pages around a fault too: at least these, none of the hole's others).
-  auto resident = memory.residentPages();
+  auto [resident, written] = memory.residentPages();
   for (uint64_t page : std::vector<uint64_t>{0, 4096, 5 * 4096, 3 * kMiB, 3 * kMiB + 4096, 3 * kMiB + 8192}) {
     EXPECT_TRUE(std::binary_search(resident.begin(), resident.end(), page)) << page;
   }
   EXPECT_FALSE(std::binary_search(resident.begin(), resident.end(), 3 * kMiB + 3 * 4096));
   EXPECT_FALSE(std::binary_search(resident.begin(), resident.end(), 2 * kMiB + 4096));
+  // Written: the file page and the hole page; a hole page only read maps the zero page.
+  EXPECT_EQ(written, (std::vector<uint64_t>{5 * 4096, 3 * kMiB + 4096}));
+
+  // A page made writable ahead is this process's copy, with the file's bytes (a hole's, all
+  // zeros, is not counted as written).
+  EXPECT_EQ(memory.populateWritable({7 * 4096, 3 * kMiB + 5 * 4096}), 2u);
+  EXPECT_EQ(memory.residentPages().written, (std::vector<uint64_t>{5 * 4096, 7 * 4096, 3 * kMiB + 4096}));
+  EXPECT_EQ(memory.readObject<uint64_t>(7 * 4096), 7u);
+  EXPECT_EQ(memory.readObject<uint64_t>(3 * kMiB + 5 * 4096), 0u);
 
   // The file, and a second mapping of it (another fork), still hold the template's bytes,
   // and its hole is still a hole.

@@ -230,6 +230,7 @@ void Machine::attachVsock() {
 }
 
 void Machine::start() {
+  if (!runners_.empty()) return;  // a fork server's spare started them before its request
   console_ = std::make_unique<ConsoleInput>(
       config_.consoleInputFd, [this](std::span<const uint8_t> bytes) { devices_->consoleInput(bytes); });
   for (auto& vcpu : vcpus_) {
@@ -246,7 +247,12 @@ void Machine::start() {
     }
     runners_[i]->start(std::move(hook));
   }
-  recordWorkingSet();
+  if (!startedAhead_) recordWorkingSet();
+}
+
+void Machine::startAhead() {
+  startedAhead_ = true;
+  start();
 }
 
 void Machine::pause() {

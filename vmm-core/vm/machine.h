@@ -100,7 +100,7 @@ class Machine {
   // Runs the vCPUs until the guest powers off, resets or fails: start(), wait, finish().
   ExitReason run();
 
-  // Starts the vCPU threads and the console.
+  // Starts the vCPU threads and the console; does nothing once they have started.
   void start();
   // Called once by start(), after the console and vCPU runners are set up and before any vCPU
   // runs guest code: where the process locks itself down (seccomp).
@@ -141,10 +141,18 @@ class Machine {
   // The vsock device (null with --no-vsock): its CID, and the fork's hooks
   // (setGuestCid, sendTransportReset, save/restoreState).
   VhostVsockBackend* vsock() const { return vsock_.get(); }
-  // With vsockCidLater, before run(): moves the vsock device to `cid` (0: keeps the CID it
-  // has) and sends the transport reset that makes the guest re-read it. Throws when the
-  // template has no vsock device but a CID is asked for, or the CID is taken.
+  // With vsockCidLater: moves the vsock device to `cid` (0: keeps the CID it has) and sends
+  // the transport reset that makes the guest re-read it, unless the guest already knows this
+  // CID from an earlier call. Throws when the template has no vsock device but a CID is asked
+  // for, or the CID is taken. May be called while the vCPUs run.
   void assignForkVsockCid(uint64_t cid);
+  // A fork of a template without a working set records one, one second after this call
+  // (once; start() makes it unless startAhead() started the VM).
+  void recordWorkingSet();
+  // A fork server's spare starts its VM before its request: as start(), but the working set
+  // is recorded only once recordWorkingSet() is called at the request, so that it holds the
+  // fork's first second rather than the spare's idle wait.
+  void startAhead();
   // A fork server's spare, before run(): reads the template's working set into KVM's nested
   // page tables through a helper vCPU (nested_page_prefault.h), asking `stop` every 64 pages.
   // Returns the pages read (0 with no working set).
@@ -172,7 +180,6 @@ class Machine {
   // Restore's memory step: the lazy fill of the fork's memfd, or for copy-on-write memory
   // the template's working set mapped in.
   void prepareRestoredMemory(const snapshot::VerifiedTemplate& source);
-  void recordWorkingSet();
 
   MachineConfig config_;
   KvmSystem& kvm_;
@@ -203,13 +210,15 @@ class Machine {
   std::vector<VirtioPlacement> virtioPlacements_;  // parallel to virtioDevices_
   std::vector<std::unique_ptr<KvmVcpu>> vcpus_;
   std::vector<std::vector<kvm_cpuid_entry2>> vcpuCpuids_;  // as set on each vCPU
-  std::vector<uint64_t> restoredWorkingSet_;  // memory offsets, kept for prefaultWorkingSet()
+  GuestMemory::ResidentPages restoredWorkingSet_;  // memory offsets, kept for prefaultWorkingSet()
   std::unique_ptr<NestedPagePrefault> prefault_;  // its helper vCPU holds the filled tables
   // Before the vCPUs' runners (destroyed after them): faults wait on its thread.
   std::unique_ptr<LazyMemoryFill> lazyFill_;
   std::thread workingSetRecorder_;
   std::mutex snapshotMutex_;
   bool recordWorkingSetPending_ = false;
+  bool startedAhead_ = false;
+  bool guestKnowsForkCid_ = false;  // assignForkVsockCid() has reset the transport
   std::vector<std::unique_ptr<VcpuRunner>> runners_;
   std::unique_ptr<ConsoleInput> console_;
   std::mutex pauseMutex_;

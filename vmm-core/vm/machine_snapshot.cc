@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 
@@ -24,7 +25,10 @@ namespace {
 
 using namespace snapshot;
 
-constexpr char kWorkingSetMagic[8] = {'C', 'L', 'W', 'S', 'E', 'T', '0', '1'};
+constexpr char kWorkingSetMagicV1[8] = {'C', 'L', 'W', 'S', 'E', 'T', '0', '1'};
+// Version 2: bit 0 of an offset marks a page the recording fork wrote.
+constexpr char kWorkingSetMagic[8] = {'C', 'L', 'W', 'S', 'E', 'T', '0', '2'};
+constexpr uint64_t kWrittenBit = 1;
 // How long after a fork starts its faults count as the template's working set: long enough
 // to cover the guest's first answer to the agent, so later forks answer without faulting.
 constexpr auto kWorkingSetWindow = std::chrono::milliseconds(1000);
@@ -33,9 +37,10 @@ const std::vector<std::string> kCoreDevices = {"serial-16550 (COM1)", "i8042", "
                                                "acpi-pm", "pci-host-bridge"};
 
 // The file: magic, granularity, count, then `count` offsets of that granularity. Sets
-// recorded in 64 KiB chunks by older builds are read as the pages of those chunks.
-std::vector<uint64_t> readWorkingSet(const std::string& path, uint64_t memorySize,
-                                     spdlog::logger& log) {
+// recorded in 64 KiB chunks by older builds are read as the pages of those chunks; sets of
+// version 1 have no written pages.
+GuestMemory::ResidentPages readWorkingSet(const std::string& path, uint64_t memorySize,
+                                          spdlog::logger& log) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return {};
   struct stat st {};
@@ -51,41 +56,50 @@ std::vector<uint64_t> readWorkingSet(const std::string& path, uint64_t memorySiz
   std::memcpy(&count, bytes.data() + 16, 8);
   constexpr uint64_t kPage = LazyMemoryFill::kPageBytes;
   bool granuleOk = granule >= kPage && granule <= (2 << 20) && (granule & (granule - 1)) == 0;
-  if (std::memcmp(bytes.data(), kWorkingSetMagic, 8) != 0 || !granuleOk ||
+  bool version2 = std::memcmp(bytes.data(), kWorkingSetMagic, 8) == 0;
+  if ((!version2 && std::memcmp(bytes.data(), kWorkingSetMagicV1, 8) != 0) || !granuleOk ||
       count != (bytes.size() - 24) / 8 || (bytes.size() - 24) % 8 != 0) {
     log.warn("{}: malformed working set file, ignored", path);
     return {};
   }
-  std::vector<uint64_t> offsets(count);
-  if (count > 0) std::memcpy(offsets.data(), bytes.data() + 24, count * 8);
-  std::erase_if(offsets, [&](uint64_t o) { return o % granule != 0 || o >= memorySize || memorySize - o < granule; });
-  if (granule == kPage) return offsets;
-  std::vector<uint64_t> pages;
-  for (uint64_t o : offsets) {
-    for (uint64_t page = o; page < o + granule; page += kPage) pages.push_back(page);
+  std::vector<uint64_t> entries(count);
+  if (count > 0) std::memcpy(entries.data(), bytes.data() + 24, count * 8);
+  GuestMemory::ResidentPages set;
+  for (uint64_t entry : entries) {
+    bool written = version2 && (entry & kWrittenBit) != 0;
+    uint64_t o = version2 ? entry & ~kWrittenBit : entry;
+    if (o % granule != 0 || o >= memorySize || memorySize - o < granule) continue;
+    for (uint64_t page = o; page < o + granule; page += kPage) {
+      set.pages.push_back(page);
+      if (written) set.written.push_back(page);
+    }
   }
-  return pages;
+  return set;
 }
 
 // Written once by the first fork that finds none: to a private name, then linked into place
 // (link fails if another fork was first), so readers never see a partial file.
-void writeWorkingSet(const std::string& dir, const std::vector<uint64_t>& offsets,
+void writeWorkingSet(const std::string& dir, const GuestMemory::ResidentPages& set,
                      spdlog::logger& log) {
-  std::vector<uint8_t> bytes(24 + offsets.size() * 8);
+  std::vector<uint64_t> entries = set.pages;
+  for (uint64_t& entry : entries) {
+    if (std::binary_search(set.written.begin(), set.written.end(), entry)) entry |= kWrittenBit;
+  }
+  std::vector<uint8_t> bytes(24 + entries.size() * 8);
   uint64_t granule = LazyMemoryFill::kPageBytes;
-  uint64_t count = offsets.size();
+  uint64_t count = entries.size();
   std::memcpy(bytes.data(), kWorkingSetMagic, 8);
   std::memcpy(bytes.data() + 8, &granule, 8);
   std::memcpy(bytes.data() + 16, &count, 8);
-  if (count > 0) std::memcpy(bytes.data() + 24, offsets.data(), count * 8);
+  if (count > 0) std::memcpy(bytes.data() + 24, entries.data(), count * 8);
   std::string temporary = fmt::format("{}.tmp.{}", kWorkingSetFile, ::getpid());
   try {
     writeReadOnlyFile(dir, temporary, bytes.data(), bytes.size());
     std::string from = dir + "/" + temporary;
     std::string to = dir + "/" + kWorkingSetFile;
     if (::link(from.c_str(), to.c_str()) == 0) {
-      log.info("recorded the template's working set: {} pages ({} KiB) in {}", count,
-               count * granule / 1024, to);
+      log.info("recorded the template's working set: {} pages ({} KiB, {} of them written) in {}",
+               count, count * granule / 1024, set.written.size(), to);
     }
     ::unlink(from.c_str());
   } catch (const std::exception& e) {
@@ -146,10 +160,14 @@ void Machine::restoreVirtioDevices(const std::vector<VirtioDeviceState>& states,
 }
 
 uint64_t Machine::prefaultWorkingSet(const std::function<bool()>& stop) {
-  if (restoredWorkingSet_.empty() || vcpuCpuids_.empty()) return 0;
+  if (restoredWorkingSet_.pages.empty() || vcpuCpuids_.empty()) return 0;
+  auto begin = Clock::now();
+  // The pages the recording fork wrote become this process's copies first, so that KVM maps
+  // them writable below and the guest's first writes to them do not exit (a nested exit each).
+  uint64_t madeWritable = memory_.populateWritable(restoredWorkingSet_.written);
   std::vector<uint64_t> addresses;
-  addresses.reserve(restoredWorkingSet_.size());
-  for (uint64_t offset : restoredWorkingSet_) {
+  addresses.reserve(restoredWorkingSet_.pages.size());
+  for (uint64_t offset : restoredWorkingSet_.pages) {
     for (const auto& region : memory_.regions()) {
       if (offset >= region.fdOffset && offset < region.fdOffset + region.size) {
         addresses.push_back(region.guestAddress + (offset - region.fdOffset));
@@ -158,11 +176,11 @@ uint64_t Machine::prefaultWorkingSet(const std::function<bool()>& stop) {
     }
   }
   restoredWorkingSet_ = {};
-  auto begin = Clock::now();
   prefault_ = NestedPagePrefault::run(vm_, config_.vcpuCount, vcpuCpuids_[0], addresses,
                                       memory_.endAddress(), stop, log_);
-  log_.info("prefault: {} of {} working-set pages read into KVM's page tables in {:.1f} ms",
-            prefault_->pagesRead(), addresses.size(),
+  log_.info("prefault: {} of {} working-set pages read into KVM's page tables ({} copied ahead "
+            "to be written) in {:.1f} ms",
+            prefault_->pagesRead(), addresses.size(), madeWritable,
             std::chrono::duration<double, std::milli>(Clock::now() - begin).count());
   return prefault_->pagesRead();
 }
@@ -172,9 +190,10 @@ void Machine::assignForkVsockCid(uint64_t cid) {
   if (vsock_ == nullptr) return;
   if (cid != 0 && cid != vsock_->guestCid()) {
     vsock_->setGuestCid(cid);  // sends the transport reset when the device is active
-  } else if (vsock_->active() && !vsock_->sendTransportReset()) {
+  } else if (!guestKnowsForkCid_ && vsock_->active() && !vsock_->sendTransportReset()) {
     log_.warn("vsock: the fork's guest keeps the template's CID");
   }
+  guestKnowsForkCid_ = true;
 }
 
 void Machine::restoreFromTemplate() {
@@ -245,16 +264,16 @@ void Machine::prepareRestoredMemory(const VerifiedTemplate& source) {
   if (config_.vsockCidLater) restoredWorkingSet_ = workingSet;  // a spare prefaults it
   // Record this fork's first touches when the template has no working set yet.
   recordWorkingSetPending_ =
-      workingSet.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
+      workingSet.pages.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
   if (memory_.copyOnWrite()) {
     // Nothing to fill: the kernel maps the template's page cache on each first touch. The
     // working set is mapped now so that the vCPUs' first steps take fewer faults.
-    copyOnWritePrefetchedPages_ = memory_.populate(workingSet);
+    copyOnWritePrefetchedPages_ = memory_.populate(workingSet.pages);
     return;
   }
   lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
                                                source.memoryExtentPairs(), log_);
-  lazyFill_->prefetch(workingSet);
+  lazyFill_->prefetch(workingSet.pages);
   lazyFill_->start(recordWorkingSetPending_ ? kWorkingSetWindow : std::chrono::milliseconds(0));
 }
 
@@ -270,7 +289,7 @@ void Machine::recordWorkingSet() {
   workingSetRecorder_ = std::thread([this, dir] {
     try {
       if (lazyFill_ != nullptr) {
-        writeWorkingSet(dir, lazyFill_->recordedPages(), log_);
+        writeWorkingSet(dir, {.pages = lazyFill_->recordedPages()}, log_);
         return;
       }
       // Copy-on-write memory: what the vCPUs' first moments mapped.
