@@ -42,7 +42,7 @@ struct Spare {
 // A restore takes ~0.1 s; one that has not finished in this long is taken for hung.
 constexpr int kAnnounceTimeoutMs = 30000;
 
-// Waits for the spare's announcement. False: it ended, sent something else, or hung.
+// Waits for the spare's announcement. False (logged): it ended, sent something else, or hung.
 bool awaitAnnouncement(Spare& spare, spdlog::logger& log) {
   if (spare.vsockCid) return true;
   pollfd ready{spare.socket.get(), POLLIN, 0};
@@ -206,8 +206,11 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
             break;
           }
         }
+        if (!awaitAnnouncement(*spare, log)) {
+          endSpare();
+          continue;
+        }
         try {
-          if (!awaitAnnouncement(*spare, log)) throw Error("no announcement");
           ipc::sendForkRequest(spare->socket.get(), request);
         } catch (const Error& error) {
           log.warn("fork server: its spare (pid {}) could not take {}: {}", spare->pid, request.forkId,

@@ -231,6 +231,13 @@ void Machine::attachVsock() {
 
 void Machine::start() {
   if (!runners_.empty()) return;  // a fork server's spare started them before its request
+  startVcpus();
+  recordWorkingSet();
+}
+
+void Machine::startAhead() { startVcpus(); }
+
+void Machine::startVcpus() {
   console_ = std::make_unique<ConsoleInput>(
       config_.consoleInputFd, [this](std::span<const uint8_t> bytes) { devices_->consoleInput(bytes); });
   for (auto& vcpu : vcpus_) {
@@ -247,12 +254,6 @@ void Machine::start() {
     }
     runners_[i]->start(std::move(hook));
   }
-  if (!startedAhead_) recordWorkingSet();
-}
-
-void Machine::startAhead() {
-  startedAhead_ = true;
-  start();
 }
 
 void Machine::pause() {

@@ -161,6 +161,8 @@ class Machine {
  private:
 
   double millisSinceStart() const;
+  // The console and the vCPU threads (with the lockdown before any guest code runs).
+  void startVcpus();
   void createVcpus();
   void attachDevices();
   void attachVhostUserDevices();
@@ -217,7 +219,6 @@ class Machine {
   std::thread workingSetRecorder_;
   std::mutex snapshotMutex_;
   bool recordWorkingSetPending_ = false;
-  bool startedAhead_ = false;
   bool guestKnowsForkCid_ = false;  // assignForkVsockCid() has reset the transport
   std::vector<std::unique_ptr<VcpuRunner>> runners_;
   std::unique_ptr<ConsoleInput> console_;
