@@ -118,7 +118,23 @@ run_e2e_in_lab() {
   # failures at once are not retried: that is a regression, not the lab.
   if [ ${#failing[@]} -ne 0 ] && [ ${#failing[@]} -le ${CLONE_E2E_MAX_RERUNS:-4} ]; then
     echo "run-all: ${#failing[@]} e2e test(s) failed (${#faulted[@]} with a guest triple fault); they run once more in a new lab (docs/LAB.md): ${failing[*]}"
-    lab_attempt "rerun of the failed tests" "${failing[@]}" || true
+    # A rerun's L1 can fail too (exit 124/125, seen in CI-26); then the reruns it did not
+    # finish go to one more fresh L1. A test that ran and failed is not run again.
+    local rerun=("${failing[@]}") unfinished rerun_rc
+    for attempt in 1 2; do
+      for name in "${rerun[@]}"; do unset "result[$name]"; done
+      rerun_rc=0
+      lab_attempt "rerun $attempt of the failed tests" "${rerun[@]}" || rerun_rc=$?
+      unfinished=()
+      for name in "${rerun[@]}"; do [ -n "${result[$name]:-}" ] || unfinished+=("$name"); done
+      [ ${#unfinished[@]} -eq 0 ] && break
+      if [ "$rerun_rc" -ne 124 ] && [ "$rerun_rc" -ne 125 ]; then
+        for name in "${unfinished[@]}"; do result[$name]=failed; done
+        break
+      fi
+      echo "run-all: the rerun's lab failed (exit $rerun_rc) with ${#unfinished[@]} test(s) unfinished"
+      rerun=("${unfinished[@]}")
+    done
     for name in "${failing[@]}"; do
       [ "${result[$name]:-}" = passed ] && passed_on_rerun+=("$name")
     done
