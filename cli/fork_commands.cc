@@ -34,6 +34,7 @@
 #include "common/error.h"
 #include "common/unique_fd.h"
 #include "vmm-core/snapshot/template_files.h"
+#include "vmm-core/snapshot/working_set_file.h"
 
 extern char** environ;
 
@@ -131,6 +132,31 @@ OutputDirectory openOutputDirectory(const std::string& dir) {
   require(output.fd && std::filesystem::is_empty(dir, error),
           "{}: exists and is not an empty directory", dir);
   return output;
+}
+
+// A jailed fork cannot write into its template, so the first forks of a template without a
+// `workingset` keep their record, and `clone fork`, the template's owner, fetches one over
+// the fork's API (vm_control.capnp recordedWorkingSet), checks it like any input from a fork,
+// and writes the file. Later forks prefetch it. A failure costs later forks speed, never
+// this fork: it is a warning.
+void saveTemplateWorkingSet(const std::string& templateDir, uint64_t memorySize,
+                            const std::string& forkId, const std::string& socket, std::ostream& err) {
+  try {
+    vmm::snapshot::WorkingSet set;
+    withVm(socket, [&](rpc::VmControl::Client& vm, kj::WaitScope& waitScope) {
+      auto reply = vm.recordedWorkingSetRequest().send().wait(waitScope);
+      for (uint64_t page : reply.getPages()) set.pages.push_back(page);
+      for (uint64_t page : reply.getWrittenPages()) set.written.push_back(page);
+    });
+    vmm::snapshot::checkWorkingSet(set, memorySize);
+    if (!vmm::snapshot::linkWorkingSetFile(AT_FDCWD, templateDir, set, "clone-fork")) return;
+    err << fmt::format("clone fork: saved the working set fork {} recorded ({} pages, {} written) "
+                       "in {}/{}: later forks prefetch it\n", forkId, set.pages.size(),
+                       set.written.size(), templateDir, vmm::snapshot::kWorkingSetFile);
+  } catch (const std::exception& error) {
+    err << fmt::format("clone fork: warning: the template's working set was not saved, later forks "
+                       "start slower: {}\n", error.what());
+  }
 }
 
 std::vector<uint8_t> randomSeed(size_t size) {
@@ -666,6 +692,17 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       });
     }
     for (auto& thread : threads) thread.join();
+    // Before the forks are handed out: the record then holds only what the template's own
+    // code touched, nothing a tenant's commands did.
+    std::string workingSetPath = dir + "/" + vmm::snapshot::kWorkingSetFile;
+    if (!options.noJail && ::access(workingSetPath.c_str(), F_OK) != 0) {
+      auto recorder = std::find_if(forks.begin(), forks.end(),
+                                   [](const Fork& f) { return f.error.empty(); });
+      if (recorder != forks.end()) {
+        saveTemplateWorkingSet(dir, verified.manifest.memorySize, recorder->id, recorder->socket,
+                               streams.err);
+      }
+    }
 
     if (!options.noIdentity &&
         std::any_of(forks.begin(), forks.end(), [](const Fork& f) { return f.error.empty() && f.cid == 0; })) {

@@ -120,7 +120,7 @@ constexpr SyscallRule kVmm[] = {
     {"pwrite64", "snapshot: write the template files; a fork's working-set file"},
     {"ftruncate", "snapshot: size the sparse memory image"},
     {"fchmod", "snapshot: make the memory image read-only"},
-    {"link", "fork: put the working-set file in place only if no other fork did"},
+    {"linkat", "fork: put the working-set file in place only if no other fork did"},
 };
 
 constexpr IoctlRule kVmmIoctls[] = {

@@ -902,6 +902,51 @@ TEST_F(ForkTest, ATemplateCutUnderAForkServerEndsItsForksWithTheReasonInTheirOwn
   EXPECT_EQ(vmm.waitExit(30s), 0) << vmm.output();
 }
 
+// A jailed fork cannot write into its template, so `clone fork` (the template's owner) has the
+// first fork of a template without a working set write its record through the template
+// directory's fd. The next fork prefetches exactly those pages.
+TEST_F(ForkTest, AJailedForksWorkingSetIsSavedByCloneForkAndPrefetchedByTheNextFork) {
+  ASSERT_EQ(makeOtherTemplate(base_, "working-set", {}), "");
+  std::string dir = base_ + "/working-set";
+  std::string file = dir + "/workingset";
+  ASSERT_NE(::access(file.c_str(), F_OK), 0) << "a new template has no working set";
+  uint64_t saved = 0;
+  uint64_t written = 0;
+  {
+    CliForks first(dir, base_ + "/working-set-first", 1, {"--fork-memory", "cow"});
+    ASSERT_TRUE(first.allReady(1));
+    std::smatch match;
+    ASSERT_TRUE(std::regex_search(first.output, match,
+                                  std::regex(R"(saved the working set fork (fork-[0-9a-f]{8}) recorded \((\d+) pages, (\d+) written\))")))
+        << first.output;
+    EXPECT_EQ(match[1], first.id(0));
+    saved = std::stoull(match[2]);
+    written = std::stoull(match[3]);
+    std::cerr << "saved: " << saved << " pages, " << written << " of them written\n";
+    // The guest's first second touches hundreds of pages and writes some (a copy-on-write fork
+    // tells them apart).
+    EXPECT_GT(saved, 100u) << first.output;
+    EXPECT_GT(written, 0u) << first.output;
+    EXPECT_LT(written, saved) << first.output;
+    EXPECT_NE(fileTail(first.consoleLog(0), 1000).find("kept for the API"), std::string::npos)
+        << "the jailed fork could not write it itself:\n" << fileTail(first.consoleLog(0));
+  }
+  struct stat info {};
+  ASSERT_EQ(::stat(file.c_str(), &info), 0) << std::strerror(errno);
+  EXPECT_EQ(info.st_mode & 0777, 0444u);
+  EXPECT_EQ(static_cast<uint64_t>(info.st_size), 24 + 8 * saved);
+  std::ifstream in(file, std::ios::binary);
+  char magic[8] = {};
+  in.read(magic, 8);
+  EXPECT_EQ(std::string(magic, 8), "CLWSET02");
+  CliForks second(dir, base_ + "/working-set-second", 1, {"--fork-memory", "cow"});
+  ASSERT_TRUE(second.allReady(1));
+  EXPECT_EQ(second.output.find("saved the working set"), std::string::npos) << second.output;
+  std::string log = fileTail(second.consoleLog(0), 1000);
+  EXPECT_NE(log.find(fmt::format("{} pages prefetched", saved)), std::string::npos) << log;
+  EXPECT_EQ(execIn(second.socket(0), {"echo", "prefetched"}).output, "prefetched\n");
+}
+
 TEST_F(ForkTest, TemplateWithoutVsockForksWithoutIdentity) {
   auto error = makeOtherTemplate(base_, "novsock", {"--no-vsock"});
   ASSERT_EQ(error, "");

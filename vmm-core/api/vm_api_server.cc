@@ -17,8 +17,8 @@ namespace {
 
 class VmControlServer final : public rpc::VmControl::Server {
  public:
-  VmControlServer(Machine& machine, spdlog::logger& log, bool& stoppedByApi)
-      : machine_(machine), log_(log), stoppedByApi_(stoppedByApi) {}
+  VmControlServer(Machine& machine, spdlog::logger& log, bool& stoppedByApi, kj::Timer& timer)
+      : machine_(machine), log_(log), stoppedByApi_(stoppedByApi), timer_(timer) {}
 
   kj::Promise<void> status(StatusContext context) override {
     auto status = context.getResults().initStatus();
@@ -100,10 +100,45 @@ class VmControlServer final : public rpc::VmControl::Server {
         });
   }
 
+  kj::Promise<void> recordedWorkingSet(RecordedWorkingSetContext context) override {
+    return whenWorkingSetRecorded(timer_.now() + kWorkingSetWait).then([this, context]() mutable {
+      auto set = machine_.recordedWorkingSet();
+      if (!set) {
+        const char* reason = machine_.workingSetRecord() == Machine::WorkingSetRecord::kRecording
+            ? "this fork's working-set record has not ended yet"
+            : "this fork recorded no working set (its template had one, it was not restored, or "
+              "the record failed)";
+        log_.warn("API: recorded working set: {}", reason);
+        kj::throwFatalException(KJ_EXCEPTION(FAILED, reason));
+      }
+      log_.info("API: recorded working set ({} pages, {} written)", set->pages.size(),
+                set->written.size());
+      auto results = context.getResults();
+      auto pages = results.initPages(static_cast<unsigned>(set->pages.size()));
+      for (unsigned i = 0; i < pages.size(); ++i) pages.set(i, set->pages[i]);
+      auto written = results.initWrittenPages(static_cast<unsigned>(set->written.size()));
+      for (unsigned i = 0; i < written.size(); ++i) written.set(i, set->written[i]);
+    });
+  }
+
  private:
+  // A fork's record lasts a second from its start; a paused fork's clock still runs.
+  static constexpr kj::Duration kWorkingSetWait = 10 * kj::SECONDS;
+
+  kj::Promise<void> whenWorkingSetRecorded(kj::TimePoint deadline) {
+    if (machine_.workingSetRecord() != Machine::WorkingSetRecord::kRecording ||
+        timer_.now() >= deadline) {
+      return kj::READY_NOW;
+    }
+    return timer_.afterDelay(20 * kj::MILLISECONDS).then([this, deadline] {
+      return whenWorkingSetRecorded(deadline);
+    });
+  }
+
   Machine& machine_;
   spdlog::logger& log_;
   bool& stoppedByApi_;
+  kj::Timer& timer_;
 };
 
 // How long the loop keeps running after an API shutdown, so that the caller gets its reply.
@@ -121,7 +156,7 @@ ExitReason runWithApi(Machine& machine, const ApiEndpoint& endpoint, spdlog::log
       ? rpc::listenOnFd(io, UniqueFd(endpoint.inheritedFd), "--api-fd " + endpoint.path)
       : rpc::listenUnix(io, endpoint.path);
   bool stoppedByApi = false;
-  capnp::TwoPartyServer server(kj::heap<VmControlServer>(machine, log, stoppedByApi));
+  capnp::TwoPartyServer server(kj::heap<VmControlServer>(machine, log, stoppedByApi, io.provider->getTimer()));
   auto serving = server.listenCapStreamReceiver(*listener, rpc::kMaxFdsPerMessage)
                      .eagerlyEvaluate([&log](kj::Exception&& e) {
                        log.error("API socket: {}", rpc::describeKjException(e));

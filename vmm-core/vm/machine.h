@@ -149,6 +149,13 @@ class Machine {
   // A fork of a template without a working set records one, one second after this call
   // (once; start() makes it unless startAhead() started the VM).
   void recordWorkingSet();
+  // The working set this fork recorded, for a caller that saves it where the fork cannot
+  // write (a jailed fork's template is read-only to it). kNotRecording: the template had one,
+  // the fork was not restored, or the record failed; kRecording: its window has not ended.
+  enum class WorkingSetRecord { kNotRecording, kRecording, kRecorded };
+  WorkingSetRecord workingSetRecord() const;
+  // With kRecorded, the set; otherwise none.
+  std::optional<GuestMemory::ResidentPages> recordedWorkingSet() const;
   // A fork server's spare starts its VM before its request: as start(), but the working set
   // is recorded only once recordWorkingSet() is called at the request, so that it holds the
   // fork's first second rather than the spare's idle wait.
@@ -217,6 +224,9 @@ class Machine {
   // Before the vCPUs' runners (destroyed after them): faults wait on its thread.
   std::unique_ptr<LazyMemoryFill> lazyFill_;
   std::thread workingSetRecorder_;
+  mutable std::mutex recordedWorkingSetMutex_;
+  bool workingSetRecording_ = false;  // the recorder's window runs
+  std::optional<GuestMemory::ResidentPages> recordedWorkingSet_;  // once it ended
   std::mutex snapshotMutex_;
   bool recordWorkingSetPending_ = false;
   bool guestKnowsForkCid_ = false;  // assignForkVsockCid() has reset the transport

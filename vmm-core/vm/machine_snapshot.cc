@@ -16,6 +16,7 @@
 #include "vmm-core/memory/lazy_fill.h"
 #include "vmm-core/snapshot/machine_state.h"
 #include "vmm-core/snapshot/template_files.h"
+#include "vmm-core/snapshot/working_set_file.h"
 #include "vmm-core/vm/legacy_devices.h"
 #include "vmm-core/vm/machine.h"
 #include "vmm-core/vm/vcpu_runner.h"
@@ -25,10 +26,6 @@ namespace {
 
 using namespace snapshot;
 
-constexpr char kWorkingSetMagicV1[8] = {'C', 'L', 'W', 'S', 'E', 'T', '0', '1'};
-// Version 2: bit 0 of an offset marks a page the recording fork wrote.
-constexpr char kWorkingSetMagic[8] = {'C', 'L', 'W', 'S', 'E', 'T', '0', '2'};
-constexpr uint64_t kWrittenBit = 1;
 // How long after a fork starts its faults count as the template's working set: long enough
 // to cover the guest's first answer to the agent, so later forks answer without faulting.
 constexpr auto kWorkingSetWindow = std::chrono::milliseconds(1000);
@@ -36,74 +33,15 @@ constexpr auto kWorkingSetWindow = std::chrono::milliseconds(1000);
 const std::vector<std::string> kCoreDevices = {"serial-16550 (COM1)", "i8042", "cmos-rtc",
                                                "acpi-pm", "pci-host-bridge"};
 
-// The file: magic, granularity, count, then `count` offsets of that granularity. Sets
-// recorded in 64 KiB chunks by older builds are read as the pages of those chunks; sets of
-// version 1 have no written pages.
+// The template's working set, or none when its file is missing or unusable (with a warning).
 GuestMemory::ResidentPages readWorkingSet(const std::string& path, uint64_t memorySize,
                                           spdlog::logger& log) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return {};
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0 || st.st_size < 24 || st.st_size > (64 << 20)) {
-    log.warn("{}: unusable working set file, ignored", path);
-    return {};
-  }
-  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
-  if (::pread(fd.get(), bytes.data(), bytes.size(), 0) != st.st_size) return {};
-  uint64_t granule = 0;
-  uint64_t count = 0;
-  std::memcpy(&granule, bytes.data() + 8, 8);
-  std::memcpy(&count, bytes.data() + 16, 8);
-  constexpr uint64_t kPage = LazyMemoryFill::kPageBytes;
-  bool granuleOk = granule >= kPage && granule <= (2 << 20) && (granule & (granule - 1)) == 0;
-  bool version2 = std::memcmp(bytes.data(), kWorkingSetMagic, 8) == 0;
-  if ((!version2 && std::memcmp(bytes.data(), kWorkingSetMagicV1, 8) != 0) || !granuleOk ||
-      count != (bytes.size() - 24) / 8 || (bytes.size() - 24) % 8 != 0) {
-    log.warn("{}: malformed working set file, ignored", path);
-    return {};
-  }
-  std::vector<uint64_t> entries(count);
-  if (count > 0) std::memcpy(entries.data(), bytes.data() + 24, count * 8);
-  GuestMemory::ResidentPages set;
-  for (uint64_t entry : entries) {
-    bool written = version2 && (entry & kWrittenBit) != 0;
-    uint64_t o = version2 ? entry & ~kWrittenBit : entry;
-    if (o % granule != 0 || o >= memorySize || memorySize - o < granule) continue;
-    for (uint64_t page = o; page < o + granule; page += kPage) {
-      set.pages.push_back(page);
-      if (written) set.written.push_back(page);
-    }
-  }
-  return set;
-}
-
-// Written once by the first fork that finds none: to a private name, then linked into place
-// (link fails if another fork was first), so readers never see a partial file.
-void writeWorkingSet(const std::string& dir, const GuestMemory::ResidentPages& set,
-                     spdlog::logger& log) {
-  std::vector<uint64_t> entries = set.pages;
-  for (uint64_t& entry : entries) {
-    if (std::binary_search(set.written.begin(), set.written.end(), entry)) entry |= kWrittenBit;
-  }
-  std::vector<uint8_t> bytes(24 + entries.size() * 8);
-  uint64_t granule = LazyMemoryFill::kPageBytes;
-  uint64_t count = entries.size();
-  std::memcpy(bytes.data(), kWorkingSetMagic, 8);
-  std::memcpy(bytes.data() + 8, &granule, 8);
-  std::memcpy(bytes.data() + 16, &count, 8);
-  if (count > 0) std::memcpy(bytes.data() + 24, entries.data(), count * 8);
-  std::string temporary = fmt::format("{}.tmp.{}", kWorkingSetFile, ::getpid());
   try {
-    writeReadOnlyFile(dir, temporary, bytes.data(), bytes.size());
-    std::string from = dir + "/" + temporary;
-    std::string to = dir + "/" + kWorkingSetFile;
-    if (::link(from.c_str(), to.c_str()) == 0) {
-      log.info("recorded the template's working set: {} pages ({} KiB, {} of them written) in {}",
-               count, count * granule / 1024, set.written.size(), to);
-    }
-    ::unlink(from.c_str());
+    auto set = readWorkingSetFile(path, memorySize);
+    return {.pages = std::move(set.pages), .written = std::move(set.written)};
   } catch (const std::exception& e) {
-    log.warn("could not record the working set: {}", e.what());
+    log.warn("{}, ignored", e.what());
+    return {};
   }
 }
 
@@ -265,6 +203,10 @@ void Machine::prepareRestoredMemory(const VerifiedTemplate& source) {
   // Record this fork's first touches when the template has no working set yet.
   recordWorkingSetPending_ =
       workingSet.pages.empty() && ::access((source.dir + "/" + kWorkingSetFile).c_str(), F_OK) != 0;
+  {
+    std::lock_guard lock(recordedWorkingSetMutex_);
+    workingSetRecording_ = recordWorkingSetPending_;
+  }
   if (memory_.copyOnWrite()) {
     // Nothing to fill: the kernel maps the template's page cache on each first touch. The
     // working set is mapped now so that the vCPUs' first steps take fewer faults.
@@ -287,18 +229,47 @@ void Machine::recordWorkingSet() {
   recordWorkingSetPending_ = false;
   std::string dir = config_.restoreFrom->dir;
   workingSetRecorder_ = std::thread([this, dir] {
+    std::optional<GuestMemory::ResidentPages> set;
     try {
       if (lazyFill_ != nullptr) {
-        writeWorkingSet(dir, {.pages = lazyFill_->recordedPages()}, log_);
-        return;
+        set = GuestMemory::ResidentPages{.pages = lazyFill_->recordedPages()};
+      } else {
+        // Copy-on-write memory: what the vCPUs' first moments mapped.
+        std::this_thread::sleep_for(kWorkingSetWindow);
+        set = memory_.residentPages();
       }
-      // Copy-on-write memory: what the vCPUs' first moments mapped.
-      std::this_thread::sleep_for(kWorkingSetWindow);
-      writeWorkingSet(dir, memory_.residentPages(), log_);
     } catch (const std::exception& e) {
       log_.warn("recording the template's working set: {}", e.what());
     }
+    {
+      std::lock_guard lock(recordedWorkingSetMutex_);
+      recordedWorkingSet_ = set;
+      workingSetRecording_ = false;
+    }
+    if (!set) return;
+    try {
+      if (linkWorkingSetFile(AT_FDCWD, dir, {set->pages, set->written}, "recorder")) {
+        log_.info("recorded the template's working set: {} pages ({} KiB, {} of them written) in {}/{}",
+                  set->pages.size(), set->pages.size() * LazyMemoryFill::kPageBytes / 1024,
+                  set->written.size(), dir, kWorkingSetFile);
+      }
+    } catch (const std::exception& e) {
+      // A jailed fork: `clone fork` fetches it through the API and writes it.
+      log_.info("recorded the template's working set ({} pages), kept for the API: {}",
+                set->pages.size(), e.what());
+    }
   });
+}
+
+Machine::WorkingSetRecord Machine::workingSetRecord() const {
+  std::lock_guard lock(recordedWorkingSetMutex_);
+  if (workingSetRecording_) return WorkingSetRecord::kRecording;
+  return recordedWorkingSet_ ? WorkingSetRecord::kRecorded : WorkingSetRecord::kNotRecording;
+}
+
+std::optional<GuestMemory::ResidentPages> Machine::recordedWorkingSet() const {
+  std::lock_guard lock(recordedWorkingSetMutex_);
+  return recordedWorkingSet_;
 }
 
 SnapshotResult Machine::snapshot(const SnapshotOptions& options) {
