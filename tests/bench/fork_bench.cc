@@ -170,6 +170,9 @@ void drain(GuestSession* vm, std::chrono::milliseconds wait) {
     return;
   }
   (void)vm->expect("\x01no such text\x01", wait);
+  // All of it: expect() reads one 4 KiB chunk per poll, and a fork server's log outgrew that
+  // (64 server forks filled its pipe, and it stalled writing to it).
+  vm->drainAvailable();
 }
 
 // How a probe went: connect attempts and when the answering one connected.

@@ -47,6 +47,9 @@ class GuestSession {
   // All output so far (for failure messages).
   const std::string& output() const { return output_; }
   pid_t pid() const { return pid_; }
+  // Reads whatever output is ready now, without waiting (a process that writes much and is
+  // seldom read would otherwise fill its pipe and stall).
+  void drainAvailable();
 
  private:
   // Reads what is available, waiting up to `timeout`; false at EOF.
@@ -56,8 +59,6 @@ class GuestSession {
   bool reap(int options);
   // reap() until the process is collected or `timeout` has passed.
   void reapWithin(std::chrono::milliseconds timeout);
-  // Reads whatever output is ready now, without waiting.
-  void drainAvailable();
 
   pid_t pid_ = -1;
   std::optional<int> exitCode_;
