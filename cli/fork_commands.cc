@@ -134,11 +134,8 @@ OutputDirectory openOutputDirectory(const std::string& dir) {
   return output;
 }
 
-// A jailed fork cannot write into its template, so the first forks of a template without a
-// `workingset` keep their record, and `clone fork`, the template's owner, fetches one over
-// the fork's API (vm_control.capnp recordedWorkingSet), checks it like any input from a fork,
-// and writes the file. Later forks prefetch it. A failure costs later forks speed, never
-// this fork: it is a warning.
+}  // namespace
+
 void saveTemplateWorkingSet(const std::string& templateDir, uint64_t memorySize,
                             const std::string& forkId, const std::string& socket, std::ostream& err) {
   try {
@@ -158,6 +155,8 @@ void saveTemplateWorkingSet(const std::string& templateDir, uint64_t memorySize,
                        "start slower: {}\n", error.what());
   }
 }
+
+namespace {
 
 std::vector<uint8_t> randomSeed(size_t size) {
   std::vector<uint8_t> seed(size);

@@ -48,6 +48,13 @@ std::vector<std::string> identityProblems(const Identity& sent, const IdentityRe
                                           std::chrono::system_clock::time_point hostNow,
                                           std::chrono::milliseconds clockTolerance = kGuestClockTolerance);
 
+// A jailed fork cannot write into its template: `clone fork`, the template's owner, fetches
+// the working set the fork at `socket` recorded (the VM API's recordedWorkingSet), checks it
+// as untrusted input (vmm-core/snapshot/working_set_file.h) and writes `workingset` into
+// `templateDir`. Never throws: a failure is a warning on `err` (later forks start slower).
+void saveTemplateWorkingSet(const std::string& templateDir, uint64_t memorySize,
+                            const std::string& forkId, const std::string& socket, std::ostream& err);
+
 // What a fork's core needs from its jail: the template (read-only), its API socket as the
 // inherited listening `apiFd` (nothing writable), /dev/kvm, /dev/userfaultfd (a memfd fork's memory is filled lazily; the jail has no
 // CAP_SYS_PTRACE for the userfaultfd syscall; a copy-on-write fork has no fill) and

@@ -1,8 +1,20 @@
 #include "cli/fork_commands.h"
 
-#include <cerrno>
+#include <fcntl.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
+#include <filesystem>
+#include <sstream>
+#include <thread>
+
+#include <capnp/rpc-twoparty.h>
 #include <gtest/gtest.h>
+
+#include "ipc/capnp/rpc_socket.h"
+#include "vm_control.capnp.h"
+#include "vmm-core/snapshot/working_set_file.h"
 
 namespace clonevm::cli {
 namespace {
@@ -198,6 +210,101 @@ TEST(ForkCommandTest, AForkServersJailIsAForksJailForAllItsForks) {
                                /*copyOnWriteMemory=*/false, /*serverFd=*/6, /*forks=*/1);
   EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--fork-server-fd", "6"}));
   EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd", "/dev/vhost-vsock"}));
+}
+
+// A fork's VM API that answers recordedWorkingSet with whatever it was given, as a
+// compromised fork could; served on its own thread, as a fork's core serves it.
+class FakeFork final : public rpc::VmControl::Server {
+ public:
+  FakeFork(std::vector<uint64_t> pages, std::vector<uint64_t> written)
+      : pages_(std::move(pages)), written_(std::move(written)) {}
+
+ protected:
+  kj::Promise<void> recordedWorkingSet(RecordedWorkingSetContext context) override {
+    auto results = context.getResults();
+    auto pages = results.initPages(static_cast<unsigned>(pages_.size()));
+    for (unsigned i = 0; i < pages_.size(); ++i) pages.set(i, pages_[i]);
+    auto written = results.initWrittenPages(static_cast<unsigned>(written_.size()));
+    for (unsigned i = 0; i < written_.size(); ++i) written.set(i, written_[i]);
+    return kj::READY_NOW;
+  }
+
+ private:
+  std::vector<uint64_t> pages_, written_;
+};
+
+class SaveWorkingSetTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "/save-working-set-" + std::to_string(::getpid()) + "-" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // Runs saveTemplateWorkingSet against a fork that answers `pages` and `written`; returns
+  // what it printed.
+  std::string save(std::vector<uint64_t> pages, std::vector<uint64_t> written) {
+    std::string socket = dir_ + "/fork.sock";
+    std::atomic<bool> listening = false, done = false;
+    std::thread fork([&] {
+      auto io = kj::setupAsyncIo();
+      auto listener = rpc::listenUnix(io, socket);
+      capnp::TwoPartyServer server(kj::heap<FakeFork>(pages, written));
+      auto serving = server.listenCapStreamReceiver(*listener, rpc::kMaxFdsPerMessage);
+      listening = true;
+      while (!done) io.provider->getTimer().afterDelay(5 * kj::MILLISECONDS).wait(io.waitScope);
+    });
+    while (!listening) std::this_thread::sleep_for(1ms);
+    std::ostringstream err;
+    saveTemplateWorkingSet(dir_, kMemory, "fork-0000abcd", socket, err);
+    done = true;
+    fork.join();
+    return err.str();
+  }
+
+  std::string file() const { return dir_ + "/" + vmm::snapshot::kWorkingSetFile; }
+
+  static constexpr uint64_t kMemory = 64 << 20;
+  std::string dir_;
+};
+
+TEST_F(SaveWorkingSetTest, AForksRecordIsWrittenIntoTheTemplate) {
+  auto said = save({0x1000, 0x2000, 0x9000}, {0x2000});
+  EXPECT_NE(said.find("saved the working set fork fork-0000abcd recorded (3 pages, 1 written)"),
+            std::string::npos) << said;
+  auto read = vmm::snapshot::readWorkingSetFile(file(), kMemory);
+  EXPECT_EQ(read.pages, (std::vector<uint64_t>{0x1000, 0x2000, 0x9000}));
+  EXPECT_EQ(read.written, std::vector<uint64_t>{0x2000});
+}
+
+TEST_F(SaveWorkingSetTest, AHostileRecordIsRefusedWithAWarningAndWritesNothing) {
+  for (auto [pages, written, reason] :
+       std::vector<std::tuple<std::vector<uint64_t>, std::vector<uint64_t>, std::string>>{
+           {{0x1234}, {}, "not 4 KiB aligned"},
+           {{kMemory + 0x1000}, {}, "beyond the guest's 64 MiB"},
+           {{0x3000, 0x1000}, {}, "not in increasing order"},
+           {{0x1000}, {0x5000}, "not in the working set"}}) {
+    auto said = save(pages, written);
+    EXPECT_NE(said.find("warning: the template's working set was not saved"), std::string::npos) << said;
+    EXPECT_NE(said.find(reason), std::string::npos) << said;
+    EXPECT_FALSE(std::filesystem::exists(file())) << reason;
+  }
+}
+
+TEST_F(SaveWorkingSetTest, AFileInPlaceIsKeptAndNothingIsSaid) {
+  ASSERT_TRUE(vmm::snapshot::linkWorkingSetFile(AT_FDCWD, dir_, {.pages = {0x4000}}, "first"));
+  EXPECT_EQ(save({0x1000}, {}), "");
+  EXPECT_EQ(vmm::snapshot::readWorkingSetFile(file(), kMemory).pages, std::vector<uint64_t>{0x4000});
+}
+
+TEST_F(SaveWorkingSetTest, AForkThatIsGoneIsAWarning) {
+  std::ostringstream err;
+  saveTemplateWorkingSet(dir_, kMemory, "fork-0000abcd", dir_ + "/nobody.sock", err);
+  EXPECT_NE(err.str().find("warning: the template's working set was not saved"), std::string::npos)
+      << err.str();
+  EXPECT_FALSE(std::filesystem::exists(file()));
 }
 
 }  // namespace
