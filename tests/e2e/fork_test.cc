@@ -902,9 +902,9 @@ TEST_F(ForkTest, ATemplateCutUnderAForkServerEndsItsForksWithTheReasonInTheirOwn
   EXPECT_EQ(vmm.waitExit(30s), 0) << vmm.output();
 }
 
-// A jailed fork cannot write into its template, so `clone fork` (the template's owner) has the
-// first fork of a template without a working set write its record through the template
-// directory's fd. The next fork prefetches exactly those pages.
+// A jailed fork cannot write into its template, so `clone fork` (the template's owner) fetches
+// the record of the first fork of a template without a working set over its API and writes
+// the file. The next fork prefetches exactly those pages.
 TEST_F(ForkTest, AJailedForksWorkingSetIsSavedByCloneForkAndPrefetchedByTheNextFork) {
   ASSERT_EQ(makeOtherTemplate(base_, "working-set", {}), "");
   std::string dir = base_ + "/working-set";

@@ -104,7 +104,7 @@ class VmControlServer final : public rpc::VmControl::Server {
     return whenWorkingSetRecorded(timer_.now() + kWorkingSetWait).then([this, context]() mutable {
       auto set = machine_.recordedWorkingSet();
       if (!set) {
-        const char* reason = machine_.workingSetRecord() == Machine::WorkingSetRecord::kRecording
+        const char* reason = machine_.recordingWorkingSet()
             ? "this fork's working-set record has not ended yet"
             : "this fork recorded no working set (its template had one, it was not restored, or "
               "the record failed)";
@@ -126,8 +126,7 @@ class VmControlServer final : public rpc::VmControl::Server {
   static constexpr kj::Duration kWorkingSetWait = 10 * kj::SECONDS;
 
   kj::Promise<void> whenWorkingSetRecorded(kj::TimePoint deadline) {
-    if (machine_.workingSetRecord() != Machine::WorkingSetRecord::kRecording ||
-        timer_.now() >= deadline) {
+    if (!machine_.recordingWorkingSet() || timer_.now() >= deadline) {
       return kj::READY_NOW;
     }
     return timer_.afterDelay(20 * kj::MILLISECONDS).then([this, deadline] {

@@ -150,11 +150,10 @@ class Machine {
   // (once; start() makes it unless startAhead() started the VM).
   void recordWorkingSet();
   // The working set this fork recorded, for a caller that saves it where the fork cannot
-  // write (a jailed fork's template is read-only to it). kNotRecording: the template had one,
-  // the fork was not restored, or the record failed; kRecording: its window has not ended.
-  enum class WorkingSetRecord { kNotRecording, kRecording, kRecorded };
-  WorkingSetRecord workingSetRecord() const;
-  // With kRecorded, the set; otherwise none.
+  // write (a jailed fork's template is read-only to it). True while its window runs.
+  bool recordingWorkingSet() const;
+  // The set once recorded; none while recording, or when the template had one, the fork was
+  // not restored, or the record failed.
   std::optional<GuestMemory::ResidentPages> recordedWorkingSet() const;
   // A fork server's spare starts its VM before its request: as start(), but the working set
   // is recorded only once recordWorkingSet() is called at the request, so that it holds the

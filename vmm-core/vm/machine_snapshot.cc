@@ -261,10 +261,9 @@ void Machine::recordWorkingSet() {
   });
 }
 
-Machine::WorkingSetRecord Machine::workingSetRecord() const {
+bool Machine::recordingWorkingSet() const {
   std::lock_guard lock(recordedWorkingSetMutex_);
-  if (workingSetRecording_) return WorkingSetRecord::kRecording;
-  return recordedWorkingSet_ ? WorkingSetRecord::kRecorded : WorkingSetRecord::kNotRecording;
+  return workingSetRecording_;
 }
 
 std::optional<GuestMemory::ResidentPages> Machine::recordedWorkingSet() const {
