@@ -56,6 +56,9 @@ ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv) {
   app.add_flag("--userfaultfd", options.userfaultfd,
                "offer vhost-user postcopy: a fork's core then fills the guest pages this "
                "process touches first (needs /dev/userfaultfd; docs/FORK.md)");
+  app.add_option("--overlay-over", options.overlayOver,
+                 "create --image (which must not exist) as a new qcow2 overlay over this image, "
+                 "then serve it");
   ParsedBlockOptions result;
   try {
     app.parse(argc, argv);
@@ -64,6 +67,10 @@ ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv) {
         throw CLI::ValidationError("give exactly one of --socket-path and --fd");
       }
       if (options.imagePath.empty()) throw CLI::RequiredError("--image");
+    }
+    if (!options.overlayOver.empty() && (options.readOnly || (format != "qcow2" && format != "auto"))) {
+      throw CLI::ValidationError("--overlay-over makes a writable qcow2 image: not with --readonly "
+                                 "or --format " + format);
     }
     options.format = format == "auto" ? ImageFormat::kAuto : parseImageFormat(format);
   } catch (const CLI::ParseError& error) {

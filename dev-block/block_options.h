@@ -27,6 +27,9 @@ struct BlockProgramOptions {
   // --userfaultfd: offer vhost-user postcopy (PAGEFAULT), with userfaultfds made from
   // /dev/userfaultfd, opened at startup (a fork's disks: its core resolves their faults).
   bool userfaultfd = false;
+  // --overlay-over BACKING: --image is created first, as a new qcow2 overlay over BACKING (a
+  // fork server's spare makes its disks this way, inside its jail; docs/FORK.md).
+  std::string overlayOver;
 };
 
 // Either the options, or the exit code after CLI11 printed help or an error (`exitCode`).
@@ -36,7 +39,7 @@ struct ParsedBlockOptions {
 };
 
 // Parses and checks the combinations (exactly one of --socket-path and --fd, --image unless
-// --print-capabilities). Usage errors exit with 2 after printing to stderr.
+// --print-capabilities, --overlay-over only with a writable qcow2 --image). Usage errors exit with 2 after printing to stderr.
 ParsedBlockOptions parseBlockOptions(int argc, const char* const* argv);
 
 // The --print-capabilities document.

@@ -49,6 +49,15 @@ TEST(BlockOptionsTest, UsageErrorsExitWithTwo) {
   EXPECT_EQ(parse({"--socket-path", "s", "--image", "d", "--seccomp", "lax"}).exitCode, 2);
 }
 
+TEST(BlockOptionsTest, OverlayOverMakesAWritableQcow2Image) {
+  auto parsed = parse({"--fd", "3", "--image", "o.qcow2", "--overlay-over", "base.raw"});
+  ASSERT_TRUE(parsed.options);
+  EXPECT_EQ(parsed.options->overlayOver, "base.raw");
+  EXPECT_TRUE(parse({"--fd", "3", "--image", "o", "--format", "qcow2", "--overlay-over", "b"}).options);
+  EXPECT_EQ(parse({"--fd", "3", "--image", "o", "--format", "raw", "--overlay-over", "b"}).exitCode, 2);
+  EXPECT_EQ(parse({"--fd", "3", "--image", "o", "--readonly", "--overlay-over", "b"}).exitCode, 2);
+}
+
 TEST(BlockOptionsTest, SeccompDefaultsToKill) {
   EXPECT_EQ(parse({"--socket-path", "s", "--image", "d"}).options->seccomp, "kill");
   EXPECT_EQ(parse({"--socket-path", "s", "--image", "d", "--seccomp", "log"}).options->seccomp,

@@ -53,6 +53,10 @@ int runBlock(int argc, char** argv) {
   sigset_t signals = stopSignals();
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);  // before any thread exists
   try {
+    if (!options.overlayOver.empty()) {
+      createQcow2Overlay(options.imagePath, options.overlayOver, ImageFormat::kAuto);
+      log->info("created {} as an overlay over {}", options.imagePath, options.overlayOver);
+    }
     std::unique_ptr<BlockImage> image =
         openImage({options.imagePath, options.format, options.readOnly});
     log->info("image {}: {}, {} bytes{}", options.imagePath, image->describe(),
