@@ -22,7 +22,11 @@ std::string diskRecordPath(const std::string& apiSocket) { return socketFileBase
 
 void writeDiskRecord(const std::string& apiSocket, const std::vector<RecordedDisk>& disks) {
   nlohmann::json list = nlohmann::json::array();
-  for (const auto& disk : disks) list.push_back({{"image", disk.image}, {"format", disk.format}});
+  for (const auto& disk : disks) {
+    nlohmann::json entry = {{"image", disk.image}, {"format", disk.format}};
+    if (!disk.coreImage.empty()) entry["core_image"] = disk.coreImage;
+    list.push_back(entry);
+  }
   std::string text = list.dump() + "\n";
   std::string path = diskRecordPath(apiSocket);
   ::unlink(path.c_str());
@@ -40,7 +44,8 @@ std::vector<RecordedDisk> readDiskRecord(const std::string& apiSocket) {
   std::vector<RecordedDisk> disks;
   try {
     for (const auto& entry : nlohmann::json::parse(text)) {
-      disks.push_back({entry.at("image").get<std::string>(), entry.at("format").get<std::string>()});
+      disks.push_back({entry.at("image").get<std::string>(), entry.at("format").get<std::string>(),
+                       entry.value("core_image", std::string())});
     }
   } catch (const nlohmann::json::exception& error) {
     throw Error(fmt::format("{}: a damaged disk record: {}", path, error.what()));
@@ -57,10 +62,11 @@ void requireRecordedDisks(const vmm::snapshot::Manifest& manifest,
           "any (a compromised VMM?)", manifest.disks.size(), recorded.size(), record);
   for (size_t i = 0; i < recorded.size(); ++i) {
     const auto& disk = manifest.disks[i];
-    require(disk.source == recorded[i].image && disk.sourceFormat == recorded[i].format,
+    const std::string& coreName = recorded[i].coreImage.empty() ? recorded[i].image : recorded[i].coreImage;
+    require(disk.source == coreName && disk.sourceFormat == recorded[i].format,
             "the VM's manifest names disk {} as {} ({}), but it was started with {} ({}) ({}): "
             "refusing to copy it (a compromised VMM?)", i, disk.source, disk.sourceFormat,
-            recorded[i].image, recorded[i].format, record);
+            coreName, recorded[i].format, record);
   }
 }
 

@@ -16,6 +16,10 @@ namespace clonevm::cli {
 struct RecordedDisk {
   std::string image;   // absolute path, as given to clone-vmm's image=
   std::string format;  // raw, qcow2, auto
+  // The name the core knows the image by, when that is not `image`: a fork server's fork
+  // (spare_disks.h), whose overlay `clone fork` moved out of the server's jail to `image`.
+  // The manifest must name this one; the copy reads `image`, the same file.
+  std::string coreImage;
 };
 
 // A VM's API socket path without ".sock": the stem of the files kept beside it (BASE.disks,
@@ -32,7 +36,8 @@ std::vector<RecordedDisk> readDiskRecord(const std::string& apiSocket);
 
 void removeDiskRecord(const std::string& apiSocket);
 
-// Throws unless every disk of `manifest` names the recorded image and format, in order.
+// Throws unless every disk of `manifest` names the recorded image (or core image) and format,
+// in order.
 void requireRecordedDisks(const vmm::snapshot::Manifest& manifest,
                           const std::vector<RecordedDisk>& recorded, const std::string& record);
 

@@ -296,6 +296,36 @@ std::string forkSocketPath(const ForkCommandOptions& options, const std::string&
                                    : fmt::format("{}.{}", options.apiSocket, index + 1);
 }
 
+void makeDirectory(const std::string& path) {
+  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
+    throwSystemError(errno, "create runtime directory", path);
+  }
+}
+
+// The one directory a fork server's jail may write: where its spares' clone-blocks make the
+// disks' overlays (vmm-core/api/spare_disks.h).
+std::string forkServerOverlayDir(const std::string& serverBase) { return serverBase + ".overlays"; }
+
+// A fork server's fork of a template with disks: its spare's overlays move out of the server's
+// jail to the fork's own names (where `clone destroy` removes them), and the disk record says
+// which name its core knows each by.
+void takeSpareDisks(const std::string& templateDir, const vmm::snapshot::Manifest& manifest,
+                    const std::string& overlayDir, pid_t pid, const std::string& socket) {
+  std::vector<RecordedDisk> images;
+  for (size_t i = 0; i < manifest.disks.size(); ++i) {
+    const auto& disk = manifest.disks[i];
+    if (disk.readOnly) {
+      images.push_back({templateDir + "/" + disk.file, "raw"});
+      continue;
+    }
+    std::string spareName = ipc::spareOverlayPath(overlayDir, pid, i);
+    std::string forkName = forkDiskOverlayPath(socket, i);
+    CLONE_SYSCALL(::rename(spareName.c_str(), forkName.c_str()), "move the spare's overlay", spareName);
+    images.push_back({forkName, "qcow2", spareName});
+  }
+  writeDiskRecord(socket, images);
+}
+
 // Connects to this template's fork server, starting it first if none listens. Binding the
 // socket decides which of two commands starts it; a socket nobody listens on is a server that
 // ended (it cannot remove its socket: nothing in its jail is writable).
@@ -325,8 +355,13 @@ UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program
       throwSystemError(bindError, "bind the fork server's socket", path);
     }
     CLONE_SYSCALL(::listen(listener.get(), 64), "listen", path);
+    ForkServerDisks disks;
+    if (!verified.manifest.disks.empty()) {
+      disks = {siblingProgram("clone-block"), forkServerOverlayDir(base)};
+      makeDirectory(disks.overlayDir);
+    }
     auto spec = forkServerProcessSpec("fork-server-" + randomId().substr(5), dir, verified.manifest, serverLog,
-                                      program, copyOnWrite, listener.get(), options.forkServerMaxForks);
+                                      program, copyOnWrite, listener.get(), options.forkServerMaxForks, disks);
     spec.args.insert(spec.args.end(), {"--fork-server-linger", fmt::format("{}", options.forkServerLinger),
                                        "--fork-server-max-forks", std::to_string(options.forkServerMaxForks)});
     try {
@@ -346,6 +381,8 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
                                    bool copyOnWrite, const ForkCommandOptions& options,
                                    const std::string& runtime) {
   std::string serverLog;
+  std::string overlayDir = forkServerOverlayDir(
+      forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail));
   UniqueFd client = connectForkServer(launcher, program, dir, verified, copyOnWrite, options, runtime, serverLog);
   std::vector<Fork> forks;
   std::string serverGone;  // why no more requests can be sent
@@ -367,7 +404,18 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
           ::open(fork.log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), "create console log", fork.log));
       ipc::sendForkRequest(client.get(), request);
       auto reply = ipc::receiveForkReply(client.get());
-      if (!reply.error.empty()) fork.error = "the fork server refused it: " + reply.error;
+      if (!reply.error.empty()) {
+        fork.error = "the fork server refused it: " + reply.error;
+      } else if (!verified.manifest.disks.empty()) {
+        try {
+          takeSpareDisks(dir, verified.manifest, overlayDir, reply.pid, fork.socket);
+        } catch (const Error& error) {
+          // It runs: stopped through its API socket with the other failed forks.
+          fork.error = fmt::format("its disks: {}", error.what());
+          forks.push_back(std::move(fork));
+          continue;
+        }
+      }
     } catch (const Error& error) {
       serverGone = fmt::format("the fork server did not answer: {}; its log {}:\n{}", error.what(),
                                serverLog, tail(serverLog));
@@ -377,12 +425,6 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
     forks.push_back(std::move(fork));
   }
   return forks;  // hangs up; the server lingers after its last fork and client
-}
-
-void makeDirectory(const std::string& path) {
-  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
-    throwSystemError(errno, "create runtime directory", path);
-  }
 }
 
 }  // namespace
@@ -481,11 +523,20 @@ std::string forkServerBase(const std::string& runtime, const std::string& templa
 ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string& templateDir,
                                   const vmm::snapshot::Manifest& manifest,
                                   const std::string& consoleLog, const std::string& program,
-                                  bool copyOnWriteMemory, int serverFd, unsigned forks) {
+                                  bool copyOnWriteMemory, int serverFd, unsigned forks,
+                                  const ForkServerDisks& disks) {
   ProcessSpec spec = restoringCoreSpec(serverId, templateDir, manifest, consoleLog, program, copyOnWriteMemory);
   spec.args = {"--restore", templateDir, "--fork-server-fd", std::to_string(serverFd)};
   if (copyOnWriteMemory) spec.args.insert(spec.args.end(), {"--fork-memory", "cow"});
   spec.keepFds = {serverFd};
+  if (!manifest.disks.empty()) {
+    require(!disks.blockProgram.empty() && !disks.overlayDir.empty(),
+            "{} has disks: its fork server needs the disk program and an overlay directory", templateDir);
+    spec.args.insert(spec.args.end(), {"--fork-server-block", disks.blockProgram, "--fork-server-overlays",
+                                       disks.overlayDir});
+    spec.readPaths.push_back(disks.blockProgram);
+    spec.writePaths.push_back(disks.overlayDir);
+  }
   // Every fork's API socket and log come as fds with its request: still nothing writable.
   spec.memoryBytes = manifest.memoryBytes * forks;
   spec.processes = forks + 1;
@@ -624,9 +675,9 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     for (const auto& value : options.disks) diskOptions.push_back(parseForkDiskOption(value));
     std::vector<Fork> forks;
     if (options.forkServer) {
-      require(verified.manifest.disks.empty() && diskOptions.empty(),
-              "--fork-server: {} has {} disks; forks with disks are started one core each (leave "
-              "out --fork-server)", dir, verified.manifest.disks.size());
+      require(diskOptions.empty() && !options.diskPostcopy,
+              "--fork-server: --disk and --disk-postcopy are for forks started one core each: a "
+              "server's forks get overlays of their own, filled up front (docs/FORK.md)");
       forks = startServedForks(launcher, program, dir, verified, copyOnWrite, options, runtime);
     }
     for (unsigned i = 0; i < options.count && !options.forkServer; ++i) {
@@ -721,10 +772,11 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
           streams.err << fmt::format("clone fork: {}: its disk's log {}:\n{}\n", fork.id, diskLog,
                                      tail(diskLog));
         }
-        // Its overlays go; the logs stay to be read.
-        for (size_t d = 0; d < fork.diskLogs.size(); ++d) {
+        // Its overlays and disk record go; the logs stay to be read.
+        for (size_t d = 0; d < verified.manifest.disks.size(); ++d) {
           ::unlink(forkDiskOverlayPath(fork.socket, d).c_str());
         }
+        removeDiskRecord(fork.socket);
         continue;
       }
       // Latency on stderr, stdout stays "ID SOCKET" for scripts.

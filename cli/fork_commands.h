@@ -73,10 +73,19 @@ std::string forkServerBase(const std::string& runtime, const std::string& templa
                            const vmm::snapshot::FileIdentity& memoryFile, const std::string& forkMemory,
                            bool jailed);
 
+// A template with disks: the server's spares start each fork's clone-blocks in this jail
+// (vmm-core/api/spare_disks.h), so it also holds `blockProgram` and, writable, `overlayDir`,
+// where those make the disks' overlays; a fork's are moved out of it when it starts.
+struct ForkServerDisks {
+  std::string blockProgram;
+  std::string overlayDir;
+};
+
 ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string& templateDir,
                                   const vmm::snapshot::Manifest& manifest,
                                   const std::string& consoleLog, const std::string& program,
-                                  bool copyOnWriteMemory, int serverFd, unsigned forks);
+                                  bool copyOnWriteMemory, int serverFd, unsigned forks,
+                                  const ForkServerDisks& disks = {});
 
 // `jailed` starts forks' cores unless --no-jail; wired in main (app.cc).
 void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams,

@@ -212,6 +212,25 @@ TEST(ForkCommandTest, AForkServersJailIsAForksJailForAllItsForks) {
   EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd", "/dev/vhost-vsock"}));
 }
 
+// A template with disks: the spares start each fork's clone-blocks inside the server's jail,
+// which then holds the program and, its one writable path, the overlay directory.
+TEST(ForkCommandTest, AForkServerOfATemplateWithDisksHoldsTheDiskProgramAndItsOverlayDirectory) {
+  vmm::snapshot::Manifest manifest;
+  manifest.memoryBytes = 256ull << 20;
+  manifest.disks.resize(1);
+  manifest.disks[0].file = "disk0.raw";
+  EXPECT_THROW(forkServerProcessSpec("fork-server-3", "/srv/tpl", manifest, "/dev/null", "/usr/bin/clone-vmm",
+                                     false, 6, 4),
+               Error);
+  auto spec = forkServerProcessSpec("fork-server-3", "/srv/tpl", manifest, "/dev/null", "/usr/bin/clone-vmm",
+                                    false, 6, 4, {"/usr/bin/clone-block", "/run/clone/fork-server-3.overlays"});
+  EXPECT_EQ(spec.args, (std::vector<std::string>{"--restore", "/srv/tpl", "--fork-server-fd", "6",
+                                                 "--fork-server-block", "/usr/bin/clone-block",
+                                                 "--fork-server-overlays", "/run/clone/fork-server-3.overlays"}));
+  EXPECT_EQ(spec.readPaths, (std::vector<std::string>{"/srv/tpl", "/usr/bin/clone-block"}));
+  EXPECT_EQ(spec.writePaths, std::vector<std::string>{"/run/clone/fork-server-3.overlays"});
+}
+
 // A fork's VM API that answers recordedWorkingSet with whatever it was given, as a
 // compromised fork could; served on its own thread, as a fork's core serves it.
 class FakeFork final : public rpc::VmControl::Server {

@@ -181,12 +181,14 @@ TemplateDiskCopies copyTemplateDisks(const std::string& dir, const std::vector<R
   snapshot::Manifest manifest = snapshot::manifestFromJson(text, manifestPath);
   requireRecordedDisks(manifest, recorded, recordPath);
   TemplateDiskCopies copies;
-  for (auto& disk : manifest.disks) {
+  for (size_t i = 0; i < manifest.disks.size(); ++i) {
+    auto& disk = manifest.disks[i];
     if (!disk.sha256.empty()) continue;
     require(!disk.source.empty(), "{}: disk {} names no image to copy", manifestPath, disk.file);
     std::string target = dir + "/" + disk.file;
     try {
-      copies.dataBytes += copyDiskImage(disk.source, disk.sourceFormat, target, disk.bytes);
+      // The recorded image: the manifest's name for it may be one the core knows it by.
+      copies.dataBytes += copyDiskImage(recorded[i].image, disk.sourceFormat, target, disk.bytes);
     } catch (...) {
       ::unlink(target.c_str());  // no half-copied disk is left for a fork to find
       throw;

@@ -21,6 +21,7 @@
 #include "common/unique_fd.h"
 #include "jailer/seccomp/seccomp_policy.h"
 #include "vmm-core/api/fork_server.h"
+#include "vmm-core/api/spare_disks.h"
 #include "vmm-core/api/vm_api_server.h"
 #include "vmm-core/snapshot/template_files.h"
 #include "vmm-core/vm/machine.h"
@@ -143,6 +144,15 @@ int runVmm(int argc, char** argv) {
                  "true|false: a fork server's spare reads the template's working set into KVM's "
                  "nested page tables while it waits (docs/FORK.md)")
       ->capture_default_str();
+  SpareDiskOptions spareDisks;
+  app.add_option("--fork-server-block", spareDisks.blockProgram,
+                 "with --fork-server-fd and a template with disks: the clone-block each spare "
+                 "starts for each disk, inside this jail (docs/FORK.md)")
+      ->needs("--fork-server-fd");
+  app.add_option("--fork-server-overlays", spareDisks.overlayDir,
+                 "with --fork-server-block: the writable directory where those clone-blocks make "
+                 "the disks' overlays")
+      ->needs("--fork-server-block");
   bool spareRuns = true;
   app.add_option("--fork-server-spare-runs", spareRuns,
                  "true|false: a fork server's spare runs its guest (under the seccomp policy, with a "
@@ -191,10 +201,22 @@ int runVmm(int argc, char** argv) {
       // One --vhost-user-blk a template disk, in its order: the fork's clone-block serving an
       // overlay over that disk (clone fork does this).
       const auto& disks = source->manifest.disks;
-      require(config.vhostUserDevices.size() == disks.size(),
+      // A fork server's spares start their own (--fork-server-block).
+      bool sparesStartDisks = forkServerFd >= 0 && config.vhostUserDevices.empty();
+      require(sparesStartDisks || config.vhostUserDevices.size() == disks.size(),
               "--restore {}: the template has {} disks, {} --vhost-user-blk given (one each, in "
               "order)", restoreDir, disks.size(), config.vhostUserDevices.size());
-      for (size_t i = 0; i < disks.size(); ++i) config.vhostUserDevices[i].queues = disks[i].queues;
+      if (sparesStartDisks && !disks.empty()) {
+        require(!spareDisks.blockProgram.empty() && !spareDisks.overlayDir.empty(),
+                "--fork-server-fd: {} has {} disks; its spares start them, given --fork-server-block "
+                "and --fork-server-overlays", restoreDir, disks.size());
+        forkServerLimits.spareEnded = [dir = spareDisks.overlayDir, count = disks.size()](pid_t pid) {
+          removeSpareOverlays(dir, pid, count);
+        };
+      }
+      if (!sparesStartDisks) {
+        for (size_t i = 0; i < disks.size(); ++i) config.vhostUserDevices[i].queues = disks[i].queues;
+      }
       config.memoryBytes = source->manifest.memoryBytes;
       config.vcpuCount = source->manifest.vcpus;
       config.cmdline = source->manifest.cmdline;
@@ -223,6 +245,9 @@ int runVmm(int argc, char** argv) {
       start = Machine::Clock::now();
       config.vsock.guestCid = 0;
       config.vsockCidLater = true;
+      if (config.vhostUserDevices.empty() && !source->manifest.disks.empty()) {
+        config.vhostUserDevices = startSpareDisks(spareDisks, restoreDir, source->manifest.disks, *log);
+      }
       UniqueFd noInput(CLONE_SYSCALL(::open("/dev/null", O_RDONLY | O_CLOEXEC), "spare: open", "/dev/null"));
       CLONE_SYSCALL(::dup2(noInput.get(), STDIN_FILENO), "spare: take /dev/null as its input");
     }

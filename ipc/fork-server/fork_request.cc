@@ -179,4 +179,8 @@ std::pair<UniqueFd, UniqueFd> makeForkSocketPair() {
   return {UniqueFd(ends[0]), UniqueFd(ends[1])};
 }
 
+std::string spareOverlayPath(const std::string& overlayDir, pid_t pid, size_t disk) {
+  return fmt::format("{}/spare-{}.disk{}.qcow2", overlayDir, pid, disk);
+}
+
 }  // namespace clonevm::ipc

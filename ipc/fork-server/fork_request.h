@@ -49,6 +49,11 @@ ForkRequest receiveForkRequest(int socket);
 void sendForkReply(int socket, const ForkReply& reply);
 ForkReply receiveForkReply(int socket);
 
+// Where the spare that became fork `pid` (the reply's) keeps disk N's overlay in the fork
+// server's overlay directory, "DIR/spare-PID.diskN.qcow2" (vmm-core/api/spare_disks.h): the
+// client moves it from there to the fork's own name.
+std::string spareOverlayPath(const std::string& overlayDir, pid_t pid, size_t disk);
+
 // A connected SOCK_SEQPACKET pair (close-on-exec): client end first, server end second.
 std::pair<UniqueFd, UniqueFd> makeForkSocketPair();
 

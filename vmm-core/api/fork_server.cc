@@ -120,6 +120,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
   auto endSpare = [&] {
     ::kill(spare->pid, SIGKILL);
     ::waitpid(spare->pid, nullptr, 0);
+    if (limits.spareEnded) limits.spareEnded(spare->pid);
     spare.reset();
   };
   log.info("fork server: ready ({}{})", listening ? fmt::format("listening; at most {} forks, ends {} ms after "
@@ -135,6 +136,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
       if (pid <= 0) break;
       if (spare && pid == spare->pid) {
         log.warn("fork server: its spare (pid {}) {} before it had a request", pid, describeStatus(status));
+        if (limits.spareEnded) limits.spareEnded(pid);
         spare.reset();
         spareFailed = true;
         continue;

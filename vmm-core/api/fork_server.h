@@ -9,7 +9,10 @@
 // vCPU and device state), by default runs it, and waits for the request that makes it a
 // fork: its API socket, console, and the CID if the request names one.
 
+#include <sys/types.h>
+
 #include <chrono>
+#include <functional>
 #include <optional>
 
 #include <spdlog/logger.h>
@@ -27,6 +30,9 @@ struct ForkServerLimits {
   // not a fork: it counts towards maxForks only once it has a request, and none is kept
   // while maxForks run.
   bool keepSpare = true;
+  // Called for a spare that ended, or was ended, without a request: what it made for its
+  // fork (its disks' overlays, spare_disks.h) goes.
+  std::function<void(pid_t)> spareEnded;
 };
 
 // A child of the fork server: it prepares its VM, then takes the request that makes it a fork.
