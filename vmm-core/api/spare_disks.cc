@@ -27,6 +27,8 @@ pid_t spawnBlock(const std::vector<std::string>& args, int socket) {
   // dup2 onto fd 3 clears close-on-exec there; the socket itself is close-on-exec (never 3:
   // the caller's pair was made with fds 0-2 open and 3 taken first, see below).
   posix_spawn_file_actions_adddup2(&actions, socket, kBlockSocketFd);
+  // Nothing else of the core's reaches the disk process, whether close-on-exec or not.
+  posix_spawn_file_actions_addclosefrom_np(&actions, kBlockSocketFd + 1);
   pid_t pid = 0;
   int rc = ::posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);

@@ -4,12 +4,17 @@
 
 #include "vmm-core/api/spare_disks.h"
 
+#include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 #include <thread>
+
+#include <fmt/format.h>
 
 #include <gtest/gtest.h>
 
@@ -46,10 +51,48 @@ class SpareDisksTest : public ::testing::Test {
   std::shared_ptr<spdlog::logger> log_ = makeLogger("test", {spdlog::level::warn, LogFormat::kText});
 };
 
+// The pids of this process's children (/proc/PID/stat: "pid (comm) state ppid ...").
+std::vector<pid_t> children() {
+  std::vector<pid_t> pids;
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    auto close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    char state;
+    pid_t parent = 0;
+    rest >> state >> parent;
+    if (parent == ::getpid()) pids.push_back(std::stoi(entry.path().filename().string()));
+  }
+  return pids;
+}
+
 TEST_F(SpareDisksTest, EachDiskIsServedOnItsSocketAndAWritableOneOverItsOwnOverlay) {
   SpareDiskOptions options{CLONE_BLOCK_PROGRAM, (dir_ / "overlays").string()};
+  // Not close-on-exec, as a careless fd would be; above 3, which the disk's socket takes.
+  std::string marker = (dir_ / "leak-marker").string();
+  int opened = ::open(marker.c_str(), O_RDWR | O_CREAT, 0600);
+  int leaked = ::fcntl(opened, F_DUPFD, 40);
+  ::close(opened);
   auto devices = startSpareDisks(options, (dir_ / "template").string(), disks_, *log_);
+  ::close(leaked);
   ASSERT_EQ(devices.size(), 2u);
+  auto pids = children();
+  ASSERT_EQ(pids.size(), 2u);
+  for (pid_t pid : pids) {
+    std::set<std::string> fds;
+    for (const auto& fd : fs::directory_iterator(fmt::format("/proc/{}/fd", pid))) {
+      fds.insert(fd.path().filename().string());
+    }
+    EXPECT_TRUE(fds.contains("3"));
+    for (const auto& fd : fds) {
+      std::error_code gone;  // an fd closed meanwhile
+      EXPECT_NE(fs::read_symlink(fmt::format("/proc/{}/fd/{}", pid, fd), gone).string(), marker)
+          << "the spare's fd " << leaked << " reached clone-block " << pid << " as fd " << fd;
+    }
+  }
   std::string overlay = ipc::spareOverlayPath(options.overlayDir, ::getpid(), 0);
   EXPECT_EQ(devices[0].imagePath, overlay);
   EXPECT_EQ(devices[0].imageFormat, "qcow2");
