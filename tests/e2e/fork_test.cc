@@ -1166,39 +1166,42 @@ TEST_F(ForkDiskTest, ForksReadTheTemplatesDiskAndWriteTheirOwn) {
 // the fork's name; the forks read the template's disk and write their own, the template's is
 // unchanged, a fork can be snapshotted with its disk, and destroy removes its overlay.
 TEST_F(ForkDiskTest, ForkServerForksGetDisksOfTheirOwn) {
-  CliForks forks(templateDir_, base_ + "/served", 2, {"--fork-server", "--fork-server-linger", "1"});
-  ASSERT_TRUE(forks.allReady(2));
-  std::cerr << forks.output;
-  for (int i = 0; i < 2; ++i) {
-    SCOPED_TRACE(forks.id(i));
-    const std::string& vm = forks.socket(i);
-    std::string overlay = vm + ".disk0.qcow2";
-    EXPECT_TRUE(std::filesystem::exists(overlay)) << overlay;
-    std::string record = shell("cat '" + vm + ".disks'");
-    EXPECT_NE(record.find("\"image\":\"" + overlay + "\""), std::string::npos) << record;
-    EXPECT_NE(record.find("\"core_image\":"), std::string::npos) << record;
-    EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
-    EXPECT_EQ(inFork(vm, "echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/blob | cut -c1-32"), blobMd5_);
-    EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
-                             " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
-                             "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
-              "same");
-    EXPECT_EQ(inFork(vm, "echo own-" + forks.id(i) + " > /mnt/own.txt && sync && "
-                         "echo 3 > /proc/sys/vm/drop_caches && cat /mnt/own.txt"),
-              "own-" + forks.id(i));
-  }
-  EXPECT_EQ(inFork(forks.socket(0), "cat /mnt/own.txt"), "own-" + forks.id(0)) << "fork B's write reached A";
-  // Nothing of the spares is left in the server's overlay directory but the next spare's.
-  auto spares = shell("ls '" + base_ + "/served.runtime'/*.overlays/ | grep -c qcow2; true");
-  EXPECT_LE(std::atoi(spares.c_str()), 1) << spares;
-  // A snapshot of a fork copies its disk from its overlay.
-  std::string snapshotDir = base_ + "/served-snapshot";
-  auto snapshot = cloneCli({"snapshot", "--vm", forks.socket(1), "--output", snapshotDir}, 120s);
-  EXPECT_EQ(snapshot.code, 0) << snapshot.output;
-  EXPECT_EQ(shell("grep -c own-" + forks.id(1) + " '" + snapshotDir + "/disk0.raw'"), "1\n");
-  auto destroy = cloneCli({"destroy", "--vm", forks.socket(0)});
-  EXPECT_EQ(destroy.code, 0) << destroy.output;
-  EXPECT_FALSE(std::filesystem::exists(forks.socket(0) + ".disk0.qcow2"));
+  std::vector<std::string> overlays;
+  {
+    CliForks forks(templateDir_, base_ + "/served", 2, {"--fork-server", "--fork-server-linger", "1"});
+    ASSERT_TRUE(forks.allReady(2));
+    std::cerr << forks.output;
+    for (int i = 0; i < 2; ++i) {
+      SCOPED_TRACE(forks.id(i));
+      const std::string& vm = forks.socket(i);
+      std::string overlay = vm + ".disk0.qcow2";
+      EXPECT_TRUE(std::filesystem::exists(overlay)) << overlay;
+      std::string record = shell("cat '" + vm + ".disks'");
+      EXPECT_NE(record.find("\"image\":\"" + overlay + "\""), std::string::npos) << record;
+      EXPECT_NE(record.find("\"core_image\":"), std::string::npos) << record;
+      EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
+      EXPECT_EQ(inFork(vm, "echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/blob | cut -c1-32"), blobMd5_);
+      EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
+                               " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
+                               "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
+                "same");
+      EXPECT_EQ(inFork(vm, "echo own-" + forks.id(i) + " > /mnt/own.txt && sync && "
+                           "echo 3 > /proc/sys/vm/drop_caches && cat /mnt/own.txt"),
+                "own-" + forks.id(i));
+    }
+    EXPECT_EQ(inFork(forks.socket(0), "cat /mnt/own.txt"), "own-" + forks.id(0)) << "fork B's write reached A";
+    // Nothing of the spares is left in the server's overlay directory but the next spare's.
+    auto spares = shell("ls '" + base_ + "/served.runtime'/*.overlays/ | grep -c qcow2; true");
+    EXPECT_LE(std::atoi(spares.c_str()), 1) << spares;
+    // A snapshot of a fork copies its disk from its overlay.
+    std::string snapshotDir = base_ + "/served-snapshot";
+    auto snapshot = cloneCli({"snapshot", "--vm", forks.socket(1), "--output", snapshotDir}, 120s);
+    EXPECT_EQ(snapshot.code, 0) << snapshot.output;
+    auto copies = shell("grep -c own-" + forks.id(1) + " '" + snapshotDir + "/disk0.raw'");
+    EXPECT_GE(std::atoi(copies.c_str()), 1) << copies;
+    overlays = {forks.socket(0) + ".disk0.qcow2", forks.socket(1) + ".disk0.qcow2"};
+  }  // clone destroy of each fork
+  for (const auto& overlay : overlays) EXPECT_FALSE(std::filesystem::exists(overlay)) << overlay;
   EXPECT_EQ(fileSha256(templateDir_ + "/disk0.raw"), diskHash_) << "the template's disk changed";
   EXPECT_EQ(fileSha256(baseImage_), baseImageHash_);
 }
