@@ -146,6 +146,13 @@ void saveTemplateWorkingSet(const std::string& templateDir, uint64_t memorySize,
       for (uint64_t page : reply.getWrittenPages()) set.written.push_back(page);
     });
     vmm::snapshot::checkWorkingSet(set, memorySize);
+    if (set.pages.empty()) {
+      // A fork with disks got all of its memory before it ran, so it faulted on nothing. An
+      // empty file would only stop a later fork from recording one.
+      err << fmt::format("clone fork: fork {} recorded no working set (its memory was filled up "
+                         "front): none saved\n", forkId);
+      return;
+    }
     if (!vmm::snapshot::linkWorkingSetFile(AT_FDCWD, templateDir, set, "clone-fork")) return;
     err << fmt::format("clone fork: saved the working set fork {} recorded ({} pages, {} written) "
                        "in {}/{}: later forks prefetch it\n", forkId, set.pages.size(),

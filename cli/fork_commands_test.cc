@@ -312,6 +312,13 @@ TEST_F(SaveWorkingSetTest, AHostileRecordIsRefusedWithAWarningAndWritesNothing) 
   }
 }
 
+TEST_F(SaveWorkingSetTest, AnEmptyRecordIsNotSaved) {
+  auto said = save({}, {});
+  EXPECT_NE(said.find("recorded no working set (its memory was filled up front): none saved"),
+            std::string::npos) << said;
+  EXPECT_FALSE(std::filesystem::exists(file()));
+}
+
 TEST_F(SaveWorkingSetTest, AFileInPlaceIsKeptAndNothingIsSaid) {
   ASSERT_TRUE(vmm::snapshot::linkWorkingSetFile(AT_FDCWD, dir_, {.pages = {0x4000}}, "first"));
   EXPECT_EQ(save({0x1000}, {}), "");

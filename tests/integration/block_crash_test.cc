@@ -65,9 +65,7 @@ std::vector<uint8_t> readImage(BlockImage& image, uint64_t offset, uint64_t leng
 }
 
 TEST(BlockCrashTest, FlushAcknowledgedWritesSurviveSigkill) {
-  fs::path dir = fs::path(e2e::buildBin("x")).parent_path().parent_path() / "integration-block" / "crash";
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  fs::path dir = e2e::freshScratchDir("integration-block/crash");
   fs::path base = dir / "base.raw";
   fs::path disk = dir / "disk.qcow2";
   {
@@ -187,9 +185,7 @@ TEST(BlockCrashTest, FlushAcknowledgedWritesSurviveSigkill) {
 class Rig {
  public:
   explicit Rig(const std::string& name) {
-    dir = fs::path(e2e::buildBin("x")).parent_path().parent_path() / "integration-block" / name;
-    fs::remove_all(dir);
-    fs::create_directories(dir);
+    dir = e2e::freshScratchDir("integration-block/" + name);
     base = dir / "base.raw";
     disk = dir / "disk.qcow2";
     std::ofstream out(base, std::ios::binary);

@@ -17,9 +17,7 @@ namespace {
 namespace fs = std::filesystem;
 
 TEST(BlockOverlayTest, CloneBlockCreatesItsOverlayAndRefusesOneThatExists) {
-  fs::path dir = fs::path(e2e::buildBin("x")).parent_path().parent_path() / "integration-block" / "overlay";
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  fs::path dir = e2e::freshScratchDir("integration-block/overlay");
   fs::path base = dir / "base.raw";
   fs::path overlay = dir / "fork.qcow2";
   {

@@ -28,10 +28,7 @@ constexpr char kHostPattern[] = "CLONE-HOST-WROTE-THIS-BEFORE-BOOT";
 constexpr uint64_t kSectors = 131072;  // 64 MiB
 
 fs::path scratch(const std::string& name) {
-  fs::path dir = fs::path(e2e::buildBin("x")).parent_path().parent_path() / "integration-block" / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
+  return e2e::freshScratchDir("integration-block/" + name);
 }
 
 int shell(const std::string& command) {

@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <regex>
 #include <thread>
 
@@ -28,6 +29,12 @@ std::string envOr(const char* name, const char* fallback) {
 
 std::string buildBin(const std::string& program) {
   return envOr("CLONE_BUILD_DIR", CLONE_DEFAULT_BUILD_DIR) + "/bin/" + program;
+}
+std::string freshScratchDir(const std::string& relative) {
+  std::filesystem::path dir = std::filesystem::path(envOr("CLONE_BUILD_DIR", CLONE_DEFAULT_BUILD_DIR)) / relative;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir.string();
 }
 std::string guestKernel() { return envOr("CLONE_GUEST_DIR", CLONE_DEFAULT_GUEST_DIR) + "/vmlinuz"; }
 std::string guestInitrd() { return envOr("CLONE_GUEST_DIR", CLONE_DEFAULT_GUEST_DIR) + "/initrd.img"; }

@@ -19,6 +19,8 @@ using namespace std::chrono_literals;
 // Paths of the build's programs and guest images (from the environment ctest sets, see
 // tests/e2e/CMakeLists.txt).
 std::string buildBin(const std::string& program);
+// BUILD/relative, emptied (removed and created again): a test's scratch directory.
+std::string freshScratchDir(const std::string& relative);
 std::string guestKernel();
 std::string guestInitrd();
 
