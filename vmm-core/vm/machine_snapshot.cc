@@ -176,6 +176,14 @@ void Machine::restoreFromTemplate() {
               "not do postcopy",
               pages, pages * LazyMemoryFill::kPageBytes >> 20, source.dir,
               fmt::join(withoutPostcopy, ", "));
+    // Such a fork faults on none of the template's data: a record of its faults would hold
+    // only the holes it touched, so it records none. (Its spare prefaulting every data page
+    // it filled, ~1 s in the lab, did not make a disk fork answer sooner: session 16.)
+    if (recordWorkingSetPending_) {
+      recordWorkingSetPending_ = false;
+      std::lock_guard lock(recordedWorkingSetMutex_);
+      workingSetRecording_ = false;
+    }
   }
   timings_.memoryReady = millisSinceStart();
   restoreVm(vm_, state.vm);
