@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "dev-block/image/block_image.h"
+#include "vmm-core/snapshot/template_files.h"
 #include "dev-block/image/open_image.h"
 #include "ipc/vhost-user/channel.h"
 
@@ -97,7 +98,7 @@ std::string DiskProcesses::start(const DiskSpec& disk, std::chrono::milliseconds
   spec.program = blockProgram_;
   spec.args = logArgs_;
   spec.args.insert(spec.args.end(), {"--socket-path", socket, "--serial",
-                                     fmt::format("clone-disk{}", index)});
+                                     vmm::snapshot::blockDiskSerial(index)});
   spec.writePaths.push_back(runtimeDir_);  // the socket
   std::string absolute = std::filesystem::absolute(disk.path).string();
   if (disk.overlay) {

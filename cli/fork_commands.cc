@@ -147,10 +147,8 @@ void saveTemplateWorkingSet(const std::string& templateDir, uint64_t memorySize,
     });
     vmm::snapshot::checkWorkingSet(set, memorySize);
     if (set.pages.empty()) {
-      // A fork with disks got all of its memory before it ran, so it faulted on nothing. An
-      // empty file would only stop a later fork from recording one.
-      err << fmt::format("clone fork: fork {} recorded no working set (its memory was filled up "
-                         "front): none saved\n", forkId);
+      // An empty file would only stop a later fork from recording one.
+      err << fmt::format("clone fork: fork {} recorded an empty working set: none saved\n", forkId);
       return;
     }
     if (!vmm::snapshot::linkWorkingSetFile(AT_FDCWD, templateDir, set, "clone-fork")) return;
@@ -338,11 +336,8 @@ void takeSpareDisks(const std::string& templateDir, const vmm::snapshot::Manifes
 // ended (it cannot remove its socket: nothing in its jail is writable).
 UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program, const std::string& dir,
                            const vmm::snapshot::VerifiedTemplate& verified, bool copyOnWrite,
-                           const ForkCommandOptions& options, const std::string& runtime,
-                           std::string& serverLog) {
-  std::string base = forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail);
+                           const ForkCommandOptions& options, const std::string& base) {
   std::string path = base + ".forkserver";
-  serverLog = base + ".console";
   sockaddr_un address = rpc::unixAddress(path);
   for (int attempt = 0; attempt < 5; ++attempt) {
     UniqueFd client(CLONE_SYSCALL(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0), "create socket", path));
@@ -367,7 +362,7 @@ UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program
       disks = {siblingProgram("clone-block"), forkServerOverlayDir(base)};
       makeDirectory(disks.overlayDir);
     }
-    auto spec = forkServerProcessSpec("fork-server-" + randomId().substr(5), dir, verified.manifest, serverLog,
+    auto spec = forkServerProcessSpec("fork-server-" + randomId().substr(5), dir, verified.manifest, base + ".console",
                                       program, copyOnWrite, listener.get(), options.forkServerMaxForks, disks);
     spec.args.insert(spec.args.end(), {"--fork-server-linger", fmt::format("{}", options.forkServerLinger),
                                        "--fork-server-max-forks", std::to_string(options.forkServerMaxForks)});
@@ -387,10 +382,10 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
                                    const std::string& dir, const vmm::snapshot::VerifiedTemplate& verified,
                                    bool copyOnWrite, const ForkCommandOptions& options,
                                    const std::string& runtime) {
-  std::string serverLog;
-  std::string overlayDir = forkServerOverlayDir(
-      forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail));
-  UniqueFd client = connectForkServer(launcher, program, dir, verified, copyOnWrite, options, runtime, serverLog);
+  std::string base = forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail);
+  std::string serverLog = base + ".console";
+  std::string overlayDir = forkServerOverlayDir(base);
+  UniqueFd client = connectForkServer(launcher, program, dir, verified, copyOnWrite, options, base);
   std::vector<Fork> forks;
   std::string serverGone;  // why no more requests can be sent
   for (unsigned i = 0; i < options.count; ++i) {

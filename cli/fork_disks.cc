@@ -98,7 +98,7 @@ ForkDisks startForkDisks(ProcessLauncher& launcher, const std::string& blockProg
       }
       // The guest's driver had this many queues and this serial in the template.
       spec.args.insert(spec.args.end(), {"--queues", std::to_string(disk.queues), "--serial",
-                                         fmt::format("clone-disk{}", i)});
+                                         vmm::snapshot::blockDiskSerial(i)});
       // Postcopy: the fork's memory is filled lazily, and the core resolves the pages this
       // disk's process touches first through a userfaultfd it makes (docs/FORK.md).
       if (postcopy) {

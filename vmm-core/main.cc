@@ -195,6 +195,7 @@ int runVmm(int argc, char** argv) {
     }
     auto seccomp = seccomp::parseMode(seccompMode);
     std::optional<snapshot::VerifiedTemplate> source;
+    bool sparesStartDisks = false;  // a fork server's spares start the template's disks
     if (!restoreDir.empty()) {
       require(vhostUserFs.empty(), "--restore: templates hold no virtio-fs shares (docs/FORK.md)");
       source = snapshot::verifyTemplate(restoreDir);
@@ -202,19 +203,18 @@ int runVmm(int argc, char** argv) {
       // overlay over that disk (clone fork does this).
       const auto& disks = source->manifest.disks;
       // A fork server's spares start their own (--fork-server-block).
-      bool sparesStartDisks = forkServerFd >= 0 && config.vhostUserDevices.empty();
+      sparesStartDisks = forkServerFd >= 0 && config.vhostUserDevices.empty() && !disks.empty();
       require(sparesStartDisks || config.vhostUserDevices.size() == disks.size(),
               "--restore {}: the template has {} disks, {} --vhost-user-blk given (one each, in "
               "order)", restoreDir, disks.size(), config.vhostUserDevices.size());
-      if (sparesStartDisks && !disks.empty()) {
+      if (sparesStartDisks) {
         require(!spareDisks.blockProgram.empty() && !spareDisks.overlayDir.empty(),
                 "--fork-server-fd: {} has {} disks; its spares start them, given --fork-server-block "
                 "and --fork-server-overlays", restoreDir, disks.size());
         forkServerLimits.spareEnded = [dir = spareDisks.overlayDir, count = disks.size()](pid_t pid) {
           removeSpareOverlays(dir, pid, count);
         };
-      }
-      if (!sparesStartDisks) {
+      } else {
         for (size_t i = 0; i < disks.size(); ++i) config.vhostUserDevices[i].queues = disks[i].queues;
       }
       config.memoryBytes = source->manifest.memoryBytes;
@@ -245,7 +245,7 @@ int runVmm(int argc, char** argv) {
       start = Machine::Clock::now();
       config.vsock.guestCid = 0;
       config.vsockCidLater = true;
-      if (config.vhostUserDevices.empty() && !source->manifest.disks.empty()) {
+      if (sparesStartDisks) {
         config.vhostUserDevices = startSpareDisks(spareDisks, restoreDir, source->manifest.disks, *log);
       }
       UniqueFd noInput(CLONE_SYSCALL(::open("/dev/null", O_RDONLY | O_CLOEXEC), "spare: open", "/dev/null"));

@@ -24,8 +24,8 @@ pid_t spawnBlock(const std::vector<std::string>& args, int socket) {
   argv.push_back(nullptr);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  // dup2 onto fd 3 clears close-on-exec there; the socket itself is close-on-exec (never 3:
-  // the caller's pair was made with fds 0-2 open and 3 taken first, see below).
+  // dup2 onto fd 3 clears close-on-exec there (the caller keeps `socket` off fd 3: a dup2 of
+  // an fd onto itself would not).
   posix_spawn_file_actions_adddup2(&actions, socket, kBlockSocketFd);
   // Nothing else of the core's reaches the disk process, whether close-on-exec or not.
   posix_spawn_file_actions_addclosefrom_np(&actions, kBlockSocketFd + 1);
@@ -65,7 +65,7 @@ std::vector<VhostUserDeviceConfig> startSpareDisks(const SpareDiskOptions& optio
       }
       // The guest's driver had this many queues and this serial in the template.
       args.insert(args.end(), {"--queues", std::to_string(disk.queues), "--serial",
-                               fmt::format("clone-disk{}", i), "--fd", std::to_string(kBlockSocketFd)});
+                               snapshot::blockDiskSerial(i), "--fd", std::to_string(kBlockSocketFd)});
       int pair[2];
       CLONE_SYSCALL(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), "spare: socketpair for disk",
                     base);
