@@ -162,6 +162,8 @@ constexpr IoctlRule kVmmIoctls[] = {
     {UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", "fork: fill a faulting chunk of a template hole"},
     {UFFDIO_WAKE, "UFFDIO_WAKE",
      "fork: wake a thread whose page another fault or a prefetch filled first"},
+    {UFFDIO_UNREGISTER, "UFFDIO_UNREGISTER",
+     "fork filled up front: its holes go to the kernel's own shmem faults"},
     {VHOST_SET_OWNER, "VHOST_SET_OWNER", "vsock: bind /dev/vhost-vsock to this process's mm"},
     {VHOST_GET_FEATURES, "VHOST_GET_FEATURES", "vsock: features the kernel device offers"},
     {VHOST_SET_FEATURES, "VHOST_SET_FEATURES", "vsock: features the guest driver accepted"},

@@ -239,6 +239,32 @@ uint64_t LazyMemoryFill::fillAllData() {
   return filled;
 }
 
+void LazyMemoryFill::handHolesToTheKernel() {
+  {
+    std::lock_guard lock(mutex_);
+    require(devices_.empty(), "{}: holes cannot go to the kernel while a device process's "
+            "faults come to the fill", imagePath_);
+  }
+  {
+    std::lock_guard fillLock(fillMutex_);
+    for (const auto& [offset, length] : extents_) {
+      for (uint64_t page = offset / kPageBytes; page < (offset + length) / kPageBytes; ++page) {
+        require(filled_[page], "{}: data page at {:#x} is not filled yet; holes cannot go to "
+                "the kernel", imagePath_, page * kPageBytes);
+      }
+    }
+    // Wakes any fault still queued: it retries as a plain shmem fault.
+    uffdio_range range{reinterpret_cast<uint64_t>(base_), size_};
+    CLONE_SYSCALL(::ioctl(uffd_.get(), UFFDIO_UNREGISTER, &range), "UFFDIO_UNREGISTER guest memory",
+                  imagePath_);
+  }
+  if (thread_.joinable()) {
+    uint64_t one = 1;
+    CLONE_SYSCALL(::write(stopEvent_.get(), &one, sizeof(one)), "stop the fill thread");
+    thread_.join();
+  }
+}
+
 void LazyMemoryFill::addDeviceFaults(UniqueFd userfaultfd, std::vector<DeviceMapping> mappings,
                                      std::string name) {
   for (const auto& m : mappings) {

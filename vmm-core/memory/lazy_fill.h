@@ -78,6 +78,13 @@ class LazyMemoryFill {
   // UFFDIO_COPY meets EEXIST). Holes need nothing: a page first touched by the device reads
   // zero, as the template's did. Returns the pages filled.
   uint64_t fillAllData();
+  // After fillAllData(), with no device process's faults to resolve: unregisters guest
+  // memory from the userfaultfd and stops the fill thread. What is left unfilled is holes,
+  // and the kernel's own shmem fault zero-fills those without a round trip to a thread (a
+  // round trip is a few context switches, dear under nested virtualisation: docs/FORK.md).
+  // Faults from then on are not counted. Throws if a data page is unfilled or a device
+  // source was added.
+  void handHolesToTheKernel();
   // Resolves the faults of a device process's userfaultfd from now on (before or after
   // start()). `name` names the device in logs. Throws on a mapping outside guest memory.
   void addDeviceFaults(UniqueFd userfaultfd, std::vector<DeviceMapping> mappings,

@@ -179,6 +179,42 @@ TEST_F(LazyFillTest, FillAllDataLeavesNoDataPageForADeviceMappingToMiss) {
   ::munmap(device, kSize);
 }
 
+// A fork filled up front (a disk without postcopy): its holes fault in the kernel, as plain
+// shmem, not through the fill thread.
+TEST_F(LazyFillTest, HolesHandedToTheKernelFaultWithoutTheFill) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.start();
+  EXPECT_THROW(fill.handHolesToTheKernel(), std::exception) << "data pages are unfilled";
+  EXPECT_EQ(at(2 * layout::kMiB + 3), 0);  // one hole through the fill, before
+  uint64_t dataPages = (128 * 1024 + 4096) / kPage;
+  EXPECT_EQ(fill.fillAllData(), dataPages);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (fill.stats().faults < 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  fill.handHolesToTheKernel();
+  std::vector<uint64_t> holes = {0, 200 * 1024, 3 * layout::kMiB + 17, kSize - 1};
+  for (uint64_t offset : holes) EXPECT_EQ(at(offset), 0) << offset;
+  memory_->mappingForRegistration().data()[3 * layout::kMiB + 18] = 0x42;
+  EXPECT_EQ(at(3 * layout::kMiB + 18), 0x42);
+  for (auto [offset, length] : extents_) {
+    for (uint64_t o = offset; o < offset + length; ++o) ASSERT_EQ(at(o), patternByte(o)) << o;
+  }
+  EXPECT_EQ(residentPages(), dataPages + 1 + holes.size());
+  auto stats = fill.stats();
+  EXPECT_EQ(stats.faults, 1u) << "only the hole touched before the hand-over";
+  EXPECT_EQ(stats.zeroedPages, 1u);
+}
+
+TEST_F(LazyFillTest, HolesStayWithTheFillWhileADeviceProcessFaults) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.fillAllData();
+  int deviceFd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  ASSERT_GE(deviceFd, 0);
+  fill.addDeviceFaults(UniqueFd(deviceFd), {}, "test-device");
+  EXPECT_THROW(fill.handHolesToTheKernel(), std::exception);
+}
+
 // The fill runs inside clone-vmm's seccomp policy (kill mode): every ioctl it can issue must be
 // allowed, the rare ones too. A page that exists before its fill (here written through the
 // memfd, in a fork a racing fault) makes UFFDIO_COPY fail with EEXIST, and the fill then wakes
@@ -202,6 +238,9 @@ TEST_F(LazyFillTest, EveryFillPathRunsUnderTheCoresSeccompPolicy) {
       if (at(72 * 1024 + 3) != patternByte(72 * 1024 + 3)) code = 12;      // prefetched data
       if (at(160 * 1024 + 1) != patternByte(160 * 1024 + 1)) code = 13;    // fault: UFFDIO_COPY
       if (at(2 * layout::kMiB + 9) != 0) code = 14;                        // fault: UFFDIO_ZEROPAGE
+      fill.fillAllData();
+      fill.handHolesToTheKernel();                                         // UFFDIO_UNREGISTER
+      if (at(3 * layout::kMiB + 9) != 0) code = 16;                        // a plain shmem fault
     } catch (const std::exception&) {
       code = 15;
     }

@@ -176,6 +176,9 @@ void Machine::restoreFromTemplate() {
               "not do postcopy",
               pages, pages * LazyMemoryFill::kPageBytes >> 20, source.dir,
               fmt::join(withoutPostcopy, ", "));
+    // What is left are holes. With no back-end's faults to resolve either, the userfaultfd
+    // has nothing to do the kernel's shmem fault would not do without a round trip.
+    if (withoutPostcopy.size() == vhostUserBackends_.size()) lazyFill_->handHolesToTheKernel();
     // Such a fork faults on none of the template's data: a record of its faults would hold
     // only the holes it touched, so it records none. (Its spare prefaulting every data page
     // it filled, ~1 s in the lab, did not make a disk fork answer sooner: session 16.)
