@@ -73,6 +73,34 @@ bool answers(GuestSession& vm, std::chrono::milliseconds timeout = 120s) {
   return answer && *answer == "R-42";
 }
 
+// KVM's counters for one VM (L1's debugfs, /sys/kernel/debug/kvm/PID-FD: its vCPUs' summed),
+// to see what a fork's guest made KVM do between two reads. Empty without debugfs.
+std::map<std::string, uint64_t> kvmVmStats(pid_t pid) {
+  std::map<std::string, uint64_t> stats;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/sys/kernel/debug/kvm", error)) {
+    std::string name = entry.path().filename().string();
+    if (name.rfind(fmt::format("{}-", pid), 0) != 0) continue;
+    for (const auto& file : std::filesystem::directory_iterator(entry.path(), error)) {
+      std::ifstream in(file.path());
+      uint64_t value = 0;
+      if (file.is_regular_file(error) && in >> value) stats[file.path().filename().string()] = value;
+    }
+  }
+  return stats;
+}
+
+std::string kvmStatsDelta(const std::map<std::string, uint64_t>& before,
+                          const std::map<std::string, uint64_t>& after) {
+  std::string line;
+  for (const auto& [name, value] : after) {
+    auto was = before.find(name);
+    uint64_t delta = value - (was == before.end() ? 0 : was->second);
+    if (delta != 0 && name.find("hist") == std::string::npos) line += fmt::format(" {}={}", name, delta);
+  }
+  return line.empty() ? " (no counters: debugfs not mounted?)" : line;
+}
+
 // One `clone` command, its input closed, waited for. code: its exit code (nullopt: timeout).
 struct CloneRun {
   std::optional<int> code;
@@ -540,6 +568,10 @@ int main(int argc, char** argv) {
   int pssServerForks = 20, cliServerForks = 5, serverRequestGapMs = 1000;
   app.add_option("--cli-server-forks", cliServerForks,
                  "like --cli-forks, with `clone fork --fork-server` (a jailed fork server per command)");
+  int kvmStatsForks = 0;
+  app.add_option("--kvm-stats-forks", kvmStatsForks,
+                 "for the first N forks of each fork server, print what KVM counted for the fork's VM from "
+                 "the server's reply to the agent's answer (needs debugfs at /sys/kernel/debug)");
   app.add_option("--server-request-gap-ms", serverRequestGapMs,
                  "the pause before each request to a fork server (its spare restores and prefaults meanwhile)");
   // One fork server each, its forks timed from the request to the agent's answer, one at a
@@ -716,6 +748,8 @@ int main(int argc, char** argv) {
       drain(&server.session(), 1ms);
       auto forkStart = Clock::now();
       auto reply = server.fork(dir, name);
+      std::map<std::string, uint64_t> kvmAtRequest;
+      if (kvmStatsForks > i && reply.pid > 0) kvmAtRequest = kvmVmStats(reply.pid);
       std::string error;
       ProbeTrace probe;
       if (reply.pid <= 0 || reply.vsockCid == 0 ||
@@ -730,6 +764,10 @@ int main(int argc, char** argv) {
         variant.forkMs.ms.push_back(msSince(forkStart));
         std::cout << fmt::format("{} fork {}: {:.1f} ms to exec (connect attempt {}, {:.1f} ms)\n", variant.label,
                                  i, variant.forkMs.ms.back(), probe.attempts, probe.connectedMs);
+        if (kvmStatsForks > i) {
+          std::cout << fmt::format("  KVM counters from the reply to the answer:{}\n",
+                                   kvmStatsDelta(kvmAtRequest, kvmVmStats(reply.pid)));
+        }
         if (i < 4) {  // how long its restore took (its log)
           std::ifstream log(fmt::format("{}/{}.console", dir, name));
           for (std::string line; std::getline(log, line);) {
