@@ -747,8 +747,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     // Before the forks are handed out: the record then holds only what the template's own
     // code touched, nothing a tenant's commands did.
     std::string workingSetPath = dir + "/" + vmm::snapshot::kWorkingSetFile;
-    // (A fork of a template with disks fills its memory up front and records nothing.)
-    if (!options.noJail && verified.manifest.disks.empty() && ::access(workingSetPath.c_str(), F_OK) != 0) {
+    if (!options.noJail && ::access(workingSetPath.c_str(), F_OK) != 0) {
       auto recorder = std::find_if(forks.begin(), forks.end(),
                                    [](const Fork& f) { return f.error.empty(); });
       if (recorder != forks.end()) {

@@ -123,6 +123,12 @@ uint64_t GuestMemory::populateWritable(std::vector<uint64_t> pageOffsets) const 
                        "map guest memory in for writing (MADV_POPULATE_WRITE)");
 }
 
+void GuestMemory::unmapPagesKeepingContents() const {
+  require(!copyOnWrite_, "copy-on-write guest memory cannot be unmapped: its written pages exist nowhere else");
+  // A shared mapping of a memfd: MADV_DONTNEED drops the page table entries only.
+  CLONE_SYSCALL(::madvise(mapping_, size_, MADV_DONTNEED), "unmap guest memory pages (MADV_DONTNEED)");
+}
+
 GuestMemory::ResidentPages GuestMemory::residentPages() const {
   // /proc/PID/pagemap (Documentation/admin-guide/mm/pagemap.rst): bits a process may read.
   constexpr uint64_t kPresent = 1ull << 63;

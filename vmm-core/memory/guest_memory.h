@@ -67,6 +67,12 @@ class GuestMemory {
   // The same for writing (MADV_POPULATE_WRITE): each page of copy-on-write memory becomes
   // this process's own copy now, with the same bytes, rather than at the guest's first write.
   uint64_t populateWritable(std::vector<uint64_t> pageOffsets) const;
+  // Unmaps every page of memfd memory from this process's page tables; the memfd keeps
+  // their bytes, and the next touch maps them again (in the kernel: no fault reaches a
+  // userfaultfd for a page the memfd holds). KVM's mappings go with them. Afterwards,
+  // residentPages() shows what was touched since. Throws for copy-on-write memory, whose
+  // private pages this would discard.
+  void unmapPagesKeepingContents() const;
   struct ResidentPages {
     std::vector<uint64_t> pages;    // mapped now (/proc/self/pagemap's present bit), sorted
     std::vector<uint64_t> written;  // of those, this process's own copies (anonymous and

@@ -126,6 +126,29 @@ TEST(GuestMemoryTest, CopyOnWriteMemoryReadsTheFileAndNeverWritesIt) {
   EXPECT_EQ(allocatedBytes(path), allocated);
 }
 
+// A fork filled up front: after the unmapping, what shows as resident is what was touched
+// since, and the memfd kept every byte.
+TEST(GuestMemoryTest, UnmappingMemfdPagesKeepsTheirBytesAndShowsOnlyLaterTouches) {
+  auto memory = GuestMemory::create(4 * kMiB);
+  for (uint64_t page = 0; page < 16; ++page) memory.writeObject<uint64_t>(page * 4096, page + 1);
+  EXPECT_EQ(memory.residentPages().pages.size(), 16u);
+  memory.unmapPagesKeepingContents();
+  EXPECT_TRUE(memory.residentPages().pages.empty());
+  EXPECT_EQ(memory.readObject<uint64_t>(5 * 4096), 6u);
+  memory.writeObject<uint64_t>(2 * kMiB, 7);  // a page the memfd did not hold
+  auto resident = memory.residentPages().pages;
+  EXPECT_TRUE(std::count(resident.begin(), resident.end(), 5 * 4096));
+  EXPECT_TRUE(std::count(resident.begin(), resident.end(), 2 * kMiB));
+  for (uint64_t offset : resident) {  // a read maps the memfd's neighbours too (fault-around)
+    EXPECT_TRUE(offset < 16 * 4096 || offset == 2 * kMiB) << offset;
+  }
+  for (uint64_t page = 0; page < 16; ++page) EXPECT_EQ(memory.readObject<uint64_t>(page * 4096), page + 1);
+
+  testing::TempDir dir;
+  auto copyOnWrite = GuestMemory::mapCopyOnWrite(writeMemoryFile(dir, 2 * kMiB), 2 * kMiB, firstHalf(2 * kMiB));
+  EXPECT_THROW(copyOnWrite.unmapPagesKeepingContents(), Error);
+}
+
 TEST(GuestMemoryTest, CopyOnWriteMemoryHasNoFdForDevices) {
   testing::TempDir dir;
   auto memory = GuestMemory::mapCopyOnWrite(writeMemoryFile(dir, 2 * kMiB), 2 * kMiB, firstHalf(2 * kMiB));

@@ -228,6 +228,7 @@ class Machine {
   std::optional<GuestMemory::ResidentPages> recordedWorkingSet_;  // once it ended
   std::mutex snapshotMutex_;
   bool recordWorkingSetPending_ = false;
+  bool filledUpFront_ = false;  // every data page filled at restore, holes left to the kernel
   bool guestKnowsForkCid_ = false;  // assignForkVsockCid() has reset the transport
   std::vector<std::unique_ptr<VcpuRunner>> runners_;
   std::unique_ptr<ConsoleInput> console_;

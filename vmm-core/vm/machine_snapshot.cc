@@ -102,7 +102,10 @@ uint64_t Machine::prefaultWorkingSet(const std::function<bool()>& stop) {
   auto begin = Clock::now();
   // The pages the recording fork wrote become this process's copies first, so that KVM maps
   // them writable below and the guest's first writes to them do not exit (a nested exit each).
-  uint64_t madeWritable = memory_.populateWritable(restoredWorkingSet_.written);
+  // A memfd's pages are all written in place: each is mapped writable now, which copies
+  // nothing, or KVM would map it read-only from the helper's read and exit on the first write.
+  uint64_t madeWritable = memory_.populateWritable(
+      memory_.copyOnWrite() ? restoredWorkingSet_.written : restoredWorkingSet_.pages);
   std::vector<uint64_t> addresses;
   addresses.reserve(restoredWorkingSet_.pages.size());
   for (uint64_t offset : restoredWorkingSet_.pages) {
@@ -176,13 +179,18 @@ void Machine::restoreFromTemplate() {
               "not do postcopy",
               pages, pages * LazyMemoryFill::kPageBytes >> 20, source.dir,
               fmt::join(withoutPostcopy, ", "));
-    // What is left are holes. With no back-end's faults to resolve either, the userfaultfd
-    // has nothing to do the kernel's shmem fault would not do without a round trip.
-    if (withoutPostcopy.size() == vhostUserBackends_.size()) lazyFill_->handHolesToTheKernel();
-    // Such a fork faults on none of the template's data: a record of its faults would hold
-    // only the holes it touched, so it records none. (Its spare prefaulting every data page
-    // it filled, ~1 s in the lab, did not make a disk fork answer sooner: session 16.)
-    if (recordWorkingSetPending_) {
+    if (withoutPostcopy.size() == vhostUserBackends_.size()) {
+      // What is left are holes. With no back-end's faults to resolve either, the userfaultfd
+      // has nothing to do that the kernel's shmem fault would not do without a round trip.
+      lazyFill_->handHolesToTheKernel();
+      // The fill mapped every data page into this process; from a clean page table, the
+      // pages this fork touches show as present, data or hole, as a copy-on-write fork's
+      // do: its working set is recorded from them, and spares prefault it (in the lab a
+      // disk fork's guest otherwise met ~650 nested page faults before its exec answered).
+      memory_.unmapPagesKeepingContents();
+      filledUpFront_ = true;
+    } else if (recordWorkingSetPending_) {
+      // Its faults show only the holes the core touched, and a postcopy back-end's: no record.
       recordWorkingSetPending_ = false;
       std::lock_guard lock(recordedWorkingSetMutex_);
       workingSetRecording_ = false;
@@ -242,10 +250,10 @@ void Machine::recordWorkingSet() {
   workingSetRecorder_ = std::thread([this, dir] {
     std::optional<GuestMemory::ResidentPages> set;
     try {
-      if (lazyFill_ != nullptr) {
+      if (lazyFill_ != nullptr && !filledUpFront_) {
         set = GuestMemory::ResidentPages{.pages = lazyFill_->recordedPages()};
       } else {
-        // Copy-on-write memory: what the vCPUs' first moments mapped.
+        // Copy-on-write memory, or memory filled up front: what the vCPUs' first moments mapped.
         std::this_thread::sleep_for(kWorkingSetWindow);
         set = memory_.residentPages();
       }
