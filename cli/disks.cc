@@ -11,9 +11,9 @@
 
 #include "common/error.h"
 #include "dev-block/image/block_image.h"
-#include "vmm-core/snapshot/template_files.h"
 #include "dev-block/image/open_image.h"
 #include "ipc/vhost-user/channel.h"
+#include "vmm-core/snapshot/template_files.h"
 
 namespace clonevm::cli {
 namespace {

@@ -95,7 +95,8 @@ std::string kvmStatsDelta(const std::map<std::string, uint64_t>& before,
   std::string line;
   for (const auto& [name, value] : after) {
     auto was = before.find(name);
-    uint64_t delta = value - (was == before.end() ? 0 : was->second);
+    // Signed: a few entries are gauges (blocking), which can fall.
+    int64_t delta = static_cast<int64_t>(value - (was == before.end() ? 0 : was->second));
     if (delta != 0 && name.find("hist") == std::string::npos) line += fmt::format(" {}={}", name, delta);
   }
   return line.empty() ? " (no counters: debugfs not mounted?)" : line;

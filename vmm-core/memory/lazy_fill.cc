@@ -84,11 +84,15 @@ LazyMemoryFill::~LazyMemoryFill() {
   log_.info("memory fill: {} faults ({} from devices, {} on pages already filled), {} pages "
             "copied, {} zero-filled, {} of them prefetched",
             s.faults, s.deviceFaults, s.refaults, s.copiedPages, s.zeroedPages, s.prefetchedPages);
-  if (thread_.joinable()) {
-    uint64_t one = 1;
-    (void)!::write(stopEvent_.get(), &one, sizeof(one));
-    thread_.join();
-  }
+  stopThread();
+}
+
+void LazyMemoryFill::stopThread() {
+  if (!thread_.joinable()) return;
+  uint64_t one = 1;
+  // An eventfd write fails only on overflow, which one write a thread's life cannot reach.
+  (void)!::write(stopEvent_.get(), &one, sizeof(one));
+  thread_.join();
 }
 
 std::vector<std::pair<uint64_t, uint64_t>>::const_iterator LazyMemoryFill::extentAfter(
@@ -258,11 +262,7 @@ void LazyMemoryFill::handHolesToTheKernel() {
     CLONE_SYSCALL(::ioctl(uffd_.get(), UFFDIO_UNREGISTER, &range), "UFFDIO_UNREGISTER guest memory",
                   imagePath_);
   }
-  if (thread_.joinable()) {
-    uint64_t one = 1;
-    CLONE_SYSCALL(::write(stopEvent_.get(), &one, sizeof(one)), "stop the fill thread");
-    thread_.join();
-  }
+  stopThread();
 }
 
 void LazyMemoryFill::addDeviceFaults(UniqueFd userfaultfd, std::vector<DeviceMapping> mappings,

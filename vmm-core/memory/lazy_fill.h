@@ -104,6 +104,8 @@ class LazyMemoryFill {
     bool failed = false;
   };
   void handleFaults();
+  // Ends the fault-handling thread, if it runs, and waits for it.
+  void stopThread();
   // One page fault at guest-memory offset `offset`; returns whether it filled the page.
   bool resolve(uint64_t offset, bool recording);
   // Reads and resolves what is queued on one device's userfaultfd; returns what went wrong

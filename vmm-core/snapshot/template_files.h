@@ -48,14 +48,14 @@ struct PageSample {
 // The manifest's name for the vsock device (a fork gets one, with a fresh CID).
 inline constexpr char kVsockDeviceName[] = "virtio-vsock (vhost-vsock)";
 
-// A disk of the template's VM (a vhost-user-blk device served by clone-block), frozen as a
-// sparse raw file in the template directory. The core writes the entry (without sha256) when
-// it takes the snapshot; `clone snapshot` copies the image while the VM stays paused and then
-// fills in sha256. A fork serves a qcow2 overlay over the file (or the file itself, read-only).
 // What disk N's clone-block answers GET_ID with (`--serial`). A fork's must be the template's,
 // whose guest read it: every starter of a disk's process uses this.
 inline std::string blockDiskSerial(size_t index) { return "clone-disk" + std::to_string(index); }
 
+// A disk of the template's VM (a vhost-user-blk device served by clone-block), frozen as a
+// sparse raw file in the template directory. The core writes the entry (without sha256) when
+// it takes the snapshot; `clone snapshot` copies the image while the VM stays paused and then
+// fills in sha256. A fork serves a qcow2 overlay over the file (or the file itself, read-only).
 struct TemplateDisk {
   std::string file;          // in the template directory: "disk0.raw"
   std::string source;        // the image the VM was served (informational)
