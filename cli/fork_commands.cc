@@ -259,6 +259,19 @@ void applyForkIdentity(const std::string& forkId, uint32_t cid, std::chrono::mil
   require(problems.empty(), "identity not applied as asked (vsock CID {}): {}", cid, joined(problems));
 }
 
+// Runs `true` in a fork through its agent, for the working set it records; a failure costs
+// later forks only speed, so it is a warning.
+void execTrueForTheRecord(const std::string& forkId, uint32_t cid, std::ostream& err) {
+  try {
+    auto connection = AgentConnection::connect(cid, kAgentPort, kAgentTimeout);
+    auto result = exec(connection, {.argv = {"true"}}, -1, -1, -1, kAgentTimeout);
+    require(result.exitCode() == 0, "`true` ended with {}", result.exitCode());
+  } catch (const std::exception& error) {
+    err << fmt::format("clone fork: warning: fork {} ran no command for its working set, later "
+                       "forks' first commands fault more: {}\n", forkId, error.what());
+  }
+}
+
 // Ends a fork that could not be brought up: through its API if it answers, else SIGKILL
 // (`pid` is its own process: not for a fork server's fork, whose server serves others).
 void stopFork(std::optional<pid_t> pid, const std::string& socket) {
@@ -747,10 +760,15 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     // Before the forks are handed out: the record then holds only what the template's own
     // code touched, nothing a tenant's commands did.
     std::string workingSetPath = dir + "/" + vmm::snapshot::kWorkingSetFile;
-    if (!options.noJail && ::access(workingSetPath.c_str(), F_OK) != 0) {
+    if (::access(workingSetPath.c_str(), F_OK) != 0) {
       auto recorder = std::find_if(forks.begin(), forks.end(),
                                    [](const Fork& f) { return f.error.empty(); });
       if (recorder != forks.end()) {
+        // Later forks are asked for identity and then for commands: the record holds the
+        // guest's exec path too (without it, each disk fork met ~130 nested page faults in
+        // the lab after its request: docs/FORK.md).
+        if (recorder->cid != 0) execTrueForTheRecord(recorder->id, recorder->cid, streams.err);
+        // A fork without a jail writes the file itself, once this ends its window.
         saveTemplateWorkingSet(dir, verified.manifest.memorySize, recorder->id, recorder->socket,
                                streams.err);
       }

@@ -57,11 +57,12 @@ interface VmControl {
   # share or a disk given without image=.
   snapshot @4 (outputDir :Text, leavePaused :Bool, directory :Directory)
       -> (result :SnapshotResult);
-  # A fork of a template without a `workingset` file records the pages it touches in its first
-  # second (docs/FORK.md). A jailed fork cannot write into its template, so `clone fork` (the
-  # template's owner) fetches the record here and writes the file itself, after checking it:
-  # the fork is never given anything writable. Waits for the record to end (at most 10 s).
-  # Fails when this fork records none. Offsets in bytes, 4 KiB aligned, sorted.
+  # A fork of a template without a `workingset` file records the pages it touches from its
+  # start until this call (at most 10 s; docs/FORK.md). A jailed fork cannot write into its
+  # template, so `clone fork` (the template's owner) fetches the record here and writes the
+  # file itself, after checking it: the fork is never given anything writable. Ends the
+  # record's window and waits for the record. Fails when this fork records none. Offsets in
+  # bytes, 4 KiB aligned, sorted.
   recordedWorkingSet @5 () -> (pages :List(UInt64), writtenPages :List(UInt64));
 }
 

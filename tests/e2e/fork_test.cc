@@ -947,6 +947,34 @@ TEST_F(ForkTest, AJailedForksWorkingSetIsSavedByCloneForkAndPrefetchedByTheNextF
   EXPECT_EQ(execIn(second.socket(0), {"echo", "prefetched"}).output, "prefetched\n");
 }
 
+// `clone fork` has its recording fork run `true` through the agent before it asks for the
+// record, which ends the record's window: the next fork's first command finds the guest's
+// exec path (the agent's fork, the kernel's exec, the binary) filled already.
+TEST_F(ForkTest, TheWorkingSetCloneForkRecordsHoldsTheExecPath) {
+  ASSERT_EQ(makeOtherTemplate(base_, "exec-path", {}), "");
+  std::string dir = base_ + "/exec-path";
+  {
+    CliForks first(dir, base_ + "/exec-path-first", 1);
+    ASSERT_TRUE(first.allReady(1));
+    EXPECT_NE(first.output.find("saved the working set"), std::string::npos) << first.output;
+    EXPECT_EQ(first.output.find("ran no command for its working set"), std::string::npos)
+        << first.output;
+    EXPECT_NE(fileTail(first.consoleLog(0), 2000).find("window ended when asked"), std::string::npos)
+        << fileTail(first.consoleLog(0));
+  }
+  CliForks second(dir, base_ + "/exec-path-second", 1);
+  ASSERT_TRUE(second.allReady(1));
+  auto [faultsBefore, pagesBefore] = memoryFill(second.socket(0));
+  ASSERT_EQ(execIn(second.socket(0), {"true"}).code, 0);
+  auto [faultsAfter, pagesAfter] = memoryFill(second.socket(0));
+  // A command outside the record, for scale: a binary no fork ran before.
+  ASSERT_EQ(execIn(second.socket(0), {"sh", "-c", "cat /proc/version >/dev/null"}).code, 0);
+  auto [faultsOther, pagesOther] = memoryFill(second.socket(0));
+  std::cerr << "the next fork's first `true`: " << faultsAfter - faultsBefore
+            << " faults; then a shell and cat: " << faultsOther - faultsAfter << " faults\n";
+  EXPECT_LT(faultsAfter - faultsBefore, 40u) << "the exec path was not in the working set";
+}
+
 TEST_F(ForkTest, TemplateWithoutVsockForksWithoutIdentity) {
   auto error = makeOtherTemplate(base_, "novsock", {"--no-vsock"});
   ASSERT_EQ(error, "");

@@ -158,7 +158,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
     }
     if (limits.keepSpare && !spare && !spareFailed && forks.size() < limits.maxForks) {
       startSpare();
-      if (child) return std::move(child);
+      if (child) return child;
     }
     std::vector<pollfd> fds = {{childEvents.get(), POLLIN, 0}, {listening ? socket : -1, POLLIN, 0}};
     for (const auto& client : clients) fds.push_back({client.get(), POLLIN, 0});
@@ -202,7 +202,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
       for (int attempt = 0; reply.error.empty() && reply.pid == 0 && attempt < 2; ++attempt) {
         if (!spare) {
           startSpare();
-          if (child) return std::move(child);
+          if (child) return child;
           if (!spare) {
             reply.error = fmt::format("fork server: fork() for {}: {}", request.forkId, std::strerror(errno));
             break;

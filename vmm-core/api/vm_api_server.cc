@@ -101,6 +101,8 @@ class VmControlServer final : public rpc::VmControl::Server {
   }
 
   kj::Promise<void> recordedWorkingSet(RecordedWorkingSetContext context) override {
+    // Asking ends the window: the caller has had the fork do what later forks will.
+    machine_.endWorkingSetWindow();
     return whenWorkingSetRecorded(timer_.now() + kWorkingSetWait).then([this, context]() mutable {
       auto set = machine_.recordedWorkingSet();
       if (!set) {
@@ -122,7 +124,7 @@ class VmControlServer final : public rpc::VmControl::Server {
   }
 
  private:
-  // A fork's record lasts a second from its start; a paused fork's clock still runs.
+  // Once its window is ended, a record takes one read of the page table (or the fill's list).
   static constexpr kj::Duration kWorkingSetWait = 10 * kj::SECONDS;
 
   kj::Promise<void> whenWorkingSetRecorded(kj::TimePoint deadline) {

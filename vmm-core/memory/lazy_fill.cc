@@ -287,8 +287,8 @@ void LazyMemoryFill::addDeviceFaults(UniqueFd userfaultfd, std::vector<DeviceMap
   CLONE_SYSCALL(::write(devicesChanged_.get(), &one, sizeof(one)), "wake the fill thread");
 }
 
-void LazyMemoryFill::start(std::chrono::milliseconds recordFor) {
-  if (recordFor.count() > 0) recordUntil_ = std::chrono::steady_clock::now() + recordFor;
+void LazyMemoryFill::start(bool recordFaults) {
+  recording_ = recordFaults;
   thread_ = std::thread([this] { handleFaults(); });
   pthread_setname_np(thread_.native_handle(), "uffd-fill");
 }
@@ -305,15 +305,17 @@ bool LazyMemoryFill::resolve(uint64_t offset, bool recording) {
   {
     std::lock_guard fillLock(fillMutex_);
     fresh = !filled_[index];
+    if (recording && fresh) {
+      // Before the fill wakes the faulting thread: whoever it tells next (endRecording())
+      // finds the page recorded.
+      std::lock_guard lock(mutex_);
+      recorded_.push_back(index * kPageBytes);
+    }
     // A page filled since this fault was queued (two threads faulted on it) is filled
     // again: that meets EEXIST and wakes the page (a waiter left asleep is a vCPU or vhost
     // worker stuck for good). Should the page be missing after all, this fills it, where a
     // bare wake would have the thread fault on it forever.
     fillRun(index, index + 1, page, fresh ? FillKind::kFault : FillKind::kRefill);
-  }
-  if (recording && fresh) {
-    std::lock_guard lock(mutex_);
-    recorded_.push_back(index * kPageBytes);
   }
   return fresh;
 }
@@ -374,8 +376,7 @@ void LazyMemoryFill::handleFaults() {
         (void)!::read(devicesChanged_.get(), &count, sizeof(count));
         continue;
       }
-      bool recording = recordUntil_ != std::chrono::steady_clock::time_point{} &&
-                       std::chrono::steady_clock::now() < recordUntil_;
+      bool recording = recording_;
       for (size_t d = 0; d < polled.size(); ++d) {
         short events = fds[3 + d].revents;
         if (events == 0) continue;
@@ -411,9 +412,8 @@ void LazyMemoryFill::handleFaults() {
   }
 }
 
-std::vector<uint64_t> LazyMemoryFill::recordedPages() {
-  auto now = std::chrono::steady_clock::now();
-  if (recordUntil_ > now) std::this_thread::sleep_for(recordUntil_ - now);
+std::vector<uint64_t> LazyMemoryFill::endRecording() {
+  recording_ = false;
   std::lock_guard lock(mutex_);
   std::vector<uint64_t> pages = recorded_;
   std::sort(pages.begin(), pages.end());

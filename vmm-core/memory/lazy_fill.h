@@ -89,11 +89,11 @@ class LazyMemoryFill {
   // start()). `name` names the device in logs. Throws on a mapping outside guest memory.
   void addDeviceFaults(UniqueFd userfaultfd, std::vector<DeviceMapping> mappings,
                        std::string name);
-  // Starts the fault-handling thread. With recordFor > 0, the pages faulted in during that
-  // time are kept for recordedPages().
-  void start(std::chrono::milliseconds recordFor = std::chrono::milliseconds(0));
-  // Waits until the recording window has passed; returns the pages faulted in it, sorted.
-  std::vector<uint64_t> recordedPages();
+  // Starts the fault-handling thread. With recordFaults, the pages it fills are kept until
+  // endRecording().
+  void start(bool recordFaults = false);
+  // Ends the record start() began; returns the pages filled on a fault since, sorted.
+  std::vector<uint64_t> endRecording();
   Stats stats() const;
 
  private:
@@ -142,7 +142,7 @@ class LazyMemoryFill {
 
   mutable std::mutex mutex_;
   Stats stats_;
-  std::chrono::steady_clock::time_point recordUntil_{};
+  std::atomic<bool> recording_{false};
   std::vector<uint64_t> recorded_;
 };
 

@@ -141,16 +141,25 @@ TEST_F(LazyFillTest, PrefetchFillsRunsAcrossExtentsAndSkipsBadOffsets) {
   EXPECT_EQ(fill.stats().faults, 1u);
 }
 
-TEST_F(LazyFillTest, RecordsThePagesFaultedInTheWindow) {
+TEST_F(LazyFillTest, RecordsThePagesFaultedUntilTheRecordEnds) {
   LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
-  fill.start(std::chrono::milliseconds(300));
+  fill.start(/*recordFaults=*/true);
   (void)at(3 * layout::kMiB);
   (void)at(70 * 1024);
   (void)at(70 * 1024 + 1);  // the same page: recorded once
-  auto recorded = fill.recordedPages();
+  auto recorded = fill.endRecording();
   EXPECT_EQ(recorded, (std::vector<uint64_t>{68 * 1024, 3 * layout::kMiB}));
-  (void)at(2 * layout::kMiB);  // after the window: not recorded
-  EXPECT_EQ(fill.recordedPages().size(), 2u);
+  (void)at(2 * layout::kMiB);  // after the record ended: not recorded
+  EXPECT_EQ(fill.stats().faults, 3u);
+  EXPECT_EQ(fill.endRecording().size(), 2u);
+}
+
+TEST_F(LazyFillTest, RecordsNothingUnlessAsked) {
+  LazyMemoryFill fill(*memory_, imagePath_, extents_, log_);
+  fill.start();
+  (void)at(3 * layout::kMiB);
+  EXPECT_EQ(fill.stats().faults, 1u);
+  EXPECT_TRUE(fill.endRecording().empty());
 }
 
 // A device process maps the same memfd without the core's userfaultfd (a fork's clone-block).

@@ -93,7 +93,7 @@ TEST_F(WorkingSetFileTest, VersionOneFilesAndLargerGranulesAreRead) {
 }
 
 TEST_F(WorkingSetFileTest, EntriesOutsideGuestMemoryAreDropped) {
-  writeRaw("CLWSET02", 4096, {0x1000 | 1, kMemory, kMemory + 0x1000 | 1, 0x1234});
+  writeRaw("CLWSET02", 4096, {0x1000 | 1, kMemory, (kMemory + 0x1000) | 1, 0x1234});
   auto read = readWorkingSetFile(file(), kMemory);
   EXPECT_EQ(read.pages, std::vector<uint64_t>{0x1000});
   EXPECT_EQ(read.written, std::vector<uint64_t>{0x1000});

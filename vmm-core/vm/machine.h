@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <mutex>
 #include <memory>
@@ -146,9 +147,13 @@ class Machine {
   // CID from an earlier call. Throws when the template has no vsock device but a CID is asked
   // for, or the CID is taken. May be called while the vCPUs run.
   void assignForkVsockCid(uint64_t cid);
-  // A fork of a template without a working set records one, one second after this call
-  // (once; start() makes it unless startAhead() started the VM).
+  // A fork of a template without a working set records one: what its guest touched from
+  // this call until endWorkingSetWindow(), or for at most 10 s (once; start() makes it unless
+  // startAhead() started the VM).
   void recordWorkingSet();
+  // Ends the record's window now (before recordWorkingSet() too: the window is then empty
+  // of waiting). For `clone fork`, once the fork has answered what later forks will be asked.
+  void endWorkingSetWindow();
   // The working set this fork recorded, for a caller that saves it where the fork cannot
   // write (a jailed fork's template is read-only to it). True while its window runs.
   bool recordingWorkingSet() const;
@@ -225,6 +230,8 @@ class Machine {
   std::thread workingSetRecorder_;
   mutable std::mutex recordedWorkingSetMutex_;
   bool workingSetRecording_ = false;  // the recorder's window runs
+  bool workingSetWindowEndAsked_ = false;
+  std::condition_variable workingSetWindowEnd_;
   std::optional<GuestMemory::ResidentPages> recordedWorkingSet_;  // once it ended
   std::mutex snapshotMutex_;
   bool recordWorkingSetPending_ = false;

@@ -26,9 +26,10 @@ namespace {
 
 using namespace snapshot;
 
-// How long after a fork starts its faults count as the template's working set: long enough
-// to cover the guest's first answer to the agent, so later forks answer without faulting.
-constexpr auto kWorkingSetWindow = std::chrono::milliseconds(1000);
+// How long a fork's working-set record runs when nobody ends it (Machine::endWorkingSetWindow:
+// `clone fork` does, once its exec through the agent has answered). Long enough for a fresh
+// fork's first answers in the lab, where each takes seconds.
+constexpr auto kWorkingSetWindowLimit = std::chrono::seconds(10);
 
 const std::vector<std::string> kCoreDevices = {"serial-16550 (COM1)", "i8042", "cmos-rtc",
                                                "acpi-pm", "pci-host-bridge"};
@@ -235,7 +236,7 @@ void Machine::prepareRestoredMemory(const VerifiedTemplate& source) {
   lazyFill_ = std::make_unique<LazyMemoryFill>(memory_, source.dir + "/" + kMemoryFile,
                                                source.memoryExtentPairs(), log_);
   lazyFill_->prefetch(workingSet.pages);
-  lazyFill_->start(recordWorkingSetPending_ ? kWorkingSetWindow : std::chrono::milliseconds(0));
+  lazyFill_->start(/*recordFaults=*/recordWorkingSetPending_);
 }
 
 LazyMemoryFill::Stats Machine::memoryFillStats() const {
@@ -248,13 +249,21 @@ void Machine::recordWorkingSet() {
   recordWorkingSetPending_ = false;
   std::string dir = config_.restoreFrom->dir;
   workingSetRecorder_ = std::thread([this, dir] {
+    auto windowStart = Clock::now();
+    bool asked;
+    {
+      std::unique_lock lock(recordedWorkingSetMutex_);
+      asked = workingSetWindowEnd_.wait_for(lock, kWorkingSetWindowLimit,
+                                            [this] { return workingSetWindowEndAsked_; });
+    }
+    log_.info("working-set window ended {} after {:.0f} ms", asked ? "when asked" : "at its limit",
+              std::chrono::duration<double, std::milli>(Clock::now() - windowStart).count());
     std::optional<GuestMemory::ResidentPages> set;
     try {
       if (lazyFill_ != nullptr && !filledUpFront_) {
-        set = GuestMemory::ResidentPages{.pages = lazyFill_->recordedPages()};
+        set = GuestMemory::ResidentPages{.pages = lazyFill_->endRecording()};
       } else {
-        // Copy-on-write memory, or memory filled up front: what the vCPUs' first moments mapped.
-        std::this_thread::sleep_for(kWorkingSetWindow);
+        // Copy-on-write memory, or memory filled up front: what the vCPUs mapped so far.
         set = memory_.residentPages();
       }
     } catch (const std::exception& e) {
@@ -278,6 +287,14 @@ void Machine::recordWorkingSet() {
                 set->pages.size(), e.what());
     }
   });
+}
+
+void Machine::endWorkingSetWindow() {
+  {
+    std::lock_guard lock(recordedWorkingSetMutex_);
+    workingSetWindowEndAsked_ = true;
+  }
+  workingSetWindowEnd_.notify_all();
 }
 
 bool Machine::recordingWorkingSet() const {
