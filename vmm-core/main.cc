@@ -139,6 +139,13 @@ int runVmm(int argc, char** argv) {
                  "true|false: the fork server keeps one fork prepared ahead (VM restored, not run) "
                  "that the next request makes a fork")
       ->capture_default_str();
+  unsigned spareDelayMs = 300;
+  app.add_option("--fork-server-spare-delay-ms", spareDelayMs,
+                 "a fork server prepares its next spare this long after handing out a fork, so "
+                 "that the spare's restore does not compete with that fork's first answers; a "
+                 "request that comes meanwhile starts its spare at once (docs/FORK.md)")
+      ->check(CLI::Range(0u, 60000u))
+      ->capture_default_str();
   bool sparePrefault = true;
   app.add_option("--fork-server-prefault", sparePrefault,
                  "true|false: a fork server's spare reads the template's working set into KVM's "
@@ -238,6 +245,7 @@ int runVmm(int argc, char** argv) {
     std::optional<SpareFork> spare;
     if (forkServerFd >= 0) {
       forkServerLimits.linger = std::chrono::milliseconds(static_cast<int64_t>(forkServerLinger * 1000));
+      forkServerLimits.spareDelay = std::chrono::milliseconds(spareDelayMs);
       spare = serveForks(forkServerFd, forkServerLimits, *log);
       if (!spare) return kExitPowerOff;  // the server is done
       // A spare: it restores the VM now, with a CID of its own until its request names the

@@ -91,6 +91,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
   if (!listening) clients.emplace_back(::dup(socket));  // the one client; `socket` stays the caller's
   require(listening || clients.back().valid(), "fork server: dup its socket: {}", std::strerror(errno));
   std::optional<Clock::time_point> idleSince;  // since the last fork or client went
+  std::optional<Clock::time_point> handedOutAt;  // the last fork, for limits.spareDelay
   std::optional<Spare> spare;
   // A spare that ended before its request is not replaced ahead (no retry loop when every
   // restore fails); the next request starts one.
@@ -156,13 +157,20 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
       log.info("fork server: no fork runs and no client is connected: done");
       return std::nullopt;
     }
-    if (limits.keepSpare && !spare && !spareFailed && forks.size() < limits.maxForks) {
+    int spareDelayLeft = -1;  // ms; -1: none
+    if (handedOutAt) {
+      auto since = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - *handedOutAt);
+      if (since < limits.spareDelay) spareDelayLeft = static_cast<int>((limits.spareDelay - since).count()) + 1;
+    }
+    if (limits.keepSpare && !spare && !spareFailed && forks.size() < limits.maxForks &&
+        spareDelayLeft < 0) {
       startSpare();
       if (child) return child;
     }
     std::vector<pollfd> fds = {{childEvents.get(), POLLIN, 0}, {listening ? socket : -1, POLLIN, 0}};
     for (const auto& client : clients) fds.push_back({client.get(), POLLIN, 0});
     int timeout = idle ? static_cast<int>((limits.linger - idleFor).count()) : -1;
+    if (spareDelayLeft >= 0 && (timeout < 0 || spareDelayLeft < timeout)) timeout = spareDelayLeft;
     CLONE_SYSCALL(::poll(fds.data(), fds.size(), timeout), "fork server: poll");
     if (fds[0].revents & POLLIN) {
       signalfd_siginfo info;
@@ -228,6 +236,7 @@ std::optional<SpareFork> serveForks(int socket, const ForkServerLimits& limits, 
                  request.forkId, spare->pid, request.apiSocketName, preparedFor);
         spare.reset();
         spareFailed = false;
+        handedOutAt = Clock::now();
       }
       try {
         ipc::sendForkReply(client, reply);

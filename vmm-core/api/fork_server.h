@@ -30,6 +30,10 @@ struct ForkServerLimits {
   // not a fork: it counts towards maxForks only once it has a request, and none is kept
   // while maxForks run.
   bool keepSpare = true;
+  // How long after handing a fork out the server waits before it prepares the next spare,
+  // so that the spare's restore (and a memfd spare's fill) does not compete for CPUs with
+  // the fork's first answers. A request that comes meanwhile starts its spare at once.
+  std::chrono::milliseconds spareDelay{0};
   // Called for a spare that ended, or was ended, without a request: what it made for its
   // fork (its disks' overlays, spare_disks.h) goes.
   std::function<void(pid_t)> spareEnded;

@@ -250,6 +250,42 @@ TEST(ForkServerTest, AReadySpareBecomesTheNextForkAndEndsWithTheServer) {
   }
 }
 
+// With spareDelay the next spare waits that long after a hand-out; a request meanwhile is not
+// made to wait for it.
+TEST(ForkServerTest, TheNextSpareWaitsForTheDelayButARequestDoesNot) {
+  auto [client, server] = ipc::makeForkSocketPair();
+  ForkServerLimits limits{std::chrono::milliseconds(0), 64, true};
+  limits.spareDelay = 600ms;
+  pid_t serverPid = startServer(client, server, limits);
+  for (int i = 0; i < 400 && childrenOf(serverPid).empty(); ++i) std::this_thread::sleep_for(5ms);
+  ASSERT_EQ(childrenOf(serverPid).size(), 1u) << "no first spare";
+  Listener firstApi = listener();
+  Output firstOutput = makeOutput();
+  ASSERT_EQ(askForFork(client.get(), "first", firstApi, firstOutput).error, "");
+  auto handedOut = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(childrenOf(serverPid).size(), 1u) << "the next spare started within the delay";
+  // A second request inside the delay forks at once.
+  Listener secondApi = listener();
+  Output secondOutput = makeOutput();
+  auto second = askForFork(client.get(), "second", secondApi, secondOutput);
+  ASSERT_EQ(second.error, "");
+  EXPECT_LT(std::chrono::steady_clock::now() - handedOut, 600ms);
+  // Then, a delay after that hand-out, the next spare.
+  std::vector<pid_t> children;
+  for (int i = 0; i < 400 && children.size() < 3; ++i) {
+    std::this_thread::sleep_for(5ms);
+    children = childrenOf(serverPid);
+  }
+  EXPECT_EQ(children.size(), 3u);
+  EXPECT_GE(std::chrono::steady_clock::now() - handedOut, 900ms);
+  connectTo(firstApi);
+  connectTo(secondApi);
+  client.reset();
+  int status = waitFor(serverPid, 10s);
+  ASSERT_NE(status, -1) << "the fork server did not end";
+}
+
 // A spare that dies before its request is replaced at the next request, which still forks.
 TEST(ForkServerTest, ARequestAfterTheSpareDiedStartsANewOne) {
   auto [client, server] = ipc::makeForkSocketPair();
