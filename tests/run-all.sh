@@ -193,7 +193,7 @@ if [ -e /dev/kvm ] && direct_kvm; then
   ctest --test-dir "$BUILD_DIR" -L e2e --output-on-failure 2>&1 | tee "$logdir/e2e.log"
   count_ctest e2e "$logdir/e2e.log" "${PIPESTATUS[0]}"
 else
-  echo "no /dev/kvm on this host: running the e2e suite inside the lab (nested KVM under TCG)"
+  echo "running the e2e suite inside the lab (nested KVM under TCG)"
   run_e2e_in_lab
 fi
 
