@@ -205,9 +205,39 @@ void drain(GuestSession* vm, std::chrono::milliseconds wait) {
 }
 
 // How a probe went: connect attempts and when the answering one connected.
+// L1's ftrace, switched on only around chosen forks' request-to-answer windows, with a marker
+// at each step, so that a trace of the scheduler and KVM shows where such a window went
+// (`--trace-forks`; the events to record are enabled by whoever runs the bench).
+class TraceWindow {
+ public:
+  explicit TraceWindow(bool wanted) {
+    if (!wanted) return;
+    marker_ = clonevm::UniqueFd(::open("/sys/kernel/tracing/trace_marker", O_WRONLY | O_CLOEXEC));
+    on_ = clonevm::UniqueFd(::open("/sys/kernel/tracing/tracing_on", O_WRONLY | O_CLOEXEC));
+    if (!marker_ || !on_) std::cerr << "--trace-forks: no /sys/kernel/tracing (mount tracefs): not traced\n";
+  }
+  void begin(const std::string& what) {
+    if (switchTo("1")) mark(what);
+  }
+  void mark(const std::string& what) const {
+    if (marker_ && ::write(marker_.get(), what.data(), what.size()) < 0) std::cerr << "trace_marker: " << std::strerror(errno) << "\n";
+  }
+  void end(const std::string& what) {
+    mark(what);
+    switchTo("0");
+  }
+
+ private:
+  bool switchTo(const char* value) {
+    return on_ && ::write(on_.get(), value, 1) == 1;
+  }
+  clonevm::UniqueFd marker_, on_;
+};
+
 struct ProbeTrace {
   int attempts = 0;
   double connectedMs = 0;
+  const TraceWindow* trace = nullptr;  // marks the connect, when set
 };
 
 bool agentAnswers(uint32_t cid, std::chrono::milliseconds timeout, std::string& error,
@@ -231,6 +261,7 @@ bool agentAnswers(uint32_t cid, std::chrono::milliseconds timeout, std::string& 
     address.svm_port = clonevm::cli::kAgentPort;
     if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) {
       probe.connectedMs = msSince(begin);
+      if (probe.trace != nullptr) probe.trace->mark("clone-bench: connected");
       try {
         clonevm::cli::AgentConnection connection(std::move(fd));
         clonevm::UniqueFd devNull(::open("/dev/null", O_WRONLY | O_CLOEXEC));
@@ -573,6 +604,10 @@ int main(int argc, char** argv) {
   app.add_option("--kvm-stats-forks", kvmStatsForks,
                  "for the first N forks of each fork server, print what KVM counted for the fork's VM from "
                  "the server's reply to the agent's answer (needs debugfs at /sys/kernel/debug)");
+  int traceForks = 0;
+  app.add_option("--trace-forks", traceForks,
+                 "for the first N forks of each fork server, switch L1's ftrace on from the request to the "
+                 "agent's answer, with markers (enable the events first; /sys/kernel/tracing)");
   app.add_option("--server-request-gap-ms", serverRequestGapMs,
                  "the pause before each request to a fork server (its spare restores and prefaults meanwhile)");
   // One fork server each, its forks timed from the request to the agent's answer, one at a
@@ -747,12 +782,16 @@ int main(int argc, char** argv) {
       // are not back to back; without a spare, the same pause.
       std::this_thread::sleep_for(std::chrono::milliseconds(serverRequestGapMs));
       drain(&server.session(), 1ms);
+      TraceWindow trace(traceForks > i);
+      trace.begin("clone-bench: request " + name);
       auto forkStart = Clock::now();
       auto reply = server.fork(dir, name);
+      trace.mark(fmt::format("clone-bench: reply pid {}", reply.pid));
       std::map<std::string, uint64_t> kvmAtRequest;
       if (kvmStatsForks > i && reply.pid > 0) kvmAtRequest = kvmVmStats(reply.pid);
       std::string error;
       ProbeTrace probe;
+      probe.trace = &trace;
       if (reply.pid <= 0 || reply.vsockCid == 0 ||
           !agentAnswers(reply.vsockCid, 120s, error, &server.session(), &probe)) {
         std::ifstream console(fmt::format("{}/{}.console", dir, name));
@@ -761,8 +800,10 @@ int main(int argc, char** argv) {
                                  variant.label, i, reply.pid, reply.vsockCid, error,
                                  log.substr(log.size() > 3000 ? log.size() - 3000 : 0));
         variant.forkMs.failures++;
+        trace.end("clone-bench: no answer");
       } else {
         variant.forkMs.ms.push_back(msSince(forkStart));
+        trace.end("clone-bench: answered");
         std::cout << fmt::format("{} fork {}: {:.1f} ms to exec (connect attempt {}, {:.1f} ms)\n", variant.label,
                                  i, variant.forkMs.ms.back(), probe.attempts, probe.connectedMs);
         if (kvmStatsForks > i) {
