@@ -108,7 +108,7 @@ Machine::Machine(const MachineConfig& config, KvmSystem& kvm, spdlog::logger& lo
 }
 
 Machine::~Machine() {
-  endWorkingSetWindow();
+  endWorkingSetWindow("as the fork ended");
   if (workingSetRecorder_.joinable()) workingSetRecorder_.join();
   // The vCPU threads may wait on a fault only the fill thread resolves: stop them first.
   for (auto& runner : runners_) runner->stop();

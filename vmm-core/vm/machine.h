@@ -153,7 +153,8 @@ class Machine {
   void recordWorkingSet();
   // Ends the record's window now (before recordWorkingSet() too: the window is then empty
   // of waiting). For `clone fork`, once the fork has answered what later forks will be asked.
-  void endWorkingSetWindow();
+  // `endedBy` completes the log line "working-set window ended ..." (the first caller's).
+  void endWorkingSetWindow(const char* endedBy = "when asked");
   // The working set this fork recorded, for a caller that saves it where the fork cannot
   // write (a jailed fork's template is read-only to it). True while its window runs.
   bool recordingWorkingSet() const;
@@ -230,7 +231,7 @@ class Machine {
   std::thread workingSetRecorder_;
   mutable std::mutex recordedWorkingSetMutex_;
   bool workingSetRecording_ = false;  // the recorder's window runs
-  bool workingSetWindowEndAsked_ = false;
+  const char* workingSetWindowEndedBy_ = nullptr;  // set once the window is ended
   std::condition_variable workingSetWindowEnd_;
   std::optional<GuestMemory::ResidentPages> recordedWorkingSet_;  // once it ended
   std::mutex snapshotMutex_;

@@ -250,13 +250,14 @@ void Machine::recordWorkingSet() {
   std::string dir = config_.restoreFrom->dir;
   workingSetRecorder_ = std::thread([this, dir] {
     auto windowStart = Clock::now();
-    bool asked;
+    const char* endedBy;
     {
       std::unique_lock lock(recordedWorkingSetMutex_);
-      asked = workingSetWindowEnd_.wait_for(lock, kWorkingSetWindowLimit,
-                                            [this] { return workingSetWindowEndAsked_; });
+      bool ended = workingSetWindowEnd_.wait_for(lock, kWorkingSetWindowLimit,
+                                                 [this] { return workingSetWindowEndedBy_ != nullptr; });
+      endedBy = ended ? workingSetWindowEndedBy_ : "at its limit";
     }
-    log_.info("working-set window ended {} after {:.0f} ms", asked ? "when asked" : "at its limit",
+    log_.info("working-set window ended {} after {:.0f} ms", endedBy,
               std::chrono::duration<double, std::milli>(Clock::now() - windowStart).count());
     std::optional<GuestMemory::ResidentPages> set;
     try {
@@ -289,10 +290,10 @@ void Machine::recordWorkingSet() {
   });
 }
 
-void Machine::endWorkingSetWindow() {
+void Machine::endWorkingSetWindow(const char* endedBy) {
   {
     std::lock_guard lock(recordedWorkingSetMutex_);
-    workingSetWindowEndAsked_ = true;
+    if (workingSetWindowEndedBy_ == nullptr) workingSetWindowEndedBy_ = endedBy;
   }
   workingSetWindowEnd_.notify_all();
 }
