@@ -389,6 +389,35 @@ UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program
   throw Error(fmt::format("could not reach or start the fork server at {}", path));
 }
 
+}  // namespace
+
+void removeEndedForkServers(const std::string& runtime, std::chrono::seconds minAge) {
+  std::error_code error;
+  auto now = std::filesystem::file_time_type::clock::now();
+  for (const auto& entry : std::filesystem::directory_iterator(runtime, error)) {
+    std::string name = entry.path().filename().string();
+    constexpr std::string_view kSuffix = ".forkserver";
+    if (name.rfind("fork-server-", 0) != 0 || name.size() <= kSuffix.size() ||
+        name.compare(name.size() - kSuffix.size(), kSuffix.size(), kSuffix) != 0 ||
+        !entry.is_socket(error)) {
+      continue;
+    }
+    auto modified = entry.last_write_time(error);
+    if (error || now - modified < minAge) continue;
+    std::string path = entry.path().string();
+    UniqueFd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un address = rpc::unixAddress(path);
+    if (!probe || ::connect(probe.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0 ||
+        errno != ECONNREFUSED) {
+      continue;
+    }
+    ::unlink(path.c_str());
+    ::rmdir(forkServerOverlayDir(path.substr(0, path.size() - kSuffix.size())).c_str());  // only if empty
+  }
+}
+
+namespace {
+
 // --fork-server: this template's fork server (started if none runs) fork()s every fork of
 // this command. Each fork's API socket and console log are made here and sent with its request.
 std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string& program,
@@ -398,6 +427,7 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
   std::string base = forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail);
   std::string serverLog = base + ".console";
   std::string overlayDir = forkServerOverlayDir(base);
+  removeEndedForkServers(runtime, std::chrono::seconds(10));
   UniqueFd client = connectForkServer(launcher, program, dir, verified, copyOnWrite, options, base);
   std::vector<Fork> forks;
   std::string serverGone;  // why no more requests can be sent

@@ -73,6 +73,12 @@ std::string forkServerBase(const std::string& runtime, const std::string& templa
                            const vmm::snapshot::FileIdentity& memoryFile, const std::string& forkMemory,
                            bool jailed);
 
+// Fork servers that ended leave their socket and overlay directory in `runtime` (nothing in
+// their jail may remove them). Removes every `fork-server-*.forkserver` socket nobody listens
+// on whose file is at least `minAge` old (younger ones may be a starting server's, bound but
+// not listening yet), and its overlay directory if empty. Logs stay, to be read.
+void removeEndedForkServers(const std::string& runtime, std::chrono::seconds minAge);
+
 // A template with disks: the server's spares start each fork's clone-blocks in this jail
 // (vmm-core/api/spare_disks.h), so it also holds `blockProgram` and, writable, `overlayDir`,
 // where those make the disks' overlays; a fork's are moved out of it when it starts.

@@ -1,11 +1,14 @@
 #include "cli/fork_commands.h"
 
 #include <fcntl.h>
+#include <sys/un.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <thread>
 
@@ -214,6 +217,53 @@ TEST(ForkCommandTest, AForkServersJailIsAForksJailForAllItsForks) {
 
 // A template with disks: the spares start each fork's clone-blocks inside the server's jail,
 // which then holds the program and, its one writable path, the overlay directory.
+// A socket file at `path`, bound and, if `listening`, listened on; the fd is returned open.
+UniqueFd boundSocket(const std::string& path, bool listening) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  sockaddr_un address = rpc::unixAddress(path);
+  EXPECT_EQ(::bind(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)), 0) << path;
+  if (listening) {
+    EXPECT_EQ(::listen(fd.get(), 4), 0);
+  }
+  return fd;
+}
+
+TEST(ForkCommandTest, EndedForkServersLeaveNoSocketOrEmptyOverlayDirectory) {
+  namespace fs = std::filesystem;
+  fs::path runtime = fs::temp_directory_path() / ("clone-ended-servers-" + std::to_string(::getpid()));
+  fs::remove_all(runtime);
+  fs::create_directories(runtime);
+  auto base = [&](const char* name) { return (runtime / name).string(); };
+  // Ended: bound, never listened on (as a server's socket after it ended), empty overlays, a log.
+  boundSocket(base("fork-server-ended.forkserver"), false);
+  fs::create_directory(base("fork-server-ended.overlays"));
+  { std::ofstream(base("fork-server-ended.console")) << "log\n"; }
+  // Ended, an overlay left in its directory: the directory stays.
+  boundSocket(base("fork-server-full.forkserver"), false);
+  fs::create_directory(base("fork-server-full.overlays"));
+  { std::ofstream(base("fork-server-full.overlays") + "/spare-1.disk0.qcow2") << "x"; }
+  // Running: listened on.
+  UniqueFd running = boundSocket(base("fork-server-running.forkserver"), true);
+  fs::create_directory(base("fork-server-running.overlays"));
+  // Not a server's.
+  boundSocket(base("other.forkserver"), false);
+
+  removeEndedForkServers(runtime.string(), std::chrono::hours(1));  // all too young
+  EXPECT_TRUE(fs::exists(base("fork-server-ended.forkserver")));
+  EXPECT_TRUE(fs::exists(base("fork-server-ended.overlays")));
+
+  removeEndedForkServers(runtime.string(), std::chrono::seconds(0));
+  EXPECT_FALSE(fs::exists(base("fork-server-ended.forkserver")));
+  EXPECT_FALSE(fs::exists(base("fork-server-ended.overlays")));
+  EXPECT_TRUE(fs::exists(base("fork-server-ended.console")));
+  EXPECT_FALSE(fs::exists(base("fork-server-full.forkserver")));
+  EXPECT_TRUE(fs::exists(base("fork-server-full.overlays") + "/spare-1.disk0.qcow2"));
+  EXPECT_TRUE(fs::exists(base("fork-server-running.forkserver")));
+  EXPECT_TRUE(fs::exists(base("fork-server-running.overlays")));
+  EXPECT_TRUE(fs::exists(base("other.forkserver")));
+  fs::remove_all(runtime);
+}
+
 TEST(ForkCommandTest, AForkServerOfATemplateWithDisksHoldsTheDiskProgramAndItsOverlayDirectory) {
   vmm::snapshot::Manifest manifest;
   manifest.memoryBytes = 256ull << 20;
