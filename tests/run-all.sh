@@ -60,11 +60,11 @@ lab_attempt() {
   pattern=$(printf '%s\n' "$@" | sed 's/[][\.*^$+?(){}|]/\\&/g' | paste -sd'|')
   echo "=== e2e in the lab, $label: $# tests" | tee -a "$logdir/e2e.log"
   from=$(wc -l <"$logdir/e2e.log")
-  # Every test process, and so every VM, runs on L1's CPU 0: with nested guests running on
-  # both of L1's CPUs at once, QEMU's TCG sometimes hands a nested guest L1's own registers
-  # at VMRUN, and that guest hangs (docs/LAB.md). CLONE_E2E_LAB_CPUS="" turns this off.
+  # Every test process, and so every VM, jailed or not, runs on L1's CPU 0: with nested guests
+  # running on both of L1's CPUs at once, QEMU's TCG sometimes hands a nested guest L1's own
+  # registers at VMRUN, and that guest hangs (docs/LAB.md). CLONE_E2E_LAB_CPUS="" turns this off.
   local pin=()
-  [ -n "${CLONE_E2E_LAB_CPUS-0}" ] && pin=(taskset -c "${CLONE_E2E_LAB_CPUS-0}")
+  [ -n "${CLONE_E2E_LAB_CPUS-0}" ] && pin=("$REPO/tests/lab/on-one-cpu" "${CLONE_E2E_LAB_CPUS-0}" --)
   CLONE_LAB_TIMEOUT=${CLONE_E2E_LAB_TIMEOUT:-2400} tests/lab/run --idle-timeout 360 -- \
     "${pin[@]}" ctest --test-dir "$REPO/$BUILD_DIR" -L e2e -R "^(${pattern})\$" --timeout 300 \
     --output-on-failure 2>&1 | tee -a "$logdir/e2e.log"
