@@ -87,6 +87,15 @@ failed_test_output() {
     END { printf "%s", inside ? block : last }' "$logdir/e2e.log"
 }
 
+# Whether test "$1" failed with a guest triple fault in the last lab attempt that ran it. Not
+# `| grep -q`: grep would quit at the first match, the writer would die of SIGPIPE, and under
+# pipefail the pipeline would say no (CI-38 retried a triple fault as an ordinary failure).
+has_triple_fault() {
+  local output
+  output=$(failed_test_output "$1")
+  [[ $output == *"guest triple fault"* ]]
+}
+
 # The e2e suite in the lab, all in one L1 boot. When L1 itself fails (exit 125: its kernel
 # panicked; 124: it stalled, printing nothing for 6 minutes, while no test may take more
 # than 5) the tests that had not finished run again
@@ -115,7 +124,7 @@ run_e2e_in_lab() {
   for name in "${all[@]}"; do
     [ "${result[$name]:-}" = failed ] || continue
     failing+=("$name")
-    failed_test_output "$name" | grep -q "guest triple fault" && faulted+=("$name")
+    has_triple_fault "$name" && faulted+=("$name")
   done
   # A few failures run once more in a fresh lab: under TCG's nested SVM, guests have been
   # traced triple-faulting on page faults no CPU raises, and booted VMs and forks alike have
@@ -138,7 +147,7 @@ run_e2e_in_lab() {
       for name in "${rerun[@]}"; do
         if [ -z "${result[$name]:-}" ]; then
           unfinished+=("$name")
-        elif [ "${result[$name]}" = failed ] && failed_test_output "$name" | grep -q "guest triple fault"; then
+        elif [ "${result[$name]}" = failed ] && has_triple_fault "$name"; then
           faulted_again+=("$name")
         fi
       done
