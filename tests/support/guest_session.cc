@@ -6,9 +6,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iostream>
 #include <regex>
 #include <thread>
 
@@ -23,6 +26,29 @@ namespace {
 std::string envOr(const char* name, const char* fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && *value != '\0' ? value : fallback;
+}
+
+// Test output goes to a pipe (ctest), so stdout would be block-buffered, and a test that
+// ctest kills at its timeout would lose every line it printed, its failures included.
+[[maybe_unused]] const bool kStdoutLineBuffered = [] {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  return true;
+}();
+
+// What each thread of `pid` is doing in the kernel (root can read the stacks), for a process
+// that outlived its SIGKILL.
+std::string threadStates(pid_t pid) {
+  std::string states;
+  std::error_code error;
+  for (const auto& task : std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid), error)) {
+    auto read = [&](const char* name) {
+      std::ifstream in(task.path() / name);
+      return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    };
+    states += fmt::format("  thread {} {}: {}{}", task.path().filename().string(), read("comm").substr(0, 15),
+                          read("wchan"), "\n" + read("stack"));
+  }
+  return states;
 }
 
 }  // namespace
@@ -63,10 +89,16 @@ GuestSession::GuestSession(const std::string& program, const std::vector<std::st
 }
 
 GuestSession::~GuestSession() {
-  if (pid_ > 0 && !exitCode_) {
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
+  if (pid_ <= 0 || exitCode_) return;
+  ::kill(pid_, SIGKILL);
+  // Bounded: a process stuck in the kernel would otherwise hold the test until ctest's
+  // timeout kills it with nothing said (CI-39's BootTest.GuestCountsTwoVcpus).
+  for (int i = 0; i < 300; ++i) {
+    if (::waitpid(pid_, nullptr, WNOHANG) != 0) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
+  std::cerr << fmt::format("GuestSession: pid {} did not end within 30 s of SIGKILL; left behind. Its threads:\n{}",
+                           pid_, threadStates(pid_));
 }
 
 bool GuestSession::pump(std::chrono::milliseconds timeout) {
