@@ -397,11 +397,7 @@ void removeEndedForkServers(const std::string& runtime, std::chrono::seconds min
   for (const auto& entry : std::filesystem::directory_iterator(runtime, error)) {
     std::string name = entry.path().filename().string();
     constexpr std::string_view kSuffix = ".forkserver";
-    if (name.rfind("fork-server-", 0) != 0 || name.size() <= kSuffix.size() ||
-        name.compare(name.size() - kSuffix.size(), kSuffix.size(), kSuffix) != 0 ||
-        !entry.is_socket(error)) {
-      continue;
-    }
+    if (!name.starts_with("fork-server-") || !name.ends_with(kSuffix) || !entry.is_socket(error)) continue;
     auto modified = entry.last_write_time(error);
     if (error || now - modified < minAge) continue;
     std::string path = entry.path().string();

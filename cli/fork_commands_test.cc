@@ -1,8 +1,8 @@
 #include "cli/fork_commands.h"
 
 #include <fcntl.h>
-#include <sys/un.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -215,8 +215,6 @@ TEST(ForkCommandTest, AForkServersJailIsAForksJailForAllItsForks) {
   EXPECT_EQ(spec.devices, (std::vector<std::string>{"/dev/kvm", "/dev/userfaultfd", "/dev/vhost-vsock"}));
 }
 
-// A template with disks: the spares start each fork's clone-blocks inside the server's jail,
-// which then holds the program and, its one writable path, the overlay directory.
 // A socket file at `path`, bound and, if `listening`, listened on; the fd is returned open.
 UniqueFd boundSocket(const std::string& path, bool listening) {
   UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
@@ -264,6 +262,8 @@ TEST(ForkCommandTest, EndedForkServersLeaveNoSocketOrEmptyOverlayDirectory) {
   fs::remove_all(runtime);
 }
 
+// A template with disks: the spares start each fork's clone-blocks inside the server's jail,
+// which then holds the program and, its one writable path, the overlay directory.
 TEST(ForkCommandTest, AForkServerOfATemplateWithDisksHoldsTheDiskProgramAndItsOverlayDirectory) {
   vmm::snapshot::Manifest manifest;
   manifest.memoryBytes = 256ull << 20;

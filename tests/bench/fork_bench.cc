@@ -204,7 +204,6 @@ void drain(GuestSession* vm, std::chrono::milliseconds wait) {
   vm->drainAvailable();
 }
 
-// How a probe went: connect attempts and when the answering one connected.
 // L1's ftrace, switched on only around chosen forks' request-to-answer windows, with a marker
 // at each step, so that a trace of the scheduler and KVM shows where such a window went
 // (`--trace-forks`; the events to record are enabled by whoever runs the bench).
@@ -220,7 +219,9 @@ class TraceWindow {
     if (switchTo("1")) mark(what);
   }
   void mark(const std::string& what) const {
-    if (marker_ && ::write(marker_.get(), what.data(), what.size()) < 0) std::cerr << "trace_marker: " << std::strerror(errno) << "\n";
+    if (marker_ && ::write(marker_.get(), what.data(), what.size()) < 0) {
+      std::cerr << "trace_marker: " << std::strerror(errno) << "\n";
+    }
   }
   void end(const std::string& what) {
     mark(what);
@@ -234,6 +235,7 @@ class TraceWindow {
   clonevm::UniqueFd marker_, on_;
 };
 
+// How a probe went: connect attempts and when the answering one connected.
 struct ProbeTrace {
   int attempts = 0;
   double connectedMs = 0;
@@ -819,8 +821,7 @@ int main(int argc, char** argv) {
             std::cout << fmt::format("  a second connect and `true`: {:.1f} ms (connect {:.1f} ms)\n",
                                      msSince(againStart), again.connectedMs);
           }
-        }
-        if (i < 4) {  // how long its restore took (its log)
+          // How long its restore took (its log).
           std::ifstream log(fmt::format("{}/{}.console", dir, name));
           for (std::string line; std::getline(log, line);) {
             if (line.find("restored from") != std::string::npos || line.find("prefault") != std::string::npos ||
