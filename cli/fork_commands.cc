@@ -372,7 +372,7 @@ UniqueFd connectForkServer(ProcessLauncher& launcher, const std::string& program
     CLONE_SYSCALL(::listen(listener.get(), 64), "listen", path);
     ForkServerDisks disks;
     if (!verified.manifest.disks.empty()) {
-      disks = {siblingProgram("clone-block"), forkServerOverlayDir(base)};
+      disks = {siblingProgram("clone-block"), forkServerOverlayDir(base), options.diskFillUpFront};
       makeDirectory(disks.overlayDir);
     }
     auto spec = forkServerProcessSpec("fork-server-" + randomId().substr(5), dir, verified.manifest, base + ".console",
@@ -420,7 +420,9 @@ std::vector<Fork> startServedForks(ProcessLauncher& launcher, const std::string&
                                    const std::string& dir, const vmm::snapshot::VerifiedTemplate& verified,
                                    bool copyOnWrite, const ForkCommandOptions& options,
                                    const std::string& runtime) {
-  std::string base = forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail);
+  // --disk-fill-up-front changes only how a template with disks is forked.
+  std::string base = forkServerBase(runtime, dir, verified.memoryFile, options.forkMemory, !options.noJail,
+                                    options.diskFillUpFront && !verified.manifest.disks.empty());
   std::string serverLog = base + ".console";
   std::string overlayDir = forkServerOverlayDir(base);
   removeEndedForkServers(runtime, std::chrono::seconds(10));
@@ -552,10 +554,11 @@ ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templa
 
 std::string forkServerBase(const std::string& runtime, const std::string& templateDir,
                            const vmm::snapshot::FileIdentity& memoryFile, const std::string& forkMemory,
-                           bool jailed) {
+                           bool jailed, bool disksFilledUpFront) {
   // FNV-1a: stable across builds and runs, unlike std::hash.
   std::string key = fmt::format("{}\n{}:{}:{}\n{}\n{}", templateDir, memoryFile.device, memoryFile.inode,
                                 memoryFile.ctimeNs, forkMemory, jailed ? "jailed" : "unjailed");
+  if (disksFilledUpFront) key += "\ndisks filled up front";
   uint64_t hash = 0xcbf29ce484222325ull;
   for (unsigned char c : key) hash = (hash ^ c) * 0x100000001b3ull;
   return fmt::format("{}/fork-server-{:016x}", runtime, hash);
@@ -575,6 +578,7 @@ ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string
             "{} has disks: its fork server needs the disk program and an overlay directory", templateDir);
     spec.args.insert(spec.args.end(), {"--fork-server-block", disks.blockProgram, "--fork-server-overlays",
                                        disks.overlayDir});
+    if (disks.fillUpFront) spec.args.push_back("--fork-server-disks-filled-up-front");
     spec.readPaths.push_back(disks.blockProgram);
     spec.writePaths.push_back(disks.overlayDir);
   }
@@ -668,9 +672,10 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
   forkVerb->add_flag("--no-identity", options.noIdentity,
                  "do not apply hostname, RNG seed and clock through the guest agent (forks share the template's)");
   forkVerb->add_flag("--no-jail", options.noJail, "run the forks' cores and disks unjailed (debugging only)");
-  forkVerb->add_flag("--disk-postcopy", options.diskPostcopy,
-                     "experimental: the fork's core resolves its disks' first touches of guest "
-                     "memory (vhost-user postcopy) instead of filling all memory up front");
+  forkVerb->add_flag("--disk-fill-up-front", options.diskFillUpFront,
+                     "a fork with disks gets all of the template's memory data before its disks "
+                     "start, instead of keeping its memory lazy with its core resolving the disks' "
+                     "first touches (vhost-user postcopy, the default; docs/FORK.md)");
   forkVerb->add_option("--fork-memory", options.forkMemory,
                        "memfd: each fork's memory is a memfd of its own, filled lazily from the "
                        "template; cow: a copy-on-write mapping of the template's memory file, "
@@ -716,9 +721,9 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
     for (const auto& value : options.disks) diskOptions.push_back(parseForkDiskOption(value));
     std::vector<Fork> forks;
     if (options.forkServer) {
-      require(diskOptions.empty() && !options.diskPostcopy,
-              "--fork-server: --disk and --disk-postcopy are for forks started one core each: a "
-              "server's forks get overlays of their own, filled up front (docs/FORK.md)");
+      require(diskOptions.empty(),
+              "--fork-server: --disk is for forks started one core each: a server's forks get "
+              "overlays of their own in the server's directory (docs/FORK.md)");
       forks = startServedForks(launcher, program, dir, verified, copyOnWrite, options, runtime);
     }
     for (unsigned i = 0; i < options.count && !options.forkServer; ++i) {
@@ -729,7 +734,7 @@ void addForkCommands(CLI::App& app, ForkCommandOptions& options, Streams streams
       // Each disk: an overlay of its own and a clone-block serving it, before the core.
       ForkDisks disks = startForkDisks(launcher, siblingProgram("clone-block"), id, dir,
                                        verified.manifest, socket, diskOptions, i + 1, options.count,
-                                       options.diskPostcopy);
+                                       !options.diskFillUpFront);
       auto abandonDisks = [&disks] {
         disks.closeCoreEnds();
         for (const auto& overlay : disks.createdOverlays) ::unlink(overlay.c_str());

@@ -24,7 +24,7 @@ struct ForkCommandOptions {
   bool noIdentity = false;    // fork: --no-identity (do not talk to the guest agent)
   bool noJail = false;        // fork: --no-jail
   std::vector<std::string> disks;  // fork: --disk N,overlay=PATH
-  bool diskPostcopy = false;       // fork: --disk-postcopy (experimental, docs/FORK.md)
+  bool diskFillUpFront = false;    // fork: --disk-fill-up-front (no vhost-user postcopy, docs/FORK.md)
   std::string forkMemory = "memfd";  // fork: --fork-memory memfd|cow
   bool forkServer = false;           // fork: --fork-server (a jailed core that forks them)
   double forkServerLinger = 60;      // fork: --fork-server-linger (for a server it starts)
@@ -64,14 +64,11 @@ ProcessSpec forkProcessSpec(const std::string& forkId, const std::string& templa
                             const std::string& consoleLog, const std::string& program,
                             bool copyOnWriteMemory, int apiFd);
 
-// The jail of a fork server (clone-vmm --fork-server-fd, docs/FORK.md): a fork's jail, with the
-// server's listening socket `serverFd` instead of an API socket, and room for `forks` VMs and
-// processes.
 // Where the fork server of one template (the very files verified: their inode and ctime) and
 // one way of forking lives in the runtime directory; "" + .forkserver and .console.
 std::string forkServerBase(const std::string& runtime, const std::string& templateDir,
                            const vmm::snapshot::FileIdentity& memoryFile, const std::string& forkMemory,
-                           bool jailed);
+                           bool jailed, bool disksFilledUpFront = false);
 
 // Fork servers that ended leave their socket and overlay directory in `runtime` (nothing in
 // their jail may remove them). Removes every `fork-server-*.forkserver` socket nobody listens
@@ -85,8 +82,12 @@ void removeEndedForkServers(const std::string& runtime, std::chrono::seconds min
 struct ForkServerDisks {
   std::string blockProgram;
   std::string overlayDir;
+  bool fillUpFront = false;  // the spares' disks without postcopy
 };
 
+// The jail of a fork server (clone-vmm --fork-server-fd, docs/FORK.md): a fork's jail, with the
+// server's listening socket `serverFd` instead of an API socket, and room for `forks` VMs and
+// processes.
 ProcessSpec forkServerProcessSpec(const std::string& serverId, const std::string& templateDir,
                                   const vmm::snapshot::Manifest& manifest,
                                   const std::string& consoleLog, const std::string& program,

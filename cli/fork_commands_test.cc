@@ -205,6 +205,7 @@ TEST(ForkCommandTest, AForkServersJailIsAForksJailForAllItsForks) {
   EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl2", memory, "memfd", true));
   EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl", memory, "cow", true));
   EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl", memory, "memfd", false));
+  EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl", memory, "memfd", true, /*disksFilledUpFront=*/true));
   auto rewritten = memory;
   rewritten.ctimeNs++;  // the template written again at the same path
   EXPECT_NE(base, forkServerBase("/run/clone", "/srv/tpl", rewritten, "memfd", true));
@@ -279,6 +280,10 @@ TEST(ForkCommandTest, AForkServerOfATemplateWithDisksHoldsTheDiskProgramAndItsOv
                                                  "--fork-server-overlays", "/run/clone/fork-server-3.overlays"}));
   EXPECT_EQ(spec.readPaths, (std::vector<std::string>{"/srv/tpl", "/usr/bin/clone-block"}));
   EXPECT_EQ(spec.writePaths, std::vector<std::string>{"/run/clone/fork-server-3.overlays"});
+  // --disk-fill-up-front: the spares' disks without postcopy.
+  spec = forkServerProcessSpec("fork-server-3", "/srv/tpl", manifest, "/dev/null", "/usr/bin/clone-vmm", false, 6,
+                               4, {"/usr/bin/clone-block", "/run/clone/fork-server-3.overlays", true});
+  EXPECT_EQ(spec.args.back(), "--fork-server-disks-filled-up-front");
 }
 
 // A fork's VM API that answers recordedWorkingSet with whatever it was given, as a

@@ -47,16 +47,17 @@ struct ForkDisks {
 };
 
 // Starts one clone-block per disk of `manifest` for the fork `forkId` (number `forkNumber` of
-// `count`, for --disk overlay=PATH.K). With `postcopy`, each clone-block offers vhost-user
-// postcopy (`--userfaultfd`, /dev/userfaultfd in its jail) and the fork's memory stays lazy;
-// without, the core fills the fork's memory before the disks start (docs/FORK.md). Throws
+// `count`, for --disk overlay=PATH.K). With `postcopy` (the default), each clone-block offers
+// vhost-user postcopy (`--userfaultfd`, /dev/userfaultfd in its jail) and the fork's memory
+// stays lazy; without (--disk-fill-up-front), the core fills the fork's memory before the
+// disks start (docs/FORK.md). Throws
 // clonevm::Error (an overlay that exists already, a launch that fails); what was created is
 // removed then.
 ForkDisks startForkDisks(ProcessLauncher& launcher, const std::string& blockProgram,
                          const std::string& forkId, const std::string& templateDir,
                          const vmm::snapshot::Manifest& manifest, const std::string& apiSocket,
                          const std::vector<ForkDiskOption>& options, unsigned forkNumber,
-                         unsigned count, bool postcopy = false);
+                         unsigned count, bool postcopy = true);
 
 // Removes BASE.diskN.qcow2 and BASE.diskN.log of the fork whose API socket is `apiSocket`
 // (clone destroy, a failed fork).

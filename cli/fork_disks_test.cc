@@ -88,7 +88,7 @@ class ForkDisksTest : public ::testing::Test {
   }
 
   ForkDisks start(const std::vector<ForkDiskOption>& options = {}, unsigned number = 1, unsigned count = 1,
-                  bool postcopy = false) {
+                  bool postcopy = true) {
     return startForkDisks(launcher_, CLONE_BLOCK_PROGRAM, "fork-1234abcd", dir_ + "/template", manifest_,
                           socket_, options, number, count, postcopy);
   }
@@ -100,11 +100,20 @@ class ForkDisksTest : public ::testing::Test {
 };
 
 TEST_F(ForkDisksTest, PostcopyGivesEachCloneBlockAUserfaultfdSource) {
-  ForkDisks disks = start({}, 1, 1, /*postcopy=*/true);
+  ForkDisks disks = start();
   ASSERT_EQ(launcher_.specs.size(), 2u);
   for (const auto& spec : launcher_.specs) {
-    EXPECT_TRUE(has(spec.args, "--userfaultfd")) << spec.id;
+    EXPECT_TRUE(has(spec.args, "--userfaultfd")) << spec.id << ": postcopy is the default";
     EXPECT_EQ(spec.devices, std::vector<std::string>{"/dev/userfaultfd"}) << spec.id;
+  }
+}
+
+TEST_F(ForkDisksTest, FilledUpFrontTheCloneBlocksGetNoUserfaultfd) {
+  ForkDisks disks = start({}, 1, 1, /*postcopy=*/false);
+  ASSERT_EQ(launcher_.specs.size(), 2u);
+  for (const auto& spec : launcher_.specs) {
+    EXPECT_FALSE(has(spec.args, "--userfaultfd")) << spec.id;
+    EXPECT_TRUE(spec.devices.empty()) << spec.id;
   }
 }
 
@@ -134,8 +143,7 @@ TEST_F(ForkDisksTest, EachDiskGetsAnOverlayAndACloneBlockOnASocketPair) {
   EXPECT_EQ(after(writable.args, "--queues"), "2");
   EXPECT_EQ(after(writable.args, "--serial"), "clone-disk0");
   EXPECT_FALSE(has(writable.args, "--readonly"));
-  EXPECT_FALSE(has(writable.args, "--userfaultfd")) << "postcopy is opt-in";
-  EXPECT_TRUE(writable.devices.empty());
+  EXPECT_EQ(writable.devices, std::vector<std::string>{"/dev/userfaultfd"});
   EXPECT_EQ(writable.readPaths, std::vector<std::string>{base});
   EXPECT_EQ(writable.writePaths, std::vector<std::string>{overlay});
   ASSERT_EQ(writable.keepFds.size(), 1u);

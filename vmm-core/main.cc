@@ -160,6 +160,11 @@ int runVmm(int argc, char** argv) {
                  "with --fork-server-block: the writable directory where those clone-blocks make "
                  "the disks' overlays")
       ->needs("--fork-server-block");
+  bool spareDisksFilledUpFront = false;
+  app.add_flag("--fork-server-disks-filled-up-front", spareDisksFilledUpFront,
+               "with --fork-server-block: the spares' clone-blocks do not do vhost-user postcopy, "
+               "and each spare fills all of its memory up front (docs/FORK.md)")
+      ->needs("--fork-server-block");
   bool spareRuns = true;
   app.add_option("--fork-server-spare-runs", spareRuns,
                  "true|false: a fork server's spare runs its guest (under the seccomp policy, with a "
@@ -218,6 +223,7 @@ int runVmm(int argc, char** argv) {
         require(!spareDisks.blockProgram.empty() && !spareDisks.overlayDir.empty(),
                 "--fork-server-fd: {} has {} disks; its spares start them, given --fork-server-block "
                 "and --fork-server-overlays", restoreDir, disks.size());
+        spareDisks.postcopy = !spareDisksFilledUpFront;
         forkServerLimits.spareEnded = [dir = spareDisks.overlayDir, count = disks.size()](pid_t pid) {
           removeSpareOverlays(dir, pid, count);
         };

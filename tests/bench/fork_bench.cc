@@ -584,10 +584,11 @@ int main(int argc, char** argv) {
   app.add_option("--disk-forks", diskForks,
                  "the same with a clone-block disk in the template (each fork: its own overlay and "
                  "clone-block, whose faults its core resolves); QEMU restores with a virtio-blk disk beside");
-  bool diskPostcopy = false;
-  app.add_flag("--disk-postcopy", diskPostcopy,
-               "fork the disk template with `clone fork --disk-postcopy` (lazy memory, the core "
-               "resolving clone-block's faults) instead of the default up-front fill");
+  bool diskFillUpFront = false;
+  app.add_flag("--disk-fill-up-front", diskFillUpFront,
+               "fork the disk template with `clone fork --disk-fill-up-front` (and its fork server "
+               "with --fork-server-disks-filled-up-front): all memory filled before the disk starts, "
+               "instead of the default lazy memory with the core resolving clone-block's faults");
   int pssDiskForks = 0;
   app.add_option("--pss-disk-forks", pssDiskForks,
                  "forks of the disk template (`clone fork`, one exec each) left idle, then the PSS of "
@@ -676,7 +677,7 @@ int main(int argc, char** argv) {
   // Every fork of the template without a disk.
   std::vector<std::string> restoreArgs = {"--restore", templateDir, "--fork-memory", forkMemory};
   std::vector<std::string> diskForkArgs;
-  if (diskPostcopy) diskForkArgs.push_back("--disk-postcopy");
+  if (diskFillUpFront) diskForkArgs.push_back("--disk-fill-up-front");
   std::vector<std::string> coldBootArgs = {"--kernel", guestKernel(), "--initrd", guestInitrd(),
                                            "--cmdline", cmdline, "--mem-mb", mem};
 
@@ -928,10 +929,10 @@ int main(int argc, char** argv) {
     diskCliForkMs = timeCliForks(diskTemplateDir, diskForks, "disk-cli", diskForkArgs);
     std::string overlays = dir + "/server-overlays";
     std::filesystem::create_directories(overlays);
-    if (!timeServerForks(diskServer, {"--restore", diskTemplateDir, "--fork-server-block", buildBin("clone-block"),
-                                      "--fork-server-overlays", overlays})) {
-      return 1;
-    }
+    std::vector<std::string> diskServerArgs = {"--restore", diskTemplateDir, "--fork-server-block",
+                                               buildBin("clone-block"), "--fork-server-overlays", overlays};
+    if (diskFillUpFront) diskServerArgs.push_back("--fork-server-disks-filled-up-front");
+    if (!timeServerForks(diskServer, diskServerArgs)) return 1;
     std::filesystem::remove_all(overlays);
   }
 
@@ -1244,7 +1245,7 @@ int main(int argc, char** argv) {
   if (diskForks > 0) {
     std::cout << fmt::format("RESULT clone_fork_command_with_disk_to_exec_ms {} (as above, the template has a "
                              "clone-block disk: an overlay and a jailed clone-block per fork, {})\n", describe(diskCliForkMs),
-                             diskPostcopy ? "postcopy" : "memory filled up front");
+                             diskFillUpFront ? "memory filled up front" : "postcopy");
     std::cout << fmt::format("RESULT qemu_restore_with_disk_to_serial_ms {}\n", describe(qemuDiskMs));
     std::cout << fmt::format("RESULT ratio qemu_restore_with_disk(serial)/clone_fork_command_with_disk(exec) "
                              "p50 {:.2f} p99 {:.2f}\n",
@@ -1253,9 +1254,10 @@ int main(int argc, char** argv) {
                              "p50 {:.2f}\n", ratio(diskCliForkMs, cliForkMs, 0.5));
     if (diskServer.count > 0) {
       std::cout << fmt::format("RESULT fork_server_with_disk_fork_to_exec_ms {} (request to a running fork server "
-                               "of the disk template, its spare's clone-block started ahead, {} ms after the "
+                               "of the disk template, its spare's clone-block started ahead, {}, {} ms after the "
                                "previous fork; the server was ready {:.1f} ms after its spawn)\n",
-                               describe(diskServer.forkMs), serverRequestGapMs, diskServer.readyMs);
+                               describe(diskServer.forkMs), diskFillUpFront ? "memory filled up front" : "postcopy",
+                               serverRequestGapMs, diskServer.readyMs);
       std::cout << fmt::format("RESULT ratio qemu_restore_with_disk(serial)/fork_server_with_disk_fork(exec) "
                                "p50 {:.2f} p99 {:.2f} (goal >= 20)\n",
                                ratio(qemuDiskMs, diskServer.forkMs, 0.5), ratio(qemuDiskMs, diskServer.forkMs, 0.99));

@@ -1161,15 +1161,18 @@ TEST_F(ForkDiskTest, ForksReadTheTemplatesDiskAndWriteTheirOwn) {
   for (int i = 0; i < 2; ++i) {
     SCOPED_TRACE(forks.id(i));
     const std::string& vm = forks.socket(i);
-    // The default: no postcopy, the core filled the fork's memory before its disk started.
+    // The default: postcopy, the fork's memory stays lazy and its core resolves the disk's
+    // first touches of it.
     std::string diskLog = shell("cat '" + vm + ".disk0.log'");
-    EXPECT_EQ(diskLog.find("postcopy"), std::string::npos) << diskLog;
+    EXPECT_NE(diskLog.find("postcopy: 1 memory regions registered"), std::string::npos) << diskLog;
+    std::string coreLog = shell("cat '" + forks.consoleLog(i) + "'");
+    EXPECT_EQ(coreLog.find("up front"), std::string::npos) << coreLog;
     EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
     // From the disk, not the page cache: through the fork's clone-block, its overlay and the
     // template's disk0.raw.
     EXPECT_EQ(inFork(vm, "echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/blob | cut -c1-32"), blobMd5_);
-    // Written back from the fork's memory: a page the device read before the core filled it
-    // would be zeros here.
+    // Written back from the fork's memory: the disk path reads pages of it nothing else has
+    // touched in the fork; without postcopy they would be zeros here.
     EXPECT_GE(dirtyKib_, 2048) << "the template's file was not dirty at the snapshot: nothing tested";
     EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
                              " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
@@ -1228,6 +1231,11 @@ TEST_F(ForkDiskTest, ForkServerForksGetDisksOfTheirOwn) {
                 "own-" + forks.id(i));
     }
     EXPECT_EQ(inFork(forks.socket(0), "cat /mnt/own.txt"), "own-" + forks.id(0)) << "fork B's write reached A";
+    // The spares' clone-blocks (their output is the server's) did postcopy: the forks' memory
+    // stayed lazy.
+    auto serverLog = shell("cat '" + base_ + "/served.runtime'/fork-server-*.console");
+    EXPECT_NE(serverLog.find("postcopy: 1 memory regions registered"), std::string::npos) << serverLog;
+    EXPECT_EQ(serverLog.find("up front: vhost-user back-end"), std::string::npos) << serverLog;
     // Nothing of the spares is left in the server's overlay directory but the next spare's.
     auto spares = shell("ls '" + base_ + "/served.runtime'/*.overlays/ | grep -c qcow2; true");
     EXPECT_LE(std::atoi(spares.c_str()), 1) << spares;
@@ -1244,23 +1252,24 @@ TEST_F(ForkDiskTest, ForkServerForksGetDisksOfTheirOwn) {
   EXPECT_EQ(fileSha256(baseImage_), baseImageHash_);
 }
 
-// `clone fork --disk-postcopy` (experimental): the fork's memory stays lazy and its core
-// resolves clone-block's first touches of it. What the template left dirty in its page cache
-// is written back by the fork from pages the disk path reads before anything else touched
-// them: without postcopy they would be zeros on the disk.
-TEST_F(ForkDiskTest, PostcopyForkWritesBackTheTemplatesDirtyDataAndItsOwn) {
-  CliForks forks(templateDir_, base_ + "/postcopy", 1, {"--disk-postcopy"});
+// `clone fork --disk-fill-up-front`: no postcopy; the core fills all of the fork's memory
+// before its disk starts. What the template left dirty in its page cache is written back by
+// the fork from that memory, and its own data reads back.
+TEST_F(ForkDiskTest, FilledUpFrontForkWritesBackTheTemplatesDirtyDataAndItsOwn) {
+  CliForks forks(templateDir_, base_ + "/filled", 1, {"--disk-fill-up-front"});
   ASSERT_TRUE(forks.allReady(1));
   const std::string& vm = forks.socket(0);
   std::string diskLog = shell("cat '" + vm + ".disk0.log'");
-  EXPECT_NE(diskLog.find("postcopy: 1 memory regions registered"), std::string::npos) << diskLog;
+  EXPECT_EQ(diskLog.find("postcopy"), std::string::npos) << diskLog;
+  std::string coreLog = shell("cat '" + forks.consoleLog(0) + "'");
+  EXPECT_NE(coreLog.find("up front: vhost-user back-end"), std::string::npos) << coreLog;
   EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
   EXPECT_GE(dirtyKib_, 2048) << "the template's file was not dirty at the snapshot: nothing tested";
   EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
                            " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
                            "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
             "same");
-  std::string pattern = "yes POSTCOPY-DATA | head -c 1048576";
+  std::string pattern = "yes FILLED-DATA | head -c 1048576";
   EXPECT_EQ(inFork(vm, pattern + " > /mnt/own.bin && sync && echo 3 > /proc/sys/vm/drop_caches && "
                        "a=$(" + pattern + " | md5sum) && b=$(md5sum < /mnt/own.bin) && "
                        "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),

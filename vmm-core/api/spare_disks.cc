@@ -66,6 +66,8 @@ std::vector<VhostUserDeviceConfig> startSpareDisks(const SpareDiskOptions& optio
       // The guest's driver had this many queues and this serial in the template.
       args.insert(args.end(), {"--queues", std::to_string(disk.queues), "--serial",
                                snapshot::blockDiskSerial(i), "--fd", std::to_string(kBlockSocketFd)});
+      // /dev/userfaultfd is in the server's jail: its memfd forks need it too.
+      if (options.postcopy) args.push_back("--userfaultfd");
       int pair[2];
       CLONE_SYSCALL(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), "spare: socketpair for disk",
                     base);

@@ -24,6 +24,10 @@ namespace clonevm::vmm {
 struct SpareDiskOptions {
   std::string blockProgram;  // clone-block, as the server's jail sees it
   std::string overlayDir;    // writable in the server's jail
+  // Each clone-block offers vhost-user postcopy (--userfaultfd), so the spare's memory stays
+  // lazy and its core resolves the disk's first touches; false: the spare fills its memory up
+  // front (docs/FORK.md).
+  bool postcopy = true;
 };
 
 // Starts one clone-block per template disk, in the template's order, each a child of this

@@ -105,6 +105,8 @@ TEST_F(SpareDisksTest, EachDiskIsServedOnItsSocketAndAWritableOneOverItsOwnOverl
     EXPECT_EQ(device.socketPath, "fd=" + std::to_string(device.socketFd));
     ipc::vhost::Frontend frontend(UniqueFd(device.socketFd), "clone-block");
     features.push_back(frontend.getFeatures());  // answered: the process serves this socket
+    // By default the spare's memory stays lazy: each disk offers postcopy.
+    EXPECT_NE(frontend.getProtocolFeatures() & (1ull << ipc::vhost::protocol::kPagefault), 0u);
   }  // the sockets close: both processes end
   EXPECT_EQ(features[0] & kVirtioBlkFRo, 0u);
   EXPECT_NE(features[1] & kVirtioBlkFRo, 0u) << "the template's read-only disk is served read-only";
@@ -118,6 +120,22 @@ TEST_F(SpareDisksTest, EachDiskIsServedOnItsSocketAndAWritableOneOverItsOwnOverl
   }
   removeSpareOverlays(options.overlayDir, ::getpid(), disks_.size());
   EXPECT_FALSE(fs::exists(overlay));
+}
+
+TEST_F(SpareDisksTest, WithoutPostcopyNoDiskOffersIt) {
+  SpareDiskOptions options{CLONE_BLOCK_PROGRAM, (dir_ / "overlays").string(), /*postcopy=*/false};
+  auto devices = startSpareDisks(options, (dir_ / "template").string(), disks_, *log_);
+  ASSERT_EQ(devices.size(), 2u);
+  for (const auto& device : devices) {
+    ipc::vhost::Frontend frontend(UniqueFd(device.socketFd), "clone-block");
+    frontend.getFeatures();
+    EXPECT_EQ(frontend.getProtocolFeatures() & (1ull << ipc::vhost::protocol::kPagefault), 0u);
+  }
+  for (int i = 0; i < 2; ++i) {
+    int status = 0;
+    EXPECT_GT(::waitpid(-1, &status, 0), 0);
+  }
+  removeSpareOverlays(options.overlayDir, ::getpid(), disks_.size());
 }
 
 TEST_F(SpareDisksTest, AMissingProgramOrDirectoryIsRefusedAndLeavesNothing) {
