@@ -520,6 +520,13 @@ struct Latencies {
   double p(double q) const { return percentile(ms, q); }
 };
 
+// Median, min, max and n of per-fork MiB.
+std::string describeMib(const std::vector<double>& mib) {
+  if (mib.empty()) return "none measured";
+  return fmt::format("median {:.2f} min {:.2f} max {:.2f} (n={})", percentile(mib, 0.5),
+                     *std::min_element(mib.begin(), mib.end()), *std::max_element(mib.begin(), mib.end()), mib.size());
+}
+
 std::string describe(const Latencies& l) {
   if (l.ms.empty()) return fmt::format("none measured ({} failed)", l.failures);
   return fmt::format("p50 {:.1f} p99 {:.1f} min {:.1f} max {:.1f} (n={}, failed {})", l.p(0.5),
@@ -586,6 +593,99 @@ class ForkServer {
 };
 
 
+// The children of `pid` (a fork's clone-blocks, a server's spare).
+std::vector<pid_t> childrenOf(pid_t pid) {
+  std::vector<pid_t> children;
+  std::ifstream list(fmt::format("/proc/{0}/task/{0}/children", pid));
+  for (pid_t child; list >> child;) children.push_back(child);
+  return children;
+}
+
+// Idle forks of one fork server, measured after `idleSeconds`: each fork's PSS with its
+// children's (the clone-blocks of a template with disks) plus 1/n of the server's, which
+// exists for them (with its spare and the spare's children).
+struct ServerForkPss {
+  std::vector<double> mib;
+  std::vector<double> memfdMib;  // each fork's memfd shmem, mapped or not (memfd forks)
+  uint64_t serverKib = 0;
+  int failures = 0;              // forks whose agent did not answer, left out
+};
+
+bool measureServerForkPss(const std::string& vmm, const std::vector<std::string>& serverArgs, const std::string& dir,
+                          const std::string& name, int count, int idleSeconds, const std::string& templateDir,
+                          ServerForkPss& result) {
+  ForkServer server(vmm, serverArgs);
+  if (!server.ready(60s)) {
+    std::cerr << name << ": the fork server did not start\n" << server.session().output();
+    return false;
+  }
+  std::vector<pid_t> pids;
+  std::vector<uint32_t> cids;
+  for (int i = 0; i < count; ++i) {
+    auto reply = server.fork(dir, fmt::format("{}-{}", name, i));
+    if (reply.pid <= 0 || reply.vsockCid == 0) return false;
+    pids.push_back(reply.pid);
+    cids.push_back(reply.vsockCid);
+  }
+  for (int i = 0; i < count; ++i) {
+    std::string error;
+    if (!agentAnswers(cids[i], 180s, error, &server.session())) {
+      std::ifstream console(fmt::format("{}/{}-{}.console", dir, name, i));
+      std::string log((std::istreambuf_iterator<char>(console)), std::istreambuf_iterator<char>());
+      drain(&server.session(), 100ms);
+      std::cerr << fmt::format("idle server fork {}: the agent did not answer: {}\nits console:\n{}\nthe "
+                               "server's output:\n{}\n", i, error, log.substr(log.size() > 3000 ? log.size() - 3000 : 0),
+                               server.session().output());
+      // Measured without it, and counted (the lab's L1 sometimes kills a guest: docs/LAB.md).
+      server.endFork(pids[i]);
+      pids[i] = 0;
+      result.failures++;
+    }
+  }
+  for (auto idleUntil = Clock::now() + std::chrono::seconds(idleSeconds); Clock::now() < idleUntil;) {
+    drain(&server.session(), 10ms);
+    std::this_thread::sleep_for(500ms);
+  }
+  result.serverKib = pssKib(server.session().pid());
+  std::erase(pids, 0);
+  for (pid_t child : childrenOf(server.session().pid())) {
+    if (std::find(pids.begin(), pids.end(), child) != pids.end()) continue;
+    uint64_t spareKib = pssKib(child);
+    for (pid_t grandchild : childrenOf(child)) spareKib += pssKib(grandchild);
+    std::cout << fmt::format("{}: the server's spare (pid {}, with its children) PSS {} KiB, counted with the "
+                             "server's\n", name, child, spareKib);
+    result.serverKib += spareKib;
+  }
+  std::vector<uint64_t> ownKib;
+  for (pid_t pid : pids) {
+    uint64_t kib = pssKib(pid);
+    std::vector<int> processes = {pid};
+    for (pid_t child : childrenOf(pid)) {
+      kib += pssKib(child);
+      processes.push_back(child);
+    }
+    ownKib.push_back(kib);
+    result.memfdMib.push_back(static_cast<double>(memfdKib(processes)) / 1024.0);
+  }
+  for (size_t i = 0; i < pids.size(); ++i) {
+    result.mib.push_back((static_cast<double>(ownKib[i]) + static_cast<double>(result.serverKib) / pids.size()) / 1024.0);
+  }
+  std::cout << fmt::format("{}: the server's PSS {} KiB, split over its {} forks\n", name, result.serverKib, pids.size());
+  auto sorted = ownKib;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0; i < pids.size(); ++i) {
+    if (ownKib[i] != sorted[sorted.size() / 2]) continue;
+    std::cout << fmt::format("{} fork {} (median PSS {} KiB), pid {}: PSS by kind (KiB)\n", name, i, ownKib[i], pids[i]);
+    for (auto& [kind, value] : pssByKind(pids[i], templateDir)) std::cout << fmt::format("  {:8} {}\n", value, kind);
+    std::cout << "  largest mappings:\n";
+    for (const auto& row : topMappings(pids[i], 15)) std::cout << "  " << row << "\n";
+    break;
+  }
+  for (pid_t pid : pids) server.endFork(pid);
+  server.stop();
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -609,7 +709,10 @@ int main(int argc, char** argv) {
                "fork the disk template with `clone fork --disk-fill-up-front` (and its fork server "
                "with --fork-server-disks-filled-up-front): all memory filled before the disk starts, "
                "instead of the default lazy memory with the core resolving clone-block's faults");
-  int pssDiskForks = 0;
+  int pssDiskForks = 0, pssServerDiskForks = 0;
+  app.add_option("--pss-server-disk-forks", pssServerDiskForks,
+                 "forks of the disk template through a fork server left idle, then their PSS measured "
+                 "(with their clone-blocks', plus the server's share) and their memfds' shmem");
   app.add_option("--pss-disk-forks", pssDiskForks,
                  "forks of the disk template (`clone fork`, one exec each) left idle, then the PSS of "
                  "all their processes (jailers, core, clone-block) measured");
@@ -923,6 +1026,7 @@ int main(int argc, char** argv) {
   // probed the disk at boot, nothing mounted), snapshotted through `clone snapshot`, which
   // copies the disk; forked the same way.
   Latencies diskCliForkMs;
+  ServerForkPss diskServerPss;
   std::string diskTemplateDir = dir + "/disk-template";
   std::string diskBase = dir + "/disk-base.raw";
   constexpr uint64_t kBenchDiskBytes = 64 << 20;
@@ -953,6 +1057,10 @@ int main(int argc, char** argv) {
                                                buildBin("clone-block"), "--fork-server-overlays", overlays};
     if (diskFillUpFront) diskServerArgs.push_back("--fork-server-disks-filled-up-front");
     if (!timeServerForks(diskServer, diskServerArgs)) return 1;
+    if (pssServerDiskForks > 0 && !measureServerForkPss(vmm, diskServerArgs, dir, "pss-server-disk", pssServerDiskForks,
+                                                        idleSeconds, diskTemplateDir, diskServerPss)) {
+      return 1;
+    }
     std::filesystem::remove_all(overlays);
   }
 
@@ -1143,70 +1251,10 @@ int main(int argc, char** argv) {
 
   // Private memory of idle forks of one fork server: each fork's own PSS plus its share of the
   // server's (which exists for them).
-  std::vector<double> serverPssMib;
-  uint64_t serverKib = 0;
-  int pssServerFailures = 0;
-  if (pssServerForks > 0) {
-    ForkServer server(vmm, restoreArgs);
-    if (!server.ready(60s)) {
-      std::cerr << "the fork server (PSS) did not start\n" << server.session().output();
-      return 1;
-    }
-    std::vector<pid_t> pids;
-    std::vector<uint32_t> cids;
-    for (int i = 0; i < pssServerForks; ++i) {
-      auto reply = server.fork(dir, fmt::format("pss-server-{}", i));
-      if (reply.pid <= 0 || reply.vsockCid == 0) return 1;
-      pids.push_back(reply.pid);
-      cids.push_back(reply.vsockCid);
-    }
-    for (int i = 0; i < pssServerForks; ++i) {
-      std::string error;
-      if (!agentAnswers(cids[i], 180s, error, &server.session())) {
-        std::ifstream console(fmt::format("{}/pss-server-{}.console", dir, i));
-        std::string log((std::istreambuf_iterator<char>(console)), std::istreambuf_iterator<char>());
-        drain(&server.session(), 100ms);
-        std::cerr << fmt::format("idle server fork {}: the agent did not answer: {}\nits console:\n{}\nthe "
-                                 "server's output:\n{}\n", i, error, log.substr(log.size() > 3000 ? log.size() - 3000 : 0),
-                                 server.session().output());
-        // Measured without it, and counted (the lab's L1 sometimes kills a guest: docs/LAB.md).
-        server.endFork(pids[i]);
-        pids[i] = 0;
-        pssServerFailures++;
-      }
-    }
-    for (auto idleUntil = Clock::now() + std::chrono::seconds(idleSeconds); Clock::now() < idleUntil;) {
-      drain(&server.session(), 10ms);
-      std::this_thread::sleep_for(500ms);
-    }
-    serverKib = pssKib(server.session().pid());
-    std::erase(pids, 0);
-    // Its spare (a child that is none of the forks) exists for the forks too.
-    std::ifstream children(fmt::format("/proc/{0}/task/{0}/children", server.session().pid()));
-    for (pid_t child; children >> child;) {
-      if (std::find(pids.begin(), pids.end(), child) != pids.end()) continue;
-      uint64_t spareKib = pssKib(child);
-      std::cout << fmt::format("fork server: its spare (pid {}) PSS {} KiB, counted with the server's\n", child, spareKib);
-      serverKib += spareKib;
-    }
-    std::vector<uint64_t> ownKib;
-    for (pid_t pid : pids) ownKib.push_back(pssKib(pid));
-    for (size_t i = 0; i < pids.size(); ++i) {
-      serverPssMib.push_back((static_cast<double>(ownKib[i]) + static_cast<double>(serverKib) / pids.size()) / 1024.0);
-    }
-    std::cout << fmt::format("fork server: PSS {} KiB, split over its {} forks\n", serverKib, pids.size());
-    auto sorted = ownKib;
-    std::sort(sorted.begin(), sorted.end());
-    for (size_t i = 0; i < pids.size(); ++i) {
-      if (ownKib[i] != sorted[sorted.size() / 2]) continue;
-      std::cout << fmt::format("server fork {} (median PSS {} KiB), pid {}: PSS by kind (KiB)\n", i, ownKib[i], pids[i]);
-      for (auto& [kind, value] : pssByKind(pids[i], templateDir)) std::cout << fmt::format("  {:8} {}\n", value, kind);
-      std::cout << "  largest mappings:\n";
-      for (const auto& row : topMappings(pids[i], 15)) std::cout << "  " << row << "\n";
-      break;
-    }
-    for (pid_t pid : pids) server.endFork(pid);
-    server.stop();
+  ServerForkPss serverPss;
+  if (pssServerForks > 0 && !measureServerForkPss(vmm, restoreArgs, dir, "pss-server", pssServerForks, idleSeconds,
+                                                  templateDir, serverPss)) {
+    return 1;
   }
 
   std::cout << fmt::format("RESULT fork_memory {} (the forks without a disk)\n", forkMemory);
@@ -1296,12 +1344,18 @@ int main(int argc, char** argv) {
                              percentile(diskMemfdMib, 0.5), *std::min_element(diskMemfdMib.begin(), diskMemfdMib.end()),
                              *std::max_element(diskMemfdMib.begin(), diskMemfdMib.end()));
   }
-  if (!serverPssMib.empty()) {
-    std::cout << fmt::format("RESULT fork_server_fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, "
-                             "each fork's PSS plus 1/n of the server's {} KiB; {} forks did not answer; goal <= 2 MB)\n",
-                             percentile(serverPssMib, 0.5), *std::min_element(serverPssMib.begin(), serverPssMib.end()),
-                             *std::max_element(serverPssMib.begin(), serverPssMib.end()), serverPssMib.size(),
-                             idleSeconds, serverKib, pssServerFailures);
+  if (!serverPss.mib.empty()) {
+    std::cout << fmt::format("RESULT fork_server_fork_pss_mib {} (idle {} s, each fork's PSS plus 1/n of the "
+                             "server's {} KiB; {} forks did not answer; goal <= 2 MB)\n",
+                             describeMib(serverPss.mib), idleSeconds, serverPss.serverKib, serverPss.failures);
+  }
+  if (!diskServerPss.mib.empty()) {
+    std::cout << fmt::format("RESULT fork_server_with_disk_fork_pss_mib {} (idle {} s, each fork's PSS with its "
+                             "clone-block's plus 1/n of the server's {} KiB, {}; {} forks did not answer)\n",
+                             describeMib(diskServerPss.mib), idleSeconds, diskServerPss.serverKib,
+                             diskFillUpFront ? "memory filled up front" : "postcopy", diskServerPss.failures);
+    std::cout << fmt::format("RESULT fork_server_with_disk_fork_memfd_mib {} (the same forks' memfd shmem, mapped "
+                             "or not)\n", describeMib(diskServerPss.memfdMib));
   }
   if (!pssMib.empty()) {
     std::cout << fmt::format("RESULT fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, goal <= 2 MB)\n",
