@@ -1277,6 +1277,24 @@ TEST_F(ForkDiskTest, FilledUpFrontForkWritesBackTheTemplatesDirtyDataAndItsOwn) 
   EXPECT_EQ(fileSha256(templateDir_ + "/disk0.raw"), diskHash_) << "the template's disk changed";
 }
 
+// `clone fork --fork-server --disk-fill-up-front`: a server of its own whose spares' disks do
+// no postcopy and whose spares fill their memory up front; its fork reads the template's
+// dirty data back from that memory.
+TEST_F(ForkDiskTest, AFillUpFrontForkServerFillsItsSparesMemory) {
+  CliForks forks(templateDir_, base_ + "/served-filled", 1,
+                 {"--fork-server", "--disk-fill-up-front", "--fork-server-linger", "1"});
+  ASSERT_TRUE(forks.allReady(1));
+  const std::string& vm = forks.socket(0);
+  auto serverLog = shell("cat '" + base_ + "/served-filled.runtime'/fork-server-*.console");
+  EXPECT_NE(serverLog.find("up front: vhost-user back-end"), std::string::npos) << serverLog;
+  EXPECT_EQ(serverLog.find("postcopy: 1 memory regions registered"), std::string::npos) << serverLog;
+  EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
+  EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
+                           " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
+                           "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
+            "same");
+}
+
 TEST_F(ForkDiskTest, DestroyRemovesTheForksDiskAndKeepsAnOverlayGivenWithDisk) {
   std::string runtime = base_ + "/runtime";
   std::filesystem::create_directories(runtime);
