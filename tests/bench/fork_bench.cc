@@ -1335,14 +1335,11 @@ int main(int argc, char** argv) {
     }
   }
   if (!diskPssMib.empty()) {
-    std::cout << fmt::format("RESULT fork_with_disk_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, "
-                             "every process of the fork)\n",
-                             percentile(diskPssMib, 0.5), *std::min_element(diskPssMib.begin(), diskPssMib.end()),
-                             *std::max_element(diskPssMib.begin(), diskPssMib.end()), diskPssMib.size(), idleSeconds);
-    std::cout << fmt::format("RESULT fork_with_disk_memfd_mib median {:.2f} min {:.2f} max {:.2f} (the same forks: "
-                             "the shmem their guest memory holds, mapped or not; PSS misses what no process maps)\n",
-                             percentile(diskMemfdMib, 0.5), *std::min_element(diskMemfdMib.begin(), diskMemfdMib.end()),
-                             *std::max_element(diskMemfdMib.begin(), diskMemfdMib.end()));
+    std::cout << fmt::format("RESULT fork_with_disk_pss_mib {} (idle {} s, every process of the fork)\n",
+                             describeMib(diskPssMib), idleSeconds);
+    std::cout << fmt::format("RESULT fork_with_disk_memfd_mib {} (the same forks: the shmem their guest memory "
+                             "holds, mapped or not; PSS misses what no process maps)\n",
+                             describeMib(diskMemfdMib));
   }
   if (!serverPss.mib.empty()) {
     std::cout << fmt::format("RESULT fork_server_fork_pss_mib {} (idle {} s, each fork's PSS plus 1/n of the "
@@ -1358,9 +1355,7 @@ int main(int argc, char** argv) {
                              "or not)\n", describeMib(diskServerPss.memfdMib));
   }
   if (!pssMib.empty()) {
-    std::cout << fmt::format("RESULT fork_pss_mib median {:.2f} min {:.2f} max {:.2f} (n={}, idle {} s, goal <= 2 MB)\n",
-                             percentile(pssMib, 0.5), *std::min_element(pssMib.begin(), pssMib.end()),
-                             *std::max_element(pssMib.begin(), pssMib.end()), pssMib.size(), idleSeconds);
+    std::cout << fmt::format("RESULT fork_pss_mib {} (idle {} s, goal <= 2 MB)\n", describeMib(pssMib), idleSeconds);
     // Where it goes: the median of each kind over the forks.
     std::map<std::string, std::vector<double>> byKind;
     for (const auto& b : breakdowns) {

@@ -1125,6 +1125,15 @@ class ForkDiskTest : public ::testing::Test {
     return withoutNewline(out.output);
   }
 
+  // In the fork at `socket`: after `prepare`, a sync and dropping the page cache, whether
+  // `file` reads back from the disk as what `pattern` prints: "same", else "differs: A B".
+  static std::string readsBackAs(const std::string& socket, const std::string& file, const std::string& pattern,
+                                 const std::string& prepare = "true") {
+    return inFork(socket, prepare + " && sync && echo 3 > /proc/sys/vm/drop_caches && a=$(" + pattern +
+                              " | md5sum) && b=$(md5sum < " + file + ") && "
+                              "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi");
+  }
+
   static inline std::string base_;
   static inline std::string templateSocket_;
   static inline std::string templateDir_;
@@ -1174,16 +1183,10 @@ TEST_F(ForkDiskTest, ForksReadTheTemplatesDiskAndWriteTheirOwn) {
     // Written back from the fork's memory: the disk path reads pages of it nothing else has
     // touched in the fork; without postcopy they would be zeros here.
     EXPECT_GE(dirtyKib_, 2048) << "the template's file was not dirty at the snapshot: nothing tested";
-    EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
-                             " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
-                             "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
-              "same");
+    EXPECT_EQ(readsBackAs(vm, "/mnt/dirty.bin", kDirtyPattern), "same");
     // Data of its own, read back from its disk.
     std::string pattern = "yes FORK-DATA-" + forks.id(i) + " | head -c 1048576";
-    EXPECT_EQ(inFork(vm, pattern + " > /mnt/own.bin && sync && echo 3 > /proc/sys/vm/drop_caches && "
-                         "a=$(" + pattern + " | md5sum) && b=$(md5sum < /mnt/own.bin) && "
-                         "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
-              "same");
+    EXPECT_EQ(readsBackAs(vm, "/mnt/own.bin", pattern, pattern + " > /mnt/own.bin"), "same");
   }
   // Whole-disk scans after dropping the caches: each fork's data is on its own disk only.
   // (1 MiB of 24-byte lines: 43690 whole ones; a line split across blocks may not count.)
@@ -1222,10 +1225,7 @@ TEST_F(ForkDiskTest, ForkServerForksGetDisksOfTheirOwn) {
       EXPECT_NE(record.find("\"core_image\":"), std::string::npos) << record;
       EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
       EXPECT_EQ(inFork(vm, "echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/blob | cut -c1-32"), blobMd5_);
-      EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
-                               " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
-                               "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
-                "same");
+      EXPECT_EQ(readsBackAs(vm, "/mnt/dirty.bin", kDirtyPattern), "same");
       EXPECT_EQ(inFork(vm, "echo own-" + forks.id(i) + " > /mnt/own.txt && sync && "
                            "echo 3 > /proc/sys/vm/drop_caches && cat /mnt/own.txt"),
                 "own-" + forks.id(i));
@@ -1265,15 +1265,9 @@ TEST_F(ForkDiskTest, FilledUpFrontForkWritesBackTheTemplatesDirtyDataAndItsOwn) 
   EXPECT_NE(coreLog.find("up front: vhost-user back-end"), std::string::npos) << coreLog;
   EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
   EXPECT_GE(dirtyKib_, 2048) << "the template's file was not dirty at the snapshot: nothing tested";
-  EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
-                           " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
-                           "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
-            "same");
+  EXPECT_EQ(readsBackAs(vm, "/mnt/dirty.bin", kDirtyPattern), "same");
   std::string pattern = "yes FILLED-DATA | head -c 1048576";
-  EXPECT_EQ(inFork(vm, pattern + " > /mnt/own.bin && sync && echo 3 > /proc/sys/vm/drop_caches && "
-                       "a=$(" + pattern + " | md5sum) && b=$(md5sum < /mnt/own.bin) && "
-                       "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
-            "same");
+  EXPECT_EQ(readsBackAs(vm, "/mnt/own.bin", pattern, pattern + " > /mnt/own.bin"), "same");
   EXPECT_EQ(fileSha256(templateDir_ + "/disk0.raw"), diskHash_) << "the template's disk changed";
 }
 
@@ -1289,10 +1283,7 @@ TEST_F(ForkDiskTest, AFillUpFrontForkServerFillsItsSparesMemory) {
   EXPECT_NE(serverLog.find("up front: vhost-user back-end"), std::string::npos) << serverLog;
   EXPECT_EQ(serverLog.find("postcopy: 1 memory regions registered"), std::string::npos) << serverLog;
   EXPECT_EQ(inFork(vm, "cat /mnt/template.txt"), "from-template");
-  EXPECT_EQ(inFork(vm, std::string("sync && echo 3 > /proc/sys/vm/drop_caches && a=$(") + kDirtyPattern +
-                           " | md5sum) && b=$(md5sum < /mnt/dirty.bin) && "
-                           "if [ \"$a\" = \"$b\" ]; then echo same; else echo \"differs: $a $b\"; fi"),
-            "same");
+  EXPECT_EQ(readsBackAs(vm, "/mnt/dirty.bin", kDirtyPattern), "same");
 }
 
 TEST_F(ForkDiskTest, DestroyRemovesTheForksDiskAndKeepsAnOverlayGivenWithDisk) {
